@@ -1,0 +1,537 @@
+"""
+Data preparation for both trainers: turns text into uint16 token files.
+
+Two on-disk formats are produced and read here:
+  * nanoGPT ".bin": a bare little-endian uint16 token array (train.bin / val.bin),
+    plus meta.pkl {vocab_size, itos, stoi} for character-level vocabularies.
+  * FineWeb shard (llm.c / modded-nanogpt): 256 little-endian int32 header
+    [magic 20240520, version 1, num_tokens, 0, ...] followed by num_tokens uint16 tokens.
+
+Subcommands (python prepare_data.py <sub> --out_dir DIR ...):
+  shakespeare_char, shakespeare   tiny corpus, char-level or GPT-2 BPE, 90/10 split
+  openwebtext                     nanoGPT's recipe through Hugging Face `datasets`
+  fineweb10B, fineweb100B, finewebedu10B
+                                  download pre-tokenized shards (modded-nanogpt's cache)
+  text INPUT...                   tokenize your own files / folders / globs
+"""
+
+import argparse
+import functools
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+BOS_TOKEN = 50256          # GPT-2 <|endoftext|>; we put it at the START of every document
+FINEWEB_MAGIC = 20240520
+FINEWEB_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+GPT2_VOCAB_SIZE = 50257
+MANIFEST_NAME = "manifest.json"
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """GPT-2 BPE as a tiktoken Encoding, offline when GPT2_TIKTOKEN_FILE names the ranks file."""
+    import tiktoken
+    vocab_file = os.environ.get("GPT2_TIKTOKEN_FILE")
+    if vocab_file:
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"GPT2_TIKTOKEN_FILE={vocab_file} does not exist; "
+                                    "point it at a gpt2.tiktoken ranks file or unset it")
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+        return tiktoken.Encoding(
+            name="gpt2",
+            explicit_n_vocab=GPT2_VOCAB_SIZE,
+            pat_str=r50k_pat_str,
+            mergeable_ranks=load_tiktoken_bpe(vocab_file),
+            special_tokens={"<|endoftext|>": BOS_TOKEN},
+        )
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # usually no network: tiktoken fetches the vocab on first use
+        raise RuntimeError(f"could not load the GPT-2 vocabulary through tiktoken ({exc}); offline, "
+                           "set GPT2_TIKTOKEN_FILE=/path/to/gpt2.tiktoken") from exc
+
+
+# -----------------------------------------------------------------------------
+# token files: writing and reading
+
+
+def _as_uint16(tokens):
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16 and tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= 65536:
+            raise ValueError(f"token ids must fit uint16 (0..65535), got range [{lo}, {hi}]")
+    return tokens.astype(np.uint16, copy=False).ravel()
+
+
+def _atomic_write(path, chunks):
+    """Write byte chunks to path.tmp, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fineweb_header(num_tokens):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = FINEWEB_MAGIC, FINEWEB_VERSION, num_tokens
+    return header
+
+
+def write_fineweb_shard(path, tokens):
+    tokens = _as_uint16(tokens)
+    if len(tokens) >= 2**31:
+        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 header; use smaller shards")
+    _atomic_write(path, [fineweb_header(len(tokens)).tobytes(), tokens.astype("<u2").tobytes()])
+
+
+def write_bin(path, tokens):
+    _atomic_write(path, [_as_uint16(tokens).astype("<u2").tobytes()])
+
+
+def read_fineweb_header(path):
+    """(version, num_tokens) of a FineWeb shard; ValueError if the file is not one."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ValueError(f"{path}: {len(raw)} bytes is shorter than the {HEADER_BYTES}-byte FineWeb "
+                         "header; delete it and re-run prepare_data.py")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != FINEWEB_MAGIC:
+        raise ValueError(f"{path}: magic number {header[0]} is not {FINEWEB_MAGIC}; not a FineWeb shard")
+    return int(header[1]), int(header[2])
+
+
+def check_fineweb_file(path):
+    """Raise ValueError unless path is a complete FineWeb shard; returns num_tokens."""
+    version, num_tokens = read_fineweb_header(path)
+    if version != FINEWEB_VERSION:
+        raise ValueError(f"{path}: FineWeb version {version} is unsupported (expected {FINEWEB_VERSION})")
+    held = (os.path.getsize(path) - HEADER_BYTES) / 2
+    if num_tokens < 0 or held != num_tokens:
+        raise ValueError(f"{path}: header says {num_tokens} tokens but file holds {held:g}; "
+                         "delete it and re-run prepare_data.py")
+    return num_tokens
+
+
+def load_tokens(path):
+    """Memory-mapped uint16 tokens of a FineWeb shard or a raw nanoGPT .bin (detected by the magic).
+
+    A raw GPT-2 .bin cannot start with the magic: as uint16 pairs it reads 54856, 308, and 54856 is
+    outside GPT-2's 50257-token vocabulary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such token file; run prepare_data.py first")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(4)
+    if len(first) == 4 and int.from_bytes(first, "little") == FINEWEB_MAGIC:
+        num_tokens = check_fineweb_file(path)
+        if num_tokens == 0:
+            return np.zeros(0, dtype=np.uint16)
+        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    if size % 2:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of uint16 tokens (truncated?); "
+                         "delete it and re-run prepare_data.py")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+# -----------------------------------------------------------------------------
+# offline default corpus: the Python standard library's own sources
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def python_stdlib_files(max_bytes=None):
+    """Sorted .py files of this interpreter's stdlib (no tests, no third-party packages).
+
+    With max_bytes, keeps the sorted prefix whose sizes add up to at most max_bytes.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        found += [Path(dirpath) / name for name in filenames if name.endswith(".py")]
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    if max_bytes is None:
+        return found
+    kept, total = [], 0
+    for path in found:
+        size = path.stat().st_size
+        if total + size > max_bytes:
+            break
+        kept.append(path)
+        total += size
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# text -> tokens
+
+
+def expand_inputs(inputs, exclude_dir=None):
+    """Files named by inputs (files, folders walked recursively, globs), in a stable order.
+
+    Hidden entries and __pycache__ inside folders are skipped; so is anything under exclude_dir
+    (the output folder, so a re-run never tokenizes its own outputs).
+    """
+    exclude = Path(exclude_dir).resolve() if exclude_dir is not None else None
+    files = []
+    for item in inputs:
+        item = str(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input pattern {item!r} matches no files")
+            paths = [Path(m) for m in matches]
+        else:
+            path = Path(item)
+            if not path.exists():
+                raise FileNotFoundError(f"input {item} does not exist; check the path")
+            paths = [path]
+        for path in paths:
+            if path.is_dir():
+                for dirpath, dirnames, filenames in os.walk(path):
+                    dirnames[:] = sorted(d for d in dirnames
+                                         if not d.startswith(".") and d != "__pycache__")
+                    files += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
+            elif path.is_file():
+                files.append(path)
+    if exclude is not None:
+        files = [f for f in files if exclude not in f.resolve().parents]
+    unique = list(dict.fromkeys(f.resolve() for f in files))  # same file named twice: once
+    return unique
+
+
+def _read_text(path):
+    """(text, content digest) or (None, reason) when the file is unreadable or not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+        return raw.decode("utf-8"), hashlib.blake2b(raw, digest_size=8).hexdigest()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{path}: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _encode_gpt2_file(path):
+    """Worker: one file -> (digest, uint16 tokens without BOS) or (None, reason)."""
+    text, digest = _read_text(path)
+    if text is None:
+        return None, digest
+    return digest, np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+class _Progress:
+    """One self-overwriting stderr line, refreshed at most twice a second."""
+
+    def __init__(self, label, total, enabled=True):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.start = self.last = time.time()
+
+    def update(self, done, extra=""):
+        now = time.time()
+        if self.enabled and (now - self.last > 0.5 or done == self.total):
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            print(f"\r{self.label}: {done}/{self.total} ({rate:.0f}/s) {extra}   ",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def tokenize_files(files, tokenizer, workers=None, progress=True):
+    """Returns (docs, skipped, vocab): docs = [(digest, path, tokens)], skipped = [reason].
+
+    gpt2 docs carry no BOS yet (added when pieces are built); char vocab is the sorted character set.
+    """
+    if tokenizer == "char":
+        return _tokenize_char(files, progress)
+    if tokenizer != "gpt2":
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; use gpt2 or char")
+    gpt2_encoding()  # load once in the parent so forked workers inherit it
+    workers = workers or min(os.cpu_count() or 1, 16)
+    small = sum(f.stat().st_size for f in files) < 4_000_000
+    docs, skipped = [], []
+    bar = _Progress("tokenizing files", len(files), progress)
+    if workers == 1 or small or len(files) == 1:
+        results = map(_encode_gpt2_file, files)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_encode_gpt2_file, files, chunksize=16)
+    try:
+        for i, (path, (digest, tokens)) in enumerate(zip(files, results), 1):
+            if digest is None:
+                skipped.append(tokens)
+            else:
+                docs.append((digest, str(path), tokens))
+            bar.update(i)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    bar.close()
+    return docs, skipped, None
+
+
+def _tokenize_char(files, progress):
+    texts, skipped = [], []
+    for path in files:
+        text, digest = _read_text(path)
+        if text is None:
+            skipped.append(digest)
+        else:
+            texts.append((digest, str(path), text))
+    vocab = sorted(set().union(*(set(t) for _, _, t in texts))) if texts else []
+    if len(vocab) > 65536:
+        raise ValueError(f"{len(vocab)} distinct characters do not fit uint16 token ids")
+    # code point -> id by binary search over the sorted vocabulary's code points
+    codepoints = np.array([ord(c) for c in vocab], dtype=np.uint32)
+    docs = []
+    for digest, path, text in texts:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        docs.append((digest, path, np.searchsorted(codepoints, points).astype(np.uint16)))
+    return docs, skipped, vocab
+
+
+def split_document(tokens, max_doc_tokens, bos=BOS_TOKEN):
+    """Cut one document into pieces of at most max_doc_tokens tokens, each starting with BOS.
+
+    The speedrun loader only reads the first 2048 tokens after each BOS, so long documents
+    must be cut or their tails are never trained on.
+    """
+    if max_doc_tokens is not None and max_doc_tokens < 2:
+        raise ValueError(f"max_doc_tokens={max_doc_tokens} leaves no room for text after BOS; use >= 2")
+    tokens = np.asarray(tokens, dtype=np.uint16)
+    step = len(tokens) if max_doc_tokens is None else max_doc_tokens - 1
+    step = max(step, 1)
+    bos_arr = np.array([bos], dtype=np.uint16)
+    if len(tokens) == 0:
+        return [bos_arr]
+    return [np.concatenate([bos_arr, tokens[i:i + step]]) for i in range(0, len(tokens), step)]
+
+
+def build_pieces(docs, max_doc_tokens=None, min_doc_tokens=0, bos=BOS_TOKEN):
+    """BOS-prefixed pieces from a list of BOS-less token arrays.
+
+    Consecutive documents shorter than min_doc_tokens are joined under one BOS (until the group
+    reaches min_doc_tokens), so many tiny files do not turn a batch into mostly BOS tokens.
+    """
+    pieces, group, group_len = [], [], 0
+    limit = None if max_doc_tokens is None else max_doc_tokens - 1
+
+    def flush():
+        nonlocal group, group_len
+        if group:
+            pieces.extend(split_document(np.concatenate(group), max_doc_tokens, bos))
+            group, group_len = [], 0
+
+    for tokens in docs:
+        if len(tokens) >= min_doc_tokens:
+            flush()
+            pieces.extend(split_document(tokens, max_doc_tokens, bos))
+            continue
+        if limit is not None and group_len + len(tokens) > limit:
+            flush()
+        group.append(np.asarray(tokens, dtype=np.uint16))
+        group_len += len(tokens)
+        if group_len >= min_doc_tokens:
+            flush()
+    flush()
+    return pieces
+
+
+def split_train_val(docs, val_fraction):
+    """(train_docs, val_docs) from token arrays in their final order.
+
+    The last val_fraction of all tokens goes to val; the document on the boundary is cut in two
+    (so a single file such as tinyshakespeare gets nanoGPT's first-90%/last-10% split).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    total = sum(len(d) for d in docs)
+    train_left = int(total * (1.0 - val_fraction))
+    train, val = [], []
+    for tokens in docs:
+        if train_left >= len(tokens):
+            train.append(tokens)
+            train_left -= len(tokens)
+        elif train_left > 0:
+            train.append(tokens[:train_left])
+            val.append(tokens[train_left:])
+            train_left = 0
+        else:
+            val.append(tokens)
+    return train, val
+
+
+def _chunk_pieces(pieces, shard_tokens):
+    """Group pieces into shards of at most shard_tokens, cutting between pieces where possible."""
+    shards, current, current_len = [], [], 0
+    for piece in pieces:
+        while len(piece):
+            room = shard_tokens - current_len
+            if len(piece) > room and current:  # start a fresh shard rather than cut the piece
+                shards.append(np.concatenate(current))
+                current, current_len = [], 0
+                continue
+            take = piece[:shard_tokens]
+            current.append(take)
+            current_len += len(take)
+            piece = piece[len(take):]
+    if current:
+        shards.append(np.concatenate(current))
+    return shards
+
+
+# -----------------------------------------------------------------------------
+# prepare_text: the one entry point that writes token files
+
+
+def _manifest_inputs(files):
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _outputs_valid(out_dir, manifest):
+    for name, size in manifest.get("outputs", {}).items():
+        path = out_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        try:
+            load_tokens(path) if name.endswith(".bin") else None
+        except ValueError:
+            return False
+    return True
+
+
+def prepare_text(inputs, out_dir, *, tokenizer="gpt2", fmt="bin", val_fraction=0.1,
+                 shard_tokens=100_000_000, max_doc_tokens=None, min_doc_tokens=None,
+                 workers=None, name_prefix="text", force=False, progress=True):
+    """Tokenize text files into train/val token files under out_dir; returns a summary dict.
+
+    tokenizer: "gpt2" (every document starts with BOS 50256) or "char" (meta.pkl, no BOS).
+    fmt: "bin" -> train.bin/val.bin; "fineweb" -> {prefix}_val_000000.bin, {prefix}_train_000001.bin...
+    max_doc_tokens: cut documents into BOS-led pieces of at most this many tokens (gpt2 only).
+    min_doc_tokens: join consecutive shorter documents under one BOS; default max_doc_tokens // 8
+      when max_doc_tokens is set, else 0 (no joining).
+    Documents are ordered by a hash of their contents (a deterministic shuffle) and the last
+    val_fraction of tokens becomes val. Re-running with the same inputs and options is a no-op.
+    """
+    if tokenizer not in ("gpt2", "char"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; use gpt2 or char")
+    if fmt not in ("bin", "fineweb"):
+        raise ValueError(f"unknown format {fmt!r}; use bin or fineweb")
+    if tokenizer == "char" and (max_doc_tokens or min_doc_tokens):
+        raise ValueError("max_doc_tokens/min_doc_tokens need BOS-delimited documents; use tokenizer=gpt2")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens} must be positive")
+    if min_doc_tokens is None:
+        min_doc_tokens = max_doc_tokens // 8 if max_doc_tokens else 0
+    out_dir = Path(out_dir)
+    files = expand_inputs(inputs, exclude_dir=out_dir)
+    if not files:
+        raise FileNotFoundError(f"no input files found in {', '.join(map(str, inputs))}")
+
+    options = dict(tokenizer=tokenizer, fmt=fmt, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                   max_doc_tokens=max_doc_tokens, min_doc_tokens=min_doc_tokens, name_prefix=name_prefix)
+    inputs_sig = _manifest_inputs(files)
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.exists() and not force:
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("options") == options and old.get("inputs") == inputs_sig and _outputs_valid(out_dir, old):
+            if progress:
+                print(f"{out_dir}: up to date ({old['summary']['train_tokens']:,} train tokens); "
+                      "pass --force to rebuild", file=sys.stderr)
+            return dict(old["summary"], reused=True)
+
+    docs, skipped, vocab = tokenize_files(files, tokenizer, workers, progress)
+    for reason in skipped[:5]:
+        print(f"warning: skipped {reason}", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"warning: skipped {len(skipped) - 5} more unreadable or non-UTF-8 files", file=sys.stderr)
+    if not docs:
+        raise ValueError(f"none of the {len(files)} input files is readable UTF-8 text")
+
+    docs.sort(key=lambda d: (d[0], d[1]))  # content-hash order: deterministic and mixes folders
+    train_docs, val_docs = split_train_val([d[2] for d in docs], val_fraction)
+    if tokenizer == "gpt2":
+        train = build_pieces(train_docs, max_doc_tokens, min_doc_tokens)
+        val = build_pieces(val_docs, max_doc_tokens, min_doc_tokens) if val_docs else []
+    else:
+        train, val = train_docs, val_docs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # stale until the new outputs are all in place
+    outputs = _write_outputs(out_dir, fmt, train, val, shard_tokens, name_prefix)
+    if vocab is not None:
+        meta = {"vocab_size": len(vocab), "itos": dict(enumerate(vocab)),
+                "stoi": {ch: i for i, ch in enumerate(vocab)}}
+        _atomic_write(out_dir / "meta.pkl", [pickle.dumps(meta)])
+        outputs.append(out_dir / "meta.pkl")
+
+    summary = dict(
+        out_dir=str(out_dir), tokenizer=tokenizer, format=fmt, files=len(docs),
+        skipped_files=len(skipped), documents=len(docs),
+        pieces=len(train) + len(val), train_tokens=int(sum(len(p) for p in train)),
+        val_tokens=int(sum(len(p) for p in val)),
+        vocab_size=len(vocab) if vocab is not None else GPT2_VOCAB_SIZE,
+        outputs=[str(p) for p in outputs], reused=False,
+    )
+    manifest = dict(options=options, inputs=inputs_sig, summary=summary,
+                    outputs={p.name: p.stat().st_size for p in outputs})
+    _atomic_write(manifest_path, [json.dumps(manifest, indent=1).encode()])
+    if progress:
+        print(f"{out_dir}: {summary['files']} files -> {summary['train_tokens']:,} train / "
+              f"{summary['val_tokens']:,} val tokens", file=sys.stderr)
+    return summary
+
+
+def _write_outputs(out_dir, fmt, train, val, shard_tokens, prefix):
+    def concat(pieces):
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
+
+    if fmt == "bin":
+        write_bin(out_dir / "train.bin", concat(train))
+        write_bin(out_dir / "val.bin", concat(val))
+        return [out_dir / "train.bin", out_dir / "val.bin"]
+    # fineweb: val shards count from 000000, train shards from 000001 (modded-nanogpt's naming)
+    paths = []
+    val_shards = _chunk_pieces(val, shard_tokens) or [np.zeros(0, dtype=np.uint16)]
+    for i, tokens in enumerate(val_shards):
+        paths.append(out_dir / f"{prefix}_val_{i:06d}.bin")
+        write_fineweb_shard(paths[-1], tokens)
+    for i, tokens in enumerate(_chunk_pieces(train, shard_tokens), 1):
+        paths.append(out_dir / f"{prefix}_train_{i:06d}.bin")
+        write_fineweb_shard(paths[-1], tokens)
+    # shards left over from an earlier, larger run would be picked up by the trainers' globs
+    for stale in out_dir.glob(f"{prefix}_*.bin"):
+        if stale not in paths and ("_train_" in stale.name or "_val_" in stale.name):
+            stale.unlink()
+    return paths
