@@ -195,8 +195,9 @@ def python_stdlib_files(max_bytes=None):
 def expand_inputs(inputs, exclude_dir=None):
     """Files named by inputs (files, folders walked recursively, globs), in a stable order.
 
-    Hidden entries and __pycache__ inside folders are skipped; so is anything under exclude_dir
-    (the output folder, so a re-run never tokenizes its own outputs).
+    Hidden entries and __pycache__ inside folders are skipped; so is anything a folder walk or a
+    glob finds under exclude_dir (the output folder, so a re-run never tokenizes its own outputs).
+    A file named explicitly is always kept.
     """
     exclude = Path(exclude_dir).resolve() if exclude_dir is not None else None
     files = []
@@ -206,24 +207,27 @@ def expand_inputs(inputs, exclude_dir=None):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"input pattern {item!r} matches no files")
-            paths = [Path(m) for m in matches]
+            paths = [Path(m) for m in matches if not _inside(Path(m), exclude)]
         else:
             path = Path(item)
             if not path.exists():
                 raise FileNotFoundError(f"input {item} does not exist; check the path")
             paths = [path]
         for path in paths:
-            if path.is_dir():
+            if path.is_file():
+                files.append(path)
+            elif path.is_dir():
                 for dirpath, dirnames, filenames in os.walk(path):
                     dirnames[:] = sorted(d for d in dirnames
                                          if not d.startswith(".") and d != "__pycache__")
-                    files += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
-            elif path.is_file():
-                files.append(path)
-    if exclude is not None:
-        files = [f for f in files if exclude not in f.resolve().parents]
+                    found = [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
+                    files += [f for f in found if not _inside(f, exclude)]
     unique = list(dict.fromkeys(f.resolve() for f in files))  # same file named twice: once
     return unique
+
+
+def _inside(path, folder):
+    return folder is not None and folder in path.resolve().parents
 
 
 def _read_text(path):
@@ -535,3 +539,269 @@ def _write_outputs(out_dir, fmt, train, val, shard_tokens, prefix):
         if stale not in paths and ("_train_" in stale.name or "_val_" in stale.name):
             stale.unlink()
     return paths
+
+
+# -----------------------------------------------------------------------------
+# downloads: resumable, retried, validated before they land under their final name
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+HF_DATASETS = "https://huggingface.co/datasets"
+# subcommand -> (Hugging Face dataset repo, shard file prefix, train shards available); each
+# train shard holds 100M GPT-2 tokens (~200 MB), the val shard 100M as well (modded-nanogpt's cache)
+FINEWEB_SOURCES = {
+    "fineweb10B": ("kjj0/fineweb10B-gpt2", "fineweb", 103),
+    "fineweb100B": ("kjj0/fineweb100B-gpt2", "fineweb", 1030),
+    "finewebedu10B": ("kjj0/finewebedu10B-gpt2", "finewebedu", 99),
+}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class _Retryable(Exception):
+    pass
+
+
+def download_file(url, dest, *, validate=None, retries=5, timeout=30.0, backoff=1.0, progress=True):
+    """Stream url to dest via dest.part, resuming with HTTP Range after dropped connections.
+
+    validate(path) may raise ValueError: the download is then deleted and reported, never renamed
+    into place. A dest that already exists and validates is kept as is. Returns dest.
+    """
+    import requests
+    dest = Path(dest)
+    if dest.exists():
+        try:
+            if validate is not None:
+                validate(dest)
+            return dest
+        except ValueError as exc:
+            print(f"warning: {exc}; downloading it again", file=sys.stderr)
+            dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            _fetch_into(requests, url, part, timeout, progress)
+            break
+        except (_Retryable, requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if progress:
+                print(f"\n{dest.name}: attempt {attempt + 1} failed ({last_error}); "
+                      f"{'retrying' if attempt < retries else 'giving up'}", file=sys.stderr)
+    else:
+        raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error}); "
+                            f"re-run to resume from {part}")
+    if validate is not None:
+        try:
+            validate(part)
+        except ValueError as exc:
+            part.unlink()
+            raise DownloadError(f"{url}: downloaded file is corrupt ({exc}); it was deleted") from None
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_into(requests, url, part, timeout, progress):
+    """One HTTP attempt: append to part (or restart it); raises _Retryable on transient trouble."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        status = response.status_code
+        if status == 404:
+            raise DownloadError(f"{url}: 404 not found; check the URL (--base_url) and the file name")
+        if status == 416 and offset:  # nothing left past our offset: the .part may be complete
+            return
+        if status >= 500 or status == 429:
+            raise _Retryable(f"HTTP {status}")
+        if status not in (200, 206):
+            raise DownloadError(f"{url}: HTTP {status} {response.reason}")
+        if offset and status == 200:  # server ignored Range: start over from byte 0
+            offset = 0
+        elif status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            part.unlink()
+            raise _Retryable(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        done, start, shown = offset, time.time(), 0.0
+        with open(part, "ab" if offset else "wb") as f:
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                now = time.time()
+                if progress and (now - shown > 0.5):
+                    shown = now
+                    _show_download(part.name[:-5], done, total, offset, now - start)
+        if progress:
+            _show_download(part.name[:-5], done, total, offset, time.time() - start)
+            print(file=sys.stderr)
+        if total is not None and done != total:
+            raise _Retryable(f"connection closed at {done} of {total} bytes")
+
+
+def _show_download(name, done, total, offset, seconds):
+    rate = (done - offset) / 1e6 / max(seconds, 1e-9)
+    of_total = f"/{total / 1e6:.1f}" if total is not None else ""
+    print(f"\r{name}: {done / 1e6:.1f}{of_total} MB ({rate:.1f} MB/s)   ", end="", file=sys.stderr, flush=True)
+
+
+def download_fineweb(which, out_dir, chunks=9, base_url=None, retries=5, timeout=30.0, backoff=1.0,
+                     progress=True, force=False):
+    """Val shard plus the first `chunks` train shards of a pre-tokenized FineWeb cache."""
+    repo, prefix, available = FINEWEB_SOURCES[which]
+    if not 1 <= chunks <= available:
+        raise ValueError(f"--chunks {chunks} is out of range; {which} has train shards 1..{available}")
+    base_url = (base_url or f"{HF_DATASETS}/{repo}/resolve/main").rstrip("/")
+    names = [f"{prefix}_val_{0:06d}.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, chunks + 1)]
+    paths = []
+    for i, name in enumerate(names, 1):
+        if progress:
+            print(f"[{i}/{len(names)}] {name}", file=sys.stderr)
+        if force:
+            (Path(out_dir) / name).unlink(missing_ok=True)
+        paths.append(download_file(f"{base_url}/{name}", Path(out_dir) / name, validate=check_fineweb_file,
+                                   retries=retries, timeout=timeout, backoff=backoff, progress=progress))
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# openwebtext: nanoGPT's recipe (HF datasets, 0.05% val with seed 2357), BOS-first documents
+
+
+def prepare_openwebtext(out_dir, workers=None, force=False):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("error: openwebtext needs Hugging Face datasets: pip install datasets") from None
+    out_dir = Path(out_dir)
+    done_marker = out_dir / MANIFEST_NAME
+    if done_marker.exists() and not force and _outputs_valid(out_dir, json.loads(done_marker.read_text())):
+        print(f"{out_dir}: up to date; pass --force to rebuild", file=sys.stderr)
+        return
+    workers = workers or max(1, min(os.cpu_count() or 1, 16) // 2)
+    encoding = gpt2_encoding()
+
+    def encode(example):  # runs in the datasets worker processes
+        ids = [BOS_TOKEN] + encoding.encode_ordinary(example["text"])
+        return {"ids": ids, "len": len(ids)}
+
+    splits = load_dataset("openwebtext", num_proc=workers)["train"].train_test_split(
+        test_size=0.0005, seed=2357, shuffle=True)
+    splits = {"train": splits["train"], "val": splits["test"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, dataset in splits.items():
+        tokenized = dataset.map(encode, remove_columns=["text"], num_proc=workers, desc=f"tokenizing {split}")
+        total = int(np.sum(tokenized["len"], dtype=np.uint64))
+        path = out_dir / f"{split}.bin"
+        tmp = path.with_name(path.name + ".tmp")
+        out = np.memmap(tmp, dtype="<u2", mode="w+", shape=(total,))
+        pos, batches = 0, min(1024, len(tokenized))
+        for b in range(batches):  # contiguous slices keep memory flat while filling the memmap
+            ids = np.concatenate(tokenized.shard(batches, b, contiguous=True).with_format("numpy")["ids"])
+            out[pos:pos + len(ids)] = ids
+            pos += len(ids)
+            print(f"\rwriting {path}: {b + 1}/{batches}", end="", file=sys.stderr, flush=True)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        sizes[path.name] = path.stat().st_size
+        print(f"\n{path}: {total:,} tokens", file=sys.stderr)
+    _atomic_write(done_marker, [json.dumps({"outputs": sizes}).encode()])
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _shakespeare(args, tokenizer):
+    out_dir = Path(args.out_dir)
+    if args.input:
+        source = Path(args.input)
+        if not source.is_file():
+            raise SystemExit(f"error: --input {source} does not exist; pass a tinyshakespeare text file")
+    else:
+        source = download_file(args.url, out_dir / "input.txt", retries=args.retries, timeout=args.timeout)
+    return prepare_text([source], out_dir, tokenizer=tokenizer, val_fraction=0.1, force=args.force)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Prepare token files for train_baseline.py / train_speedrun.py")
+    subs = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text, default_out):
+        sub = subs.add_parser(name, help=help_text)
+        sub.add_argument("--out_dir", default=default_out, help=f"output folder (default {default_out})")
+        sub.add_argument("--force", action="store_true", help="rebuild even if outputs are up to date")
+        return sub
+
+    for name, tok in (("shakespeare_char", "character-level"), ("shakespeare", "GPT-2 BPE")):
+        sub = add(name, f"tinyshakespeare, {tok}, 90/10 split -> train.bin/val.bin", f"data/{name}")
+        sub.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text from")
+        sub.add_argument("--input", help="use this local copy instead of downloading")
+        sub.add_argument("--retries", type=int, default=5)
+        sub.add_argument("--timeout", type=float, default=30.0)
+
+    sub = add("openwebtext", "OpenWebText via Hugging Face datasets (~54 GB cache, 17 GB train.bin)",
+              "data/openwebtext")
+    sub.add_argument("--workers", type=int, default=None)
+
+    for name, (repo, _, available) in FINEWEB_SOURCES.items():
+        sub = add(name, f"download pre-tokenized shards of {repo} (100M tokens each)", f"data/{name}")
+        sub.add_argument("--chunks", type=int, default=9, help=f"train shards to fetch, 1..{available} (default 9)")
+        sub.add_argument("--base_url", default=None, help=f"default {HF_DATASETS}/{repo}/resolve/main")
+        sub.add_argument("--retries", type=int, default=5)
+        sub.add_argument("--timeout", type=float, default=30.0)
+
+    sub = add("text", "tokenize your own files, folders or globs", None)
+    sub.add_argument("inputs", nargs="+", help="files, folders (recursive) or quoted globs")
+    sub.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    sub.add_argument("--format", dest="fmt", choices=["bin", "fineweb"], default="bin",
+                     help="bin: train.bin/val.bin (baseline); fineweb: headered shards (speedrun)")
+    sub.add_argument("--shard_tokens", type=int, default=100_000_000)
+    sub.add_argument("--max_doc_tokens", type=int, default=None,
+                     help="cut documents into BOS-led pieces of at most N tokens (2048 for the speedrun)")
+    sub.add_argument("--min_doc_tokens", type=int, default=None,
+                     help="join shorter consecutive documents (default max_doc_tokens // 8)")
+    sub.add_argument("--val_fraction", type=float, default=0.1)
+    sub.add_argument("--workers", type=int, default=None)
+    sub.add_argument("--name_prefix", default="text", help="fineweb shard names: PREFIX_train_000001.bin")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "text" and args.out_dir is None:
+        raise SystemExit("error: text needs --out_dir DIR (where train/val files go)")
+    try:
+        if args.command == "shakespeare_char":
+            summary = _shakespeare(args, "char")
+        elif args.command == "shakespeare":
+            summary = _shakespeare(args, "gpt2")
+        elif args.command == "openwebtext":
+            return prepare_openwebtext(args.out_dir, args.workers, args.force)
+        elif args.command in FINEWEB_SOURCES:
+            paths = download_fineweb(args.command, args.out_dir, args.chunks, args.base_url,
+                                     args.retries, args.timeout, force=args.force)
+            total = sum(p.stat().st_size for p in paths)
+            print(f"{args.out_dir}: {len(paths)} shards, {total / 1e9:.2f} GB", file=sys.stderr)
+            return paths
+        else:
+            summary = prepare_text(args.inputs, args.out_dir, tokenizer=args.tokenizer, fmt=args.fmt,
+                                   val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                                   max_doc_tokens=args.max_doc_tokens, min_doc_tokens=args.min_doc_tokens,
+                                   workers=args.workers, name_prefix=args.name_prefix, force=args.force)
+    except (ValueError, OSError, RuntimeError) as exc:  # DownloadError is a RuntimeError
+        raise SystemExit(f"error: {exc}") from None
+    return summary
+
+
+if __name__ == "__main__":
+    main()
