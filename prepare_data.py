@@ -267,6 +267,9 @@ class _Progress:
             print(file=sys.stderr, flush=True)
 
 
+_SMALL_INPUT_BYTES = 4_000_000  # below this a process pool costs more than it saves
+
+
 def tokenize_files(files, tokenizer, workers=None, progress=True):
     """Returns (docs, skipped, vocab): docs = [(digest, path, tokens)], skipped = [reason].
 
@@ -278,7 +281,7 @@ def tokenize_files(files, tokenizer, workers=None, progress=True):
         raise ValueError(f"unknown tokenizer {tokenizer!r}; use gpt2 or char")
     gpt2_encoding()  # load once in the parent so forked workers inherit it
     workers = workers or min(os.cpu_count() or 1, 16)
-    small = sum(f.stat().st_size for f in files) < 4_000_000
+    small = sum(f.stat().st_size for f in files) < _SMALL_INPUT_BYTES
     docs, skipped = [], []
     bar = _Progress("tokenizing files", len(files), progress)
     if workers == 1 or small or len(files) == 1:
@@ -555,6 +558,9 @@ FINEWEB_SOURCES = {
 }
 
 
+DOWNLOAD_CHUNK_BYTES = 1 << 20  # what a dropped connection can lose; the rest resumes via Range
+
+
 class DownloadError(RuntimeError):
     pass
 
@@ -632,7 +638,7 @@ def _fetch_into(requests, url, part, timeout, progress):
         total = offset + int(length) if length is not None else None
         done, start, shown = offset, time.time(), 0.0
         with open(part, "ab" if offset else "wb") as f:
-            for chunk in response.iter_content(chunk_size=1 << 20):
+            for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK_BYTES):
                 f.write(chunk)
                 done += len(chunk)
                 now = time.time()
