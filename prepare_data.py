@@ -63,7 +63,7 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as exc:  # usually no network: tiktoken fetches the vocab on first use
-        raise RuntimeError(f"could not load the GPT-2 vocabulary through tiktoken ({exc}); offline, "
+        raise RuntimeError(f"could not load the GPT-2 vocabulary through tiktoken ({type(exc).__name__}); offline, "
                            "set GPT2_TIKTOKEN_FILE=/path/to/gpt2.tiktoken") from exc
 
 
@@ -199,6 +199,8 @@ def expand_inputs(inputs, exclude_dir=None):
     glob finds under exclude_dir (the output folder, so a re-run never tokenizes its own outputs).
     A file named explicitly is always kept.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path given bare, not in a list
+        inputs = [inputs]
     exclude = Path(exclude_dir).resolve() if exclude_dir is not None else None
     files = []
     for item in inputs:
@@ -461,7 +463,7 @@ def prepare_text(inputs, out_dir, *, tokenizer="gpt2", fmt="bin", val_fraction=0
     out_dir = Path(out_dir)
     files = expand_inputs(inputs, exclude_dir=out_dir)
     if not files:
-        raise FileNotFoundError(f"no input files found in {', '.join(map(str, inputs))}")
+        raise FileNotFoundError(f"no input files found in {inputs}")
 
     options = dict(tokenizer=tokenizer, fmt=fmt, val_fraction=val_fraction, shard_tokens=shard_tokens,
                    max_doc_tokens=max_doc_tokens, min_doc_tokens=min_doc_tokens, name_prefix=name_prefix)

@@ -205,7 +205,7 @@ def test_gpt2_fineweb_shards_with_doc_limit(corpus, tmp_path):
 
 
 def test_char_round_trip_and_meta(shakespeare_path, tmp_path):
-    summary = pd.prepare_text([shakespeare_path], tmp_path, tokenizer="char", val_fraction=0.1,
+    summary = pd.prepare_text(str(shakespeare_path), tmp_path, tokenizer="char", val_fraction=0.1,
                               progress=False)
     meta = pickle.loads((tmp_path / "meta.pkl").read_bytes())
     text = shakespeare_path.read_text()
