@@ -278,7 +278,7 @@ def tokenize_files(files, tokenizer, workers=None, progress=True):
     gpt2 docs carry no BOS yet (added when pieces are built); char vocab is the sorted character set.
     """
     if tokenizer == "char":
-        return _tokenize_char(files, progress)
+        return _tokenize_char(files)
     if tokenizer != "gpt2":
         raise ValueError(f"unknown tokenizer {tokenizer!r}; use gpt2 or char")
     gpt2_encoding()  # load once in the parent so forked workers inherit it
@@ -293,21 +293,24 @@ def tokenize_files(files, tokenizer, workers=None, progress=True):
         pool = multiprocessing.get_context("fork").Pool(workers)
         results = pool.imap(_encode_gpt2_file, files, chunksize=16)
     try:
-        for i, (path, (digest, tokens)) in enumerate(zip(files, results), 1):
+        for i, (path, (digest, tokens_or_reason)) in enumerate(zip(files, results), 1):
             if digest is None:
-                skipped.append(tokens)
+                skipped.append(tokens_or_reason)
             else:
-                docs.append((digest, str(path), tokens))
+                docs.append((digest, str(path), tokens_or_reason))
             bar.update(i)
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.terminate()  # do not wait for workers after Ctrl-C or a crash
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     bar.close()
     return docs, skipped, None
 
 
-def _tokenize_char(files, progress):
+def _tokenize_char(files):
     texts, skipped = [], []
     for path in files:
         text, digest = _read_text(path)
