@@ -11,9 +11,275 @@ Run:  python train_speedrun.py --smoke --device cpu        (tiny, every code pat
 # SECTION: config  (owner: core helper)
 # =============================================================================
 
+import argparse
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
+WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
+GPU_TYPES = ("auto", "h100", "h200", "a100", "other")
+FP8_GPU_TYPES = ("h100", "h200")   # cards where the FP8 lm_head path is used (auto: by capability)
+ATTN_CHOICES = ("auto", "fa3", "flash_attn", "flex")
+
+
+@dataclass
+class Hyperparameters:
+    """Everything a researcher changes from the command line (see parse_args)."""
+    # data: FineWeb-format shards (prepare_data.py writes them)
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760          # fixed, so val losses of different runs compare
+    val_batch_size: int = 4 * 64 * 1024 * 8
+    train_max_seq_len: int = 128 * 16     # longest document piece a training batch holds
+    # micro-batch size of each stage in max-length sequences (x train_max_seq_len x 8 = stage batch)
+    stage_seqs: tuple = (8, 16, 24)
+    # schedule
+    num_scheduled_iterations: int = 1515
+    num_extension_iterations: int = 40
+    muon_warmup_steps: int = 300          # absolute step counts: NOT scaled with the schedule
+    muon_cooldown_steps: int = 50
+    # evaluation, logging, checkpoints
+    val_loss_every: int = 250             # 0: only the final validation
+    seed: int = 0
+    max_steps: int = 0                    # >0: stop training after this many steps (timing runs)
+    save_checkpoint: bool = False
+    log_dir: str = "logs"
+    run_id: str = ""
+    # hardware and compilation
+    device: str = "cuda"
+    gpu_type: str = "auto"
+    attn: str = "auto"
+    compile: bool = True
+    compile_cache: str = ""
+    smoke: bool = False
+
+
+# --smoke: a tiny schedule with tiny batches that still crosses every stage boundary, the
+# embed/lm_head split, periodic and final validation. Explicit flags still win over these.
+SMOKE_OVERRIDES = dict(
+    val_tokens=2 * 8 * 512,
+    val_batch_size=8 * 512,
+    train_max_seq_len=128,
+    stage_seqs=(1, 2, 3),
+    num_scheduled_iterations=9,
+    num_extension_iterations=3,
+    muon_warmup_steps=4,
+    muon_cooldown_steps=3,
+    val_loss_every=4,
+)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    defaults = Hyperparameters()
+    p = argparse.ArgumentParser(
+        description="modded-nanogpt record #68, our implementation (see README: speedrun)")
+    p.add_argument("--train_files", help=f"glob of training shards (default {defaults.train_files})")
+    p.add_argument("--val_files", help=f"glob of validation shards (default {defaults.val_files})")
+    p.add_argument("--val_tokens", type=int, help=f"validation tokens (default {defaults.val_tokens})")
+    p.add_argument("--val_batch_size", type=int,
+                   help=f"validation tokens per forward over all ranks (default {defaults.val_batch_size})")
+    p.add_argument("--train_max_seq_len", type=int,
+                   help=f"max document piece in a training batch (default {defaults.train_max_seq_len})")
+    p.add_argument("--num_scheduled_iterations", type=int,
+                   help=f"steps of the 3-stage schedule; stage boundaries scale with it "
+                        f"(default {defaults.num_scheduled_iterations})")
+    p.add_argument("--num_extension_iterations", type=int,
+                   help=f"steps after the schedule at final lr and windows "
+                        f"(default {defaults.num_extension_iterations})")
+    p.add_argument("--muon_warmup_steps", type=int,
+                   help=f"NorMuon momentum warmup 0.85->0.95, in steps (default {defaults.muon_warmup_steps})")
+    p.add_argument("--muon_cooldown_steps", type=int,
+                   help=f"NorMuon momentum cooldown at the end, in steps (default {defaults.muon_cooldown_steps})")
+    p.add_argument("--val_loss_every", type=int,
+                   help=f"validate every N steps, 0 = only at the end (default {defaults.val_loss_every})")
+    p.add_argument("--seed", type=int, help=f"parameter init seed (default {defaults.seed})")
+    p.add_argument("--max_steps", type=int,
+                   help="stop training after N steps (timing runs; the final validation is skipped)")
+    p.add_argument("--save_checkpoint", action="store_true", default=None,
+                   help="save model + optimizer state at the end (and on SIGTERM)")
+    p.add_argument("--log_dir", help=f"where the run log goes (default {defaults.log_dir})")
+    p.add_argument("--run_id", help="name of the log file (default: a fresh uuid)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu (tiny/tests)")
+    p.add_argument("--gpu_type", choices=GPU_TYPES,
+                   help="card; FP8 lm_head only on h100/h200 (auto: detected, by compute capability)")
+    p.add_argument("--attn", choices=ATTN_CHOICES, help="attention backend (default auto)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model and optimizer math (default on for cuda, off for cpu)")
+    p.add_argument("--compile_cache", metavar="DIR",
+                   help="persist Inductor/Triton caches here so the next run starts fast")
+    p.add_argument("--smoke", action="store_true", default=None,
+                   help="tiny model and schedule that runs every code path in about a minute")
+    return p
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    """Command line -> validated Hyperparameters. Bad values exit with a one-line error."""
+    given = {k: v for k, v in vars(build_arg_parser().parse_args(argv)).items() if v is not None}
+    values = dataclasses.asdict(Hyperparameters())
+    if given.get("smoke"):
+        values.update(SMOKE_OVERRIDES)
+    if given.get("device") == "cpu" and "compile" not in given:
+        values["compile"] = False   # Inductor on CPU costs minutes and buys nothing for tests
+    values.update(given)
+    if not values["train_files"] or not values["val_files"]:
+        raise SystemExit("error: --train_files and --val_files must be non-empty globs")
+    if "train_files" not in given and "DATA_PATH" in os.environ:
+        values["train_files"] = os.path.join(os.environ["DATA_PATH"], values["train_files"])
+    if "val_files" not in given and "DATA_PATH" in os.environ:
+        values["val_files"] = os.path.join(os.environ["DATA_PATH"], values["val_files"])
+    args = Hyperparameters(**values)
+    if not args.run_id:
+        args.run_id = str(uuid.uuid4())
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Hyperparameters) -> None:
+    def fail(msg):
+        raise SystemExit(f"error: {msg}")
+    if args.num_scheduled_iterations < 3:
+        fail(f"--num_scheduled_iterations {args.num_scheduled_iterations} is too small: "
+             "the schedule has 3 stages, give at least 3 steps")
+    if args.num_extension_iterations < 0:
+        fail("--num_extension_iterations must be >= 0")
+    if args.muon_warmup_steps < 0 or args.muon_cooldown_steps < 0:
+        fail("--muon_warmup_steps and --muon_cooldown_steps must be >= 0")
+    if args.val_loss_every < 0 or args.max_steps < 0:
+        fail("--val_loss_every and --max_steps must be >= 0")
+    if args.train_max_seq_len <= 0 or args.train_max_seq_len % 16:
+        fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
+    # every rank's micro-batch must hold a multiple of 16 tokens for all world sizes: 8 divides it
+    if args.val_batch_size <= 0 or args.val_batch_size % (8 * 16):
+        fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 128 "
+             "(8 micro-batches x 16-token alignment)")
+    if args.val_tokens <= 0 or args.val_tokens % args.val_batch_size:
+        fail(f"--val_tokens {args.val_tokens} must be a positive multiple of "
+             f"--val_batch_size {args.val_batch_size}")
+
+
+# ---- end of core config (ModelConfig below belongs to the model helper) ----
 # =============================================================================
 # SECTION: setup  (owner: core helper)
 # =============================================================================
+
+@dataclass
+class DistEnv:
+    """Who this process is. world_size 1 without torchrun runs with no process group."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None       # "nccl", "gloo" or None (no process group)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return grad_accum_steps_for(self.world_size)
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def grad_accum_steps_for(world_size: int) -> int:
+    """The record is defined for 8 GPUs; fewer GPUs accumulate 8 // world_size micro-batches."""
+    if world_size not in SUPPORTED_WORLD_SIZES:
+        raise SystemExit(f"error: world size {world_size} is not supported; run 1, 2, 4 or 8 "
+                         "processes (each step is 8 micro-batches split over the ranks)")
+    return 8 // world_size
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """Read torchrun's environment (or none: world size 1), pick the device, start the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    grad_accum_steps_for(world_size)   # fail early on 3, 5, 6, 7 ... processes
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    if world_size > 1:
+        env.backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = dict(device_id=device) if device.type == "cuda" else {}
+        dist.init_process_group(backend=env.backend, **kwargs)
+        dist.barrier()
+    # torch 2.13 renamed all_gather_into_tensor; the old name is what older torch (the GPU) has
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: parameters start identical (rank 0 also broadcasts them)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def configure_compile_cache(cache_dir: str) -> None:
+    """Point Inductor's and Triton's on-disk caches at cache_dir so a second run reuses them.
+
+    Must run before the first compile: both read these variables when they first need a cache.
+    """
+    if not cache_dir:
+        return
+    root = Path(cache_dir).expanduser().resolve()
+    (root / "inductor").mkdir(parents=True, exist_ok=True)
+    (root / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    # FX-graph and AOTAutograd caches are what skip recompiling a graph; make sure they are on
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def detect_gpu_type(requested: str, device: torch.device) -> str:
+    """'auto' -> the card's family from its name (h100, h200, a100, other); cpu -> 'cpu'."""
+    if device.type != "cuda":
+        return "cpu"
+    if requested != "auto":
+        return requested
+    name = torch.cuda.get_device_name(device).lower()
+    for family in ("h100", "h200", "a100"):
+        if family in name:
+            return family
+    return "other"
+
+
+def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
+    """FP8 lm_head only where the card has FP8 tensor cores and the user did not name an older card."""
+    if device.type != "cuda" or gpu_type == "a100":
+        return False
+    return fp8_supported(device)
+
 
 # =============================================================================
 # SECTION: kernels  (owner: kernels helper)
@@ -32,13 +298,711 @@ Run:  python train_speedrun.py --smoke --device cpu        (tiny, every code pat
 # SECTION: optimizer  (owner: core helper)
 # =============================================================================
 
+# Which optimizer, communication pattern and multipliers each labelled parameter gets.
+# "sharded": reduce-scatter the grad, update this rank's slice, all-gather the result.
+# "replicated": all-reduce the grad, every rank updates the whole tensor.
+# Dict order is the order gradient reductions are launched (big banks first: their backward
+# finished first and their comms take longest).
+PARAM_TABLE = {
+    "attn":           dict(optim="normuon", comms="sharded"),
+    "mlp":            dict(optim="normuon", comms="sharded"),
+    "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
+    "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    "bigram_embed":   dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
+    "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
+    "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
+    "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
+    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.65, 0.95), lr_mul=5.0, wd_mul=0.0),
+    "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+    "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+}
+# Order the updates run in: small tensors first while the big reductions are still in flight;
+# lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
+WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
+              "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
+ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
+NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
+
+
+@dataclass
+class ParamSettings:
+    """Per-parameter optimizer settings; lr (and momentum) are rewritten every step."""
+    label: str
+    optim: str                       # "adam" or "normuon"
+    comms: str                       # "none", "replicated" or "sharded"
+    lr: float
+    initial_lr: float
+    weight_decay: float
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+    betas: tuple | None = None       # Adam
+    eps: float | None = None         # Adam
+    chunk_size: int | None = None    # rows (Adam) or matrices (NorMuon) this rank updates
+    reshape: tuple | None = None     # NorMuon: bank viewed as a stack of matrices
+    momentum: float | None = None    # NorMuon
+    beta2: float | None = None       # NorMuon second-moment decay
+
+
+# ---- update math: plain functions so tests can compare them with a textbook version ----
+
+def adam_update_(p, grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: float,
+                 step_size: Tensor, decay: Tensor) -> None:
+    """Adam with bias correction folded into step_size, and cautious weight decay:
+    decay only the coordinates the update is already pushing toward zero."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
+    same_sign = (update * p) > 0
+    update = update + p.float() * same_sign * decay
+    p.sub_(update)
+
+
+def normuon_normalize_(v: Tensor, second_moment: Tensor, beta2: float, red_dim: int) -> Tensor:
+    """NorMuon: divide each row (or column) of the orthogonalized update by the running RMS of
+    that row, then rescale so every matrix keeps the Frobenius norm it had before."""
+    n = v.size(red_dim)
+    mean_sq = v.float().square().mean(dim=red_dim, keepdim=True)
+    norm_before = (mean_sq.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    second_moment.lerp_(mean_sq, 1 - beta2)
+    inv_rms = second_moment.clamp_min(1e-10).rsqrt()
+    norm_after = ((mean_sq * n) * inv_rms.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    scale = inv_rms * (norm_before / norm_after.clamp_min(1e-10))
+    return v.mul_(scale.to(v.dtype))
+
+
+def cautious_update_bf16_(p: Tensor, mantissa: Tensor, update: Tensor, decay: Tensor, lr: Tensor) -> None:
+    """p -= lr * (update + decay * p on coordinates where update and p agree in sign), done in
+    fp32: the bf16 parameter plus a uint16 buffer of its lost low mantissa bits form an exact
+    fp32 number, so small updates accumulate instead of rounding away.
+
+    Bit work uses int32 (sign-extended int16 << 16), which every backend supports, not uint32.
+    """
+    high = p.view(torch.int16).to(torch.int32) << 16
+    low = mantissa.view(torch.int16).to(torch.int32) & 0xFFFF
+    precise = (high | low).view(torch.float32)
+    update = update.float()
+    same_sign = (update * precise) >= 0
+    precise = precise - (precise * same_sign * decay * lr) - (update * lr)
+    bits = precise.view(torch.int32)
+    p.view(torch.int16).copy_((bits >> 16).to(torch.int16))
+    mantissa.view(torch.int16).copy_(bits.to(torch.int16))
+
+
+def cautious_update_fp32_(p: Tensor, update: Tensor, decay: Tensor, lr: Tensor) -> None:
+    """Same update for fp32 parameters (CPU tests), which need no mantissa buffer."""
+    update = update.float()
+    same_sign = (update * p) >= 0
+    p.copy_(p - (p * same_sign * decay * lr) - (update * lr))
+
+
+class NorMuonAndAdam:
+    """NorMuon (Polar Express + row-normalized second moment) on the attn/mlp banks, Adam on the
+    rest; gradients reduced explicitly in PARAM_TABLE order, updates run in WORK_ORDER so
+    communication overlaps with update math.
+
+    Not a torch.optim.Optimizer: every parameter carries a `.label` naming its PARAM_TABLE row.
+    While embed and lm_head are tied, only lm_head is reduced and updated (with embed's grad
+    added, transposed) and embed is then overwritten with lm_head.T; `copy_lm_state_to_embed`
+    unties them.
+    """
+
+    def __init__(self, named_params, world_size: int = 1, rank: int = 0, compile: bool = False,
+                 param_table: dict = PARAM_TABLE, work_order: list = WORK_ORDER,
+                 adam_defaults: dict = ADAM_DEFAULTS, normuon_defaults: dict = NORMUON_DEFAULTS):
+        self.world_size, self.rank = world_size, rank
+        self.scatter_order = list(param_table)
+        self.work_order = list(work_order)
+        self.by_label: dict = {}
+        self.settings: dict = {}       # param -> ParamSettings
+        self.state: dict = {}          # param -> dict of tensors (and Adam's step count)
+        for name, param in named_params:
+            label = getattr(param, "label", None)
+            if label not in param_table:
+                raise ValueError(f"parameter {name} has label {label!r}, not one of {sorted(param_table)}")
+            if label in self.by_label:
+                raise ValueError(f"two parameters carry the label {label!r}")
+            self.by_label[label] = param
+            self.settings[param] = self._settings_for(param, label, param_table[label],
+                                                      adam_defaults, normuon_defaults)
+        present = set(self.by_label)
+        if set(self.scatter_order) != present or set(self.work_order) != present:
+            missing = (set(self.scatter_order) | set(self.work_order)) ^ present
+            raise ValueError(f"parameter labels and optimizer tables differ: {sorted(missing)}")
+        self._init_state()
+        # Host-side 0-D tensors carry per-step numbers into the (compiled) update math, so a new
+        # learning rate is a new value, not a recompile.
+        self._step_size = torch.zeros((), dtype=torch.float32)
+        self._decay = torch.zeros((), dtype=torch.float32)
+        self._lr = torch.zeros((), dtype=torch.float32)
+        maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        self._adam_update = maybe_compile(adam_update_)
+        self._normalize = maybe_compile(normuon_normalize_)
+        self._cautious_bf16 = maybe_compile(cautious_update_bf16_)
+        self._cautious_fp32 = maybe_compile(cautious_update_fp32_)
+        self._pending_reduce: dict = {}
+        self.split_embed = False
+        self.lm_head = self.by_label.get("lm_head")
+        self.embed = self.by_label.get("embed")
+
+    # ---- construction ----
+
+    def _settings_for(self, param, label, row, adam_defaults, normuon_defaults) -> ParamSettings:
+        comms = row["comms"] if self.world_size > 1 else "none"
+        if row["optim"] == "adam":
+            chunk = None
+            if comms == "sharded":
+                if param.shape[0] % self.world_size:
+                    raise ValueError(f"{label}: {param.shape[0]} rows do not split over {self.world_size} ranks")
+                chunk = param.shape[0] // self.world_size
+            return ParamSettings(label, "adam", comms, lr=adam_defaults["lr"], initial_lr=adam_defaults["lr"],
+                                 weight_decay=adam_defaults["weight_decay"], lr_mul=row.get("lr_mul", 1.0),
+                                 wd_mul=row.get("wd_mul", 1.0), betas=tuple(row["betas"]),
+                                 eps=adam_defaults["eps"], chunk_size=chunk)
+        reshape = getattr(param, "reshape", None)
+        if not isinstance(reshape, tuple) or len(reshape) != 3:
+            raise ValueError(f"NorMuon parameter {label} needs a .reshape (matrices, rows, cols) attribute")
+        if reshape[0] % self.world_size:
+            raise ValueError(f"{label}: {reshape[0]} matrices do not split over {self.world_size} ranks")
+        chunk = reshape[0] // self.world_size
+        rows, cols = reshape[1], reshape[2]
+        # tall matrices get a larger step: sqrt(rows / cols) when rows > cols
+        shape_mul = max(1.0, rows / cols) ** 0.5
+        return ParamSettings(label, "normuon", comms, lr=normuon_defaults["lr"],
+                             initial_lr=normuon_defaults["lr"], weight_decay=normuon_defaults["weight_decay"],
+                             lr_mul=shape_mul * row.get("lr_mul", 1.0), wd_mul=row.get("wd_mul", 1.0),
+                             chunk_size=chunk, reshape=tuple(reshape), momentum=normuon_defaults["momentum"],
+                             beta2=normuon_defaults["beta2"])
+
+    def _init_state(self) -> None:
+        for param, cfg in self.settings.items():
+            if cfg.optim == "adam":
+                local = param[:cfg.chunk_size] if cfg.comms == "sharded" else param
+                zeros = torch.zeros(local.shape, dtype=torch.float32, device=param.device)
+                self.state[param] = dict(step=0, exp_avg=zeros, exp_avg_sq=torch.zeros_like(zeros))
+                continue
+            shape = (cfg.chunk_size, *cfg.reshape[1:])
+            rows, cols = shape[-2:]
+            # second moment keeps one number per row of a tall/square matrix, per column of a wide one
+            moment_shape = (cfg.chunk_size, rows, 1) if rows >= cols else (cfg.chunk_size, 1, cols)
+            # the mlp bank holds c_fc, c_proj, c_fc, ...: every c_proj (odd global index) gets 2x lr
+            ratio = torch.ones(cfg.chunk_size, 1, 1, dtype=torch.float32)
+            if cfg.label == "mlp":
+                first = self.rank * cfg.chunk_size
+                ratio[:, 0, 0] = torch.tensor([2.0 if (first + i) % 2 else 1.0 for i in range(cfg.chunk_size)])
+            self.state[param] = dict(
+                momentum_buffer=torch.zeros(shape, dtype=torch.float32, device=param.device),
+                second_moment=torch.zeros(moment_shape, dtype=torch.float32, device=param.device),
+                mantissa=torch.zeros(shape, dtype=torch.uint16, device=param.device),
+                lr_ratio=ratio.to(param.device),
+            )
+
+    # ---- communication ----
+
+    def _launch_reduce(self, param: Tensor) -> None:
+        cfg, grad = self.settings[param], param.grad
+        if cfg.optim == "normuon":
+            grad = grad.view(cfg.reshape)
+        if cfg.comms == "none":
+            self._pending_reduce[param] = (None, grad)
+        elif cfg.comms == "replicated":
+            work = dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
+            self._pending_reduce[param] = (work, grad)
+        else:
+            local = torch.empty((cfg.chunk_size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            work = dist.reduce_scatter_tensor(local, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
+            self._pending_reduce[param] = (work, local)
+
+    def _launch_gather(self, param: Tensor, local: Tensor):
+        cfg = self.settings[param]
+        full = param.data.view(cfg.reshape) if cfg.optim == "normuon" else param.data
+        return dist.all_gather_into_tensor(full, local.contiguous(), async_op=True)
+
+    def _local_slice(self, param: Tensor) -> Tensor:
+        cfg = self.settings[param]
+        full = param.data.view(cfg.reshape) if cfg.optim == "normuon" else param.data
+        if cfg.comms != "sharded":
+            return full
+        return full[self.rank * cfg.chunk_size:(self.rank + 1) * cfg.chunk_size]
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, do_adam: bool = True) -> None:
+        """1) launch reductions in scatter order, 2) per param in work order: wait, update, launch
+        the gather of sharded results, 3) wait for gathers (lm_head's first, to refresh a tied embed)."""
+        tied = not self.split_embed
+        for label in self.scatter_order:
+            param = self.by_label[label]
+            cfg = self.settings[param]
+            if (cfg.optim == "adam" and not do_adam) or param.grad is None:
+                continue
+            if tied and label == "embed":
+                continue    # its gradient rides on lm_head's, below
+            if tied and label == "lm_head" and self.embed is not None and self.embed.grad is not None:
+                param.grad.add_(self.embed.grad.T)
+            self._launch_reduce(param)
+
+        gathers, lm_head_gather = [], None
+        for label in self.work_order:
+            param = self.by_label[label]
+            if param not in self._pending_reduce:
+                continue
+            work, grad = self._pending_reduce.pop(param)
+            if work is not None:
+                work.wait()
+            cfg = self.settings[param]
+            if cfg.optim == "adam":
+                local = self._adam_step(param, grad, cfg)
+            else:
+                local = self._normuon_step(param, grad, cfg)
+            if cfg.comms == "sharded":
+                handle = self._launch_gather(param, local)
+                if label == "lm_head":
+                    lm_head_gather = handle
+                else:
+                    gathers.append(handle)
+
+        if lm_head_gather is not None:
+            lm_head_gather.wait()
+        if do_adam and tied and self.embed is not None and self.lm_head is not None:
+            self.embed.data.copy_(self.lm_head.data.T)
+        for handle in gathers:
+            handle.wait()
+
+        for param, cfg in self.settings.items():
+            if cfg.optim == "normuon" or do_adam:
+                param.grad = None    # Adam grads survive even steps and add up with the next
+
+    def _adam_step(self, param: Tensor, grad: Tensor, cfg: ParamSettings) -> Tensor:
+        beta1, beta2 = cfg.betas
+        lr = cfg.lr * cfg.lr_mul
+        state = self.state[param]
+        state["step"] += 1
+        t = state["step"]
+        self._step_size.fill_(lr * ((1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)))
+        self._decay.fill_(lr * lr * cfg.weight_decay * cfg.wd_mul)
+        local = self._local_slice(param)
+        self._adam_update(local, grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, cfg.eps,
+                          self._step_size, self._decay)
+        return local
+
+    def _normuon_step(self, param: Tensor, grad: Tensor, cfg: ParamSettings) -> Tensor:
+        state = self.state[param]
+        grad = grad.float()
+        momentum = state["momentum_buffer"]
+        momentum.lerp_(grad, 1 - cfg.momentum)
+        blended = grad.lerp_(momentum, cfg.momentum)            # Nesterov-style look-ahead
+        update = polar_express(blended)
+        rows, cols = update.shape[-2:]
+        update = self._normalize(update, state["second_moment"], cfg.beta2, -1 if rows >= cols else -2)
+        self._lr.fill_(cfg.lr_mul * cfg.lr)
+        self._decay.fill_(cfg.wd_mul * cfg.weight_decay * cfg.lr)
+        # x2 on c_proj matrices is exact in fp32, so lr * ratio equals the per-matrix product
+        lr = self._lr * state["lr_ratio"]
+        local = self._local_slice(param)
+        if local.dtype == torch.bfloat16:
+            self._cautious_bf16(local, state["mantissa"], update, self._decay, lr)
+        else:
+            self._cautious_fp32(local, update, self._decay, lr)
+        return local
+
+    # ---- state ----
+
+    def set_schedule(self, lr_multiplier: float, muon_momentum_value: float) -> None:
+        for cfg in self.settings.values():
+            cfg.lr = cfg.initial_lr * lr_multiplier
+            if cfg.optim == "normuon":
+                cfg.momentum = muon_momentum_value
+
+    def copy_lm_state_to_embed(self) -> None:
+        """Untie: embed continues from lm_head's Adam moments (transposed, resharded by rows)."""
+        lm_cfg, embed_cfg = self.settings[self.lm_head], self.settings[self.embed]
+        lm_state, embed_state = self.state[self.lm_head], self.state[self.embed]
+        embed_state["step"] = lm_state["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = lm_state[key]
+            if lm_cfg.comms == "sharded":
+                full = torch.empty(self.lm_head.shape, dtype=full.dtype, device=full.device)
+                dist.all_gather_into_tensor(full, lm_state[key].contiguous())
+            full_t = full.T
+            if embed_cfg.comms == "sharded":
+                full_t = full_t[self.rank * embed_cfg.chunk_size:(self.rank + 1) * embed_cfg.chunk_size]
+            embed_state[key].copy_(full_t)
+        self.split_embed = True
+
+    def reset(self) -> None:
+        """Back to a fresh NorMuon state and tied embeddings (after the compile warm-up)."""
+        self.split_embed = False
+        for param, cfg in self.settings.items():
+            if cfg.optim == "normuon":
+                for key in ("momentum_buffer", "second_moment", "mantissa"):
+                    self.state[param][key].zero_()
+
+    def state_dict(self) -> dict:
+        """A copy of this rank's state, keyed by label (sharded state is this rank's slice)."""
+        states = {self.settings[p].label: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
+                  for p, s in self.state.items()}
+        return dict(states=states, split_embed=self.split_embed)
+
+    def load_state_dict(self, saved: dict) -> None:
+        for label, saved_state in saved["states"].items():
+            state = self.state[self.by_label[label]]
+            for key, value in saved_state.items():
+                if isinstance(value, Tensor):
+                    state[key].copy_(value)
+                else:
+                    state[key] = value
+        self.split_embed = saved.get("split_embed", False)
+
+
 # =============================================================================
 # SECTION: data  (owner: core helper)
 # =============================================================================
 
+import prepare_data   # the shared FineWeb shard reader/writer (same folder as this file)
+
+BOS_ID = prepare_data.BOS_TOKEN
+QUICK_INDEX_TOKENS = 6_000_000   # BOS positions found up front; the rest of a shard is scanned in a thread
+
+
+def find_shards(pattern: str, what: str) -> list:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"error: no {what} shards match {pattern!r}; build them with "
+                         f"`python prepare_data.py ...` or pass --{what}_files")
+    return [Path(f) for f in files]
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """All tokens of one FineWeb shard, read into memory (uint16)."""
+    try:
+        return np.array(prepare_data.load_tokens(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def cu_seqlens_slots(tokens_per_rank: int) -> int:
+    """Fixed length of the cu_seqlens vector (a fixed shape keeps the compiled graph reusable):
+    room for documents of ~300 tokens on average, rounded up to a multiple of 128."""
+    return max(128, -(-(tokens_per_rank // 300) // 128) * 128)
+
+
+def pad_cu_seqlens(boundaries: np.ndarray, tokens_per_rank: int) -> np.ndarray:
+    """[0, boundaries..., tokens_per_rank, tokens_per_rank, ...]: padding repeats the end, so the
+    extra 'documents' are empty."""
+    slots = cu_seqlens_slots(tokens_per_rank)
+    if len(boundaries) + 1 > slots:
+        raise SystemExit(f"error: a micro-batch of {tokens_per_rank} tokens holds {len(boundaries)} "
+                         f"documents, more than the {slots - 1} the model is built for (documents "
+                         "average < 300 tokens); join short documents when building the shards")
+    cu = np.full(slots, tokens_per_rank, dtype=np.int32)
+    cu[0] = 0
+    cu[1:len(boundaries) + 1] = boundaries
+    return cu
+
+
+class BosIndexedShard:
+    """One shard plus the positions of its BOS tokens, and a cursor: the next document to use."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens
+        self.size = len(tokens)
+        self.next_doc = 0
+        # the first few million positions now, so the first batch does not wait for a full scan
+        self._quick = np.flatnonzero(tokens[:QUICK_INDEX_TOKENS] == BOS_ID)
+        self._full = None
+        self._scanner = threading.Thread(target=self._scan, daemon=True)
+        self._scanner.start()
+
+    def _scan(self) -> None:
+        self._full = np.flatnonzero(self.tokens == BOS_ID)
+
+    def _bos_positions(self, doc: int) -> np.ndarray:
+        """An index that is exact for documents doc and doc + 1: the quick one when it reaches that
+        far (its last entry's successor is unknown), otherwise the full one."""
+        if self._full is None and doc + 1 < len(self._quick):
+            return self._quick
+        self._scanner.join()
+        return self._full
+
+    def take(self, tokens_per_rank: int, max_seq_len: int, world_size: int):
+        """Cut the next documents into world_size runs of tokens_per_rank + 1 tokens (inputs plus
+        the one extra target), each piece starting at a BOS and at most max_seq_len long; the last
+        piece of a run is cut to fit. Returns [(starts, ends)] per rank, or None when the shard
+        runs out (its tail is dropped, as the reference does)."""
+        doc = self.next_doc
+        runs = []
+        for _ in range(world_size):
+            starts, ends, filled = [], [], 0
+            while filled <= tokens_per_rank:
+                bos = self._bos_positions(doc)
+                if doc >= len(bos):
+                    return None
+                start = int(bos[doc])
+                doc_end = int(bos[doc + 1]) if doc + 1 < len(bos) else self.size
+                end = min(doc_end, start + max_seq_len, start + tokens_per_rank + 1 - filled)
+                starts.append(start)
+                ends.append(end)
+                filled += end - start
+                doc += 1
+            runs.append((starts, ends))
+        self.next_doc = doc
+        return runs
+
+
+class _Prefetch:
+    """Reads (and BOS-indexes) the next shard in a background thread."""
+
+    def __init__(self, path: Path):
+        self.path, self.result, self.error = path, None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.result = BosIndexedShard(read_shard(self.path))
+        except BaseException as e:       # SystemExit from a bad shard must reach the main thread
+            self.error = e
+
+    def get(self) -> BosIndexedShard:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _to_device(inputs: np.ndarray, targets: np.ndarray, cu: np.ndarray, device: torch.device):
+    """int32 inputs, int64 targets, int32 cu_seqlens (converted on the host; pinned for async copies)."""
+    batch = (torch.from_numpy(inputs.astype(np.int32)), torch.from_numpy(targets.astype(np.int64)),
+             torch.from_numpy(cu))
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return batch
+
+
+class BosAlignedLoader:
+    """Training batches as the record builds them: every micro-batch is a run of whole
+    documents (each starting at BOS, cut at max_seq_len) for each rank, with cu_seqlens marking
+    document starts. Rank r of W takes the r-th of W consecutive runs, so the tokens consumed per
+    step do not depend on the world size. The next shard is loaded while this one is used."""
+
+    def __init__(self, pattern: str, batch_size: int, max_seq_len: int, grad_accum_steps: int,
+                 rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")):
+        self.pattern, self.max_seq_len = pattern, max_seq_len
+        self.grad_accum_steps, self.rank, self.world_size, self.device = grad_accum_steps, rank, world_size, device
+        self.batch_size = batch_size
+        self._check(batch_size)
+        self._files = iter(find_shards(pattern, "train"))
+        self.shards_used = 1
+        self.shard = BosIndexedShard(read_shard(next(self._files)))
+        self._prefetch = self._start_next()
+
+    def _check(self, batch_size: int) -> None:
+        per_rank, rem = divmod(batch_size, self.grad_accum_steps * self.world_size)
+        if rem or per_rank % 16:
+            raise SystemExit(f"error: batch of {batch_size} tokens does not split into {self.grad_accum_steps} "
+                             f"micro-batches x {self.world_size} ranks of a multiple of 16 tokens")
+
+    def _start_next(self):
+        path = next(self._files, None)
+        return _Prefetch(path) if path is not None else None
+
+    def next_batch(self, batch_size: int | None = None):
+        """(inputs, targets, cu_seqlens) of this rank's next micro-batch; batch_size (tokens per
+        optimizer step, all ranks) changes the size from now on, as at a stage change."""
+        if batch_size is not None and batch_size != self.batch_size:
+            self._check(batch_size)
+            self.batch_size = batch_size
+        tokens_per_rank = self.batch_size // (self.grad_accum_steps * self.world_size)
+        runs = self.shard.take(tokens_per_rank, self.max_seq_len, self.world_size)
+        while runs is None:
+            if self._prefetch is None:
+                raise SystemExit(f"error: training data ran out after {self.shards_used} shard(s) of "
+                                 f"{self.pattern!r}; add shards or shorten the schedule")
+            self.shard = self._prefetch.get()
+            self.shards_used += 1
+            self._prefetch = self._start_next()
+            runs = self.shard.take(tokens_per_rank, self.max_seq_len, self.world_size)
+        starts, ends = runs[self.rank]
+        buf = np.concatenate([self.shard.tokens[s:e] for s, e in zip(starts, ends)])
+        lengths = np.array(ends) - np.array(starts)
+        lengths[-1] -= 1            # the run's extra token is only a target
+        cu = pad_cu_seqlens(np.cumsum(lengths), tokens_per_rank)
+        return _to_device(buf[:-1], buf[1:], cu, self.device)
+
+
+class SequentialLoader:
+    """Validation batches: contiguous token runs, not BOS-aligned (documents may start
+    mid-way), each rank taking its slice of every global micro-batch; cu_seqlens marks the BOS
+    tokens inside. A fixed token budget from the start of the files: comparable across runs."""
+
+    def __init__(self, pattern: str, batch_size: int, grad_accum_steps: int, rank: int = 0,
+                 world_size: int = 1, device: torch.device = torch.device("cpu")):
+        self.pattern = pattern
+        self.tokens_per_micro = batch_size // grad_accum_steps
+        self.tokens_per_rank = self.tokens_per_micro // world_size
+        if batch_size % (grad_accum_steps * world_size) or self.tokens_per_rank % 16:
+            raise SystemExit(f"error: validation batch of {batch_size} tokens does not split into "
+                             f"{grad_accum_steps} micro-batches x {world_size} ranks of a multiple of 16 tokens")
+        self.rank, self.device = rank, device
+        self._files = iter(find_shards(pattern, "val"))
+        self.tokens = prepare_data.load_tokens(next(self._files))   # memmap: only what is used is read
+        self.pos = 0
+
+    def next_batch(self):
+        while self.pos + self.tokens_per_micro + 1 >= len(self.tokens):
+            path = next(self._files, None)
+            if path is None:
+                raise SystemExit(f"error: validation data in {self.pattern!r} ran out; lower --val_tokens")
+            self.tokens, self.pos = prepare_data.load_tokens(path), 0
+        start = self.pos + self.rank * self.tokens_per_rank
+        buf = np.asarray(self.tokens[start:start + self.tokens_per_rank + 1])
+        self.pos += self.tokens_per_micro
+        inputs = buf[:-1]
+        cu = pad_cu_seqlens(np.flatnonzero(inputs == BOS_ID), self.tokens_per_rank)
+        return _to_device(inputs, buf[1:], cu, self.device)
+
+
 # =============================================================================
 # SECTION: schedule  (owner: core helper)
 # =============================================================================
+
+@dataclass(frozen=True)
+class TrainingStage:
+    lr_mul: float
+    batch_size: int                  # tokens per optimizer step, over all ranks and micro-batches
+    window_blocks: tuple             # (short, long) attention windows in WINDOW_BLOCK-token blocks
+    mtp_start: tuple                 # multi-token-prediction weights at the stage's first step ...
+    mtp_end: tuple                   # ... and at its end (linear in between)
+    duration: float | None = None    # fraction of the scheduled iterations; None = extension stage
+
+
+def reference_stages(train_max_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
+    """Record #68's stages: batch grows 8->16->24 sequences per micro-batch while windows widen
+    and multi-token prediction fades out; the extension stage widens the windows once more."""
+    seqs1, seqs2, seqs3 = stage_seqs
+    per_micro = train_max_seq_len * 8      # 8 micro-batches per step, whatever the world size
+    return [
+        TrainingStage(1.00, seqs1 * per_micro, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 1 / 3),
+        TrainingStage(1.52, seqs2 * per_micro, (3, 7), (1.0, 0.5), (1.0, 0.0), 1 / 3),  # (16/8)**0.6
+        TrainingStage(1.73, seqs3 * per_micro, (5, 11), (1.0,), (1.0,), 1 / 3),        # (24/8)**0.5
+        TrainingStage(1.00, seqs3 * per_micro, (6, 13), (1.0,), (1.0,), None),  # lr_mul unused here
+    ]
+
+
+class TrainingSchedule:
+    """Pure step -> setting functions of the record's schedule (no tensors, no model)."""
+
+    def __init__(self, stages: list, scheduled_iterations: int, extension_iterations: int,
+                 cooldown_frac: float = 0.55, split_embed_stage: int = 2, final_window_blocks: int = 20):
+        self.stages = stages
+        self.scheduled_iterations = scheduled_iterations
+        self.total_steps = scheduled_iterations + extension_iterations
+        self.cooldown_frac = cooldown_frac
+        # validation at the very end uses a longer long-window than training ever saw
+        self.final_window_blocks = final_window_blocks
+        fractions = accumulate(stage.duration for stage in stages[:-1])
+        ends = [0] + [round(f * scheduled_iterations) for f in fractions] + [self.total_steps]
+        assert ends[-2] == scheduled_iterations, "stage durations must add up to 1"
+        self.boundaries = list(pairwise(ends))          # [start, end) of every stage
+        # embed and lm_head are untied at a stage start, moved to an odd step so Adam runs on it
+        self.split_step = self.boundaries[split_embed_stage][0] | 1
+
+    def lookup(self, step: int) -> tuple:
+        """(stage, fraction of it done) at step; past the end: the last stage, fully done."""
+        for stage, (start, end) in zip(self.stages, self.boundaries):
+            if step < end:
+                return stage, (step - start) / (end - start)
+        return self.stages[-1], 1.0
+
+    def lr_multiplier(self, step: int) -> float:
+        """Stage lr_mul, blended linearly into 0.1 over the last cooldown_frac of the schedule."""
+        stage, _ = self.lookup(step)
+        cooldown_start = int(self.scheduled_iterations * (1 - self.cooldown_frac))
+        if step < cooldown_start:
+            return stage.lr_mul
+        t = min(1.0, (step - cooldown_start) / (self.scheduled_iterations - cooldown_start))
+        return stage.lr_mul * (1 - t) + 0.1 * t
+
+    def mtp_weights(self, step: int) -> list:
+        stage, t = self.lookup(step)
+        return [a + (b - a) * t for a, b in zip(stage.mtp_start, stage.mtp_end)]
+
+    def transition_steps(self) -> list:
+        """First step of every stage after the first."""
+        return [start for start, _ in self.boundaries[1:]]
+
+    def warmup_steps(self) -> list:
+        """Steps the untimed warm-up replays: the first three and each stage change +-1,
+        so every shape (and the split step) is compiled before the clock starts."""
+        around = {s + d for s in self.transition_steps() for d in (-1, 0, 1) if s + d >= 0}
+        return sorted({0, 1, 2} | around)
+
+    def stage_index(self, step: int) -> int:
+        stage, _ = self.lookup(step)
+        return self.stages.index(stage)
+
+
+def muon_momentum(step: int, total_steps: int, warmup_steps: int = 300, cooldown_steps: int = 50,
+                  low: float = 0.85, high: float = 0.95) -> float:
+    """NorMuon momentum: ramps low->high over warmup_steps, back to low over the last cooldown_steps."""
+    cooldown_start = total_steps - cooldown_steps
+    if step < warmup_steps:
+        return low + (step / warmup_steps) * (high - low)
+    if step > cooldown_start:
+        return high - ((step - cooldown_start) / cooldown_steps) * (high - low)
+    return high
+
+
+def is_adam_step(step: int) -> bool:
+    """Adam (embeddings, gates, scalars) only updates on odd steps; its grads add up over two."""
+    return step % 2 == 1
+
+
+class StageState:
+    """What the model sees of the schedule at the current step: windows, MTP weights, batch size.
+
+    Owns the side effects of a stage change: YaRN rescaling of the rotary tables when the long
+    window grows, and the loader's new batch size.
+    """
+
+    def __init__(self, schedule: TrainingSchedule, model: nn.Module, device: torch.device):
+        self.schedule = schedule
+        self.model = model
+        # one tensor per step, made once: the forward pass gets a device tensor without a copy
+        self._mtp = [torch.tensor(schedule.mtp_weights(s), dtype=torch.float32, device=device)
+                     for s in range(schedule.total_steps + 1)]
+        self.reset()
+
+    def reset(self) -> None:
+        first = self.schedule.stages[0]
+        self.ws_short, self.ws_long = first.window_blocks
+        self.batch_size = first.batch_size
+        self.mtp_weights = self._mtp[0]
+        self.model.yarn.reset()
+        self.model.yarn_paired_head.reset()
+
+    def advance(self, step: int) -> None:
+        stage, _ = self.schedule.lookup(step)
+        new_short, new_long = stage.window_blocks
+        if new_long != self.ws_long:
+            old_tokens, new_tokens = self.ws_long * WINDOW_BLOCK, new_long * WINDOW_BLOCK
+            self.model.yarn.apply(old_tokens, new_tokens)
+            self.model.yarn_paired_head.apply(old_tokens, new_tokens)
+        self.ws_short, self.ws_long = new_short, new_long
+        self.batch_size = stage.batch_size
+        self.mtp_weights = self._mtp[min(step, len(self._mtp) - 1)]
+
+    def use_final_window(self) -> None:
+        """Final validation only: a longer long-window, rotary tables left as trained."""
+        self.ws_long = self.schedule.final_window_blocks
+
+    def forward_config(self):
+        return ForwardScheduleConfig(mtp_weights=self.mtp_weights,
+                                     ws_short=self.ws_short * WINDOW_BLOCK,
+                                     ws_long=self.ws_long * WINDOW_BLOCK)
+
 
 # =============================================================================
 # SECTION: loop  (owner: core helper)
