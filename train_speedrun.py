@@ -286,6 +286,197 @@ def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
 # Triton kernels, each with a plain PyTorch reference used on CPU and in tests.
 # =============================================================================
 
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+# Each op below picks its Triton kernel when `tensor.is_cuda and USE_TRITON_KERNELS`, else its plain
+# PyTorch reference. Tests flip this switch to compare the two on the same inputs.
+USE_TRITON_KERNELS = torch.cuda.is_available()
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda and USE_TRITON_KERNELS
+
+
+def fp8_supported(device) -> bool:
+    """FP8 matmuls (torch._scaled_mm) need compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ---- Polar Express orthogonalization (arXiv 2505.16932) -----------------------------------------
+# Five odd-polynomial steps X <- a X + (b A + c A A) X with A = X X^T, drive every singular value of
+# X towards 1. Coefficients as in the record: optimized for 5 iterations, safety factor 2e-2,
+# cushion 2. The safety factor also inflates the Frobenius norm used to pre-scale X, so the
+# spectral norm starts safely below 1.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 2e-2
+POLAR_EXPRESS_EPS = 1e-6
+
+
+def xxt_reference(A: Tensor, out: Tensor) -> Tensor:
+    """out = A @ A^T for (m, k) or batched (b, m, k) A, accumulated in fp32 and rounded once."""
+    out.copy_(A.float() @ A.float().mT)
+    return out
+
+
+def ba_plus_caa_reference(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    """out = alpha * A @ A^T + beta * A for square (batched) A, fp32 math, one rounding."""
+    A32 = A.float()
+    out.copy_(alpha * (A32 @ A32.mT) + beta * A32)
+    return out
+
+
+def xxt(A: Tensor, out: Tensor) -> Tensor:
+    if _use_triton(A):
+        return _xxt_triton(A, out)
+    return xxt_reference(A, out)
+
+
+def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    if _use_triton(A):
+        return _ba_plus_caa_triton(A, alpha, beta, out)
+    return ba_plus_caa_reference(A, alpha, beta, out)
+
+
+def polar_express(G: Tensor, split_baddbmm: bool = False) -> Tensor:
+    """Approximate orthogonal polar factor U V^T of G (..., m, n), computed in bf16 like the record.
+
+    split_baddbmm: do C = B @ X then C += a X as two ops instead of one baddbmm; faster for the
+    tall MLP matrices, where baddbmm reading X twice forces a defensive copy.
+    """
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation so A = X X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + POLAR_EXPRESS_EPS)
+    X = X.contiguous()
+    gram = X.new_empty((*X.shape[:-1], X.size(-2)))
+    poly = torch.empty_like(gram)
+    nxt = torch.empty_like(X)
+    batched = X.ndim > 2
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        xxt(X, out=gram)                                  # gram = X X^T
+        ba_plus_caa(gram, alpha=c, beta=b, out=poly)      # poly = b gram + c gram^2
+        if split_baddbmm:
+            torch.matmul(poly, X, out=nxt)
+            nxt.add_(X, alpha=a)
+        elif batched:
+            torch.baddbmm(X, poly, X, beta=a, out=nxt)    # nxt = a X + poly X
+        else:
+            torch.addmm(X, poly, X, beta=a, out=nxt)
+        X, nxt = nxt, X                                   # ping-pong the two buffers
+    return X.mT if tall else X
+
+
+# ---- MLP: relu(x W_fc^T)^2 W_proj -----------------------------------------------------------------
+# Weights come from the MLP bank slices: w_fc (hidden, d) and w_proj (hidden, d), hidden = 4d.
+
+def relu_square_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    pre = x @ w_fc.mT
+    return F.relu(pre).square() @ w_proj
+
+
+def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(x @ w_fc^T)^2 @ w_proj with autograd; fused Triton linear+ReLU^2 on CUDA."""
+    if _use_triton(x):
+        return _FusedReluSquareMLP.apply(x, w_fc, w_proj)
+    return relu_square_mlp_reference(x, w_fc, w_proj)
+
+
+# ---- lm_head: transposed weight (d, vocab), optional FP8 ------------------------------------------
+
+def _fp8_quantize_reference(t: Tensor, scale: float, dtype) -> Tensor:
+    """What the FP8 path sees: t / scale rounded to the FP8 format, scaled back (fp32)."""
+    return t.div(scale).to(dtype).float() * scale
+
+
+def lm_head_logits_reference(x, lm_head_weight_t, x_s, w_s, grad_s, use_fp8) -> Tensor:
+    """x (T, d) @ w (d, V). With use_fp8 the operands are FP8-rounded like the GPU path (fp32 out)."""
+    if use_fp8:
+        xq = _fp8_quantize_reference(x, x_s, torch.float8_e4m3fn)
+        wq = _fp8_quantize_reference(lm_head_weight_t, w_s, torch.float8_e4m3fn)
+        return (xq @ wq).to(torch.bfloat16)
+    return x @ lm_head_weight_t.type_as(x)
+
+
+def lm_head_logits(x: Tensor, lm_head_weight_t: Tensor, x_s: float, w_s: float, grad_s: float,
+                   use_fp8: bool) -> Tensor:
+    """Logits x @ W for W stored transposed (d, vocab). use_fp8: FP8 custom op (CUDA, sm >= 8.9);
+    otherwise a plain matmul in x's dtype (the record's eval path never uses FP8)."""
+    if use_fp8 and x.is_cuda:
+        flat = x.flatten(0, -2).contiguous()
+        out = torch.ops.speedrun.lm_head_fp8(flat, lm_head_weight_t, x_s, w_s, grad_s)[0]
+        return out.view(*x.shape[:-1], -1)
+    return x @ lm_head_weight_t.type_as(x)
+
+
+# ---- Softcapped cross-entropy with multi-token prediction ----------------------------------------
+# z = 23 * sigmoid((logit + 5) / 7.5) caps logits to (0, 23). Row i's loss is
+#   sum_k w_k * (logsumexp(z_i) - z_i[target_{i+k}])   over k with i + k < T,
+# i.e. position i also predicts the tokens k steps further along the (flattened) target stream;
+# terms that would run past the end of the micro-batch are dropped. Document ends are not special.
+SOFTCAP_SCALE = 23.0
+SOFTCAP_SHIFT = 5.0
+SOFTCAP_DIVISOR = 7.5
+
+
+def softcap(logits: Tensor) -> Tensor:
+    return SOFTCAP_SCALE * torch.sigmoid((logits + SOFTCAP_SHIFT) / SOFTCAP_DIVISOR)
+
+
+def mtp_losses_from_logits(logits: Tensor, targets: Tensor, mtp_weights: Tensor) -> Tensor:
+    """Per-row MTP-weighted softcapped cross-entropy (fp32), differentiable w.r.t. logits."""
+    z = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+    lse = torch.logsumexp(z, dim=-1)
+    num_rows = z.size(0)
+    losses = torch.zeros_like(lse)
+    for k in range(mtp_weights.size(0)):
+        rows = num_rows - k
+        if rows <= 0:
+            break
+        z_target = z[:rows].gather(1, targets[k:].long().unsqueeze(1)).squeeze(1)
+        term = mtp_weights[k].to(z.dtype) * (lse[:rows] - z_target)
+        losses = losses + F.pad(term, (0, k))
+    return losses
+
+
+def softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t, x_s, w_s, grad_s,
+                                  use_fp8) -> Tensor:
+    logits = lm_head_logits_reference(x, lm_head_weight_t, x_s, w_s, grad_s, use_fp8)
+    return mtp_losses_from_logits(logits, targets, mtp_weights)
+
+
+def softcapped_mtp_loss(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head_weight_t: Tensor,
+                        x_s: float, w_s: float, grad_s: float, use_fp8: bool) -> Tensor:
+    """Per-position training losses (T,) fp32 for normed hidden x (T, d) and lm_head W (d, vocab).
+
+    mtp_weights (n_predict,) fp32; trailing zeros change nothing, so callers may pad it to a fixed
+    length to keep one compiled graph across stages. On CUDA a fused Triton kernel computes the
+    loss and the logits gradient (FP8 e5m2 scaled by grad_s when use_fp8, like the record).
+    """
+    if _use_triton(x):
+        return _FusedSoftcappedMTPLoss.apply(x, targets, mtp_weights, lm_head_weight_t,
+                                             x_s, w_s, grad_s, use_fp8)
+    return softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t,
+                                         x_s, w_s, grad_s, use_fp8)
+
+
 # =============================================================================
 # SECTION: attention  (owner: model helper)
 # =============================================================================
