@@ -1,0 +1,1172 @@
+"""
+Baseline trainer: Karpathy's nanoGPT (GPT-2 on OpenWebText), same model and training math, one file.
+
+Read top to bottom in data-flow order:
+config -> model -> optimizer and schedule -> data -> distributed setup -> checkpoints -> training
+-> benchmark -> sampling -> default run -> command line.
+
+  python train_baseline.py                                # tiny offline demo on CPU (a few minutes)
+  python train_baseline.py --preset shakespeare_char      # nanoGPT's baby GPT, 1 GPU
+  torchrun --standalone --nproc_per_node 8 train_baseline.py --preset gpt2   # GPT-2 124M
+  python train_baseline.py --preset gpt2 --bench          # timed throughput run: ms/iter, tok/s, MFU
+  python train_baseline.py sample --out_dir out/shakespeare_char
+
+Every config field is an option (--batch_size 8, --compile false); a preset is applied first and
+explicit options override it. On SIGUSR1/SIGTERM the run checkpoints and exits 0; the same command
+plus --init_from resume continues it exactly.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare_data
+
+
+class UsageError(ValueError):
+    """Bad configuration or input; the command line turns it into one 'error: ...' line."""
+
+
+# =============================================================================
+# config
+# =============================================================================
+
+def opt(default, doc):
+    return field(default=default, metadata={"help": doc})
+
+
+@dataclass
+class TrainConfig:
+    # The defaults are nanoGPT's train.py defaults: GPT-2 124M on OpenWebText.
+    # I/O
+    out_dir: str = opt("out", "checkpoint, metrics.jsonl and meta.pkl go here")
+    eval_interval: int = opt(2000, "evaluate (and maybe checkpoint) every this many iterations")
+    log_interval: int = opt(1, "print a loss line every this many iterations (each one syncs the GPU)")
+    eval_iters: int = opt(200, "batches per split in each evaluation")
+    eval_only: bool = opt(False, "evaluate once and exit")
+    always_save_checkpoint: bool = opt(True, "checkpoint at every eval, not only when val loss improves")
+    init_from: str = opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    # data
+    data_dir: str = opt("data/openwebtext", "folder with train.bin, val.bin (+ meta.pkl for char vocab)")
+    gradient_accumulation_steps: int = opt(40, "micro-steps per optimizer step for the WHOLE job "
+                                                "(divided by the number of GPUs)")
+    batch_size: int = opt(12, "micro-batch size per GPU")
+    block_size: int = opt(1024, "context length")
+    # model
+    n_layer: int = opt(12, "transformer blocks")
+    n_head: int = opt(12, "attention heads")
+    n_embd: int = opt(768, "model width")
+    dropout: float = opt(0.0, "dropout rate (0 for pretraining, 0.1+ for finetuning)")
+    bias: bool = opt(False, "biases in Linear and LayerNorm layers (GPT-2 had them)")
+    # AdamW
+    learning_rate: float = opt(6e-4, "peak learning rate")
+    max_iters: int = opt(600000, "optimizer steps to train for")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D parameters only")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    # learning-rate schedule
+    decay_lr: bool = opt(True, "linear warmup then cosine decay; false = constant learning_rate")
+    warmup_iters: int = opt(2000, "linear warmup steps")
+    lr_decay_iters: int = opt(600000, "step at which the cosine reaches min_lr (~max_iters)")
+    min_lr: float = opt(6e-5, "final learning rate (~learning_rate / 10)")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (under torchrun each rank takes its local GPU)")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, "
+                             "else fp16 + GradScaler; fp32 on CPU)")
+    compile: bool = opt(True, "torch.compile the model")
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl, gloo")
+    seed: int = opt(1337, "random seed (init, data order, dropout)")
+    gpu_type: str = opt("auto", "h100 | h200 | a100 | auto: sets the peak bf16 FLOP/s that MFU divides by")
+    time_limit: float = opt(0.0, "stop training after this many seconds, then evaluate and save (0 = off)")
+    # benchmark
+    bench: bool = opt(False, "timed throughput run instead of training (no eval, no checkpoint)")
+    bench_warmup: int = opt(10, "untimed iterations before timing (compilation happens here)")
+    bench_iters: int = opt(20, "timed iterations")
+    bench_data: str = opt("auto", "auto | real | random: auto uses data_dir/train.bin when it exists")
+    # offline default run
+    corpus_bytes: int = opt(5_000_000, "size of the stdlib corpus the default preset prepares")
+    # set by parse_config, not options of their own
+    preset: str = field(default="", metadata={"internal": True})
+    resume_fallback: str = field(default="scratch", metadata={"internal": True})
+
+
+MODEL_SIZES = {  # GPT-2 family: n_layer, n_head, n_embd
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),    # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),       # 1558M
+}
+
+# ~0.5M tokens per optimizer step, 300B tokens in all (nanoGPT's config/train_gpt2.py).
+_GPT2_TRAINING = dict(
+    data_dir="data/openwebtext", batch_size=12, block_size=1024, gradient_accumulation_steps=40,
+    max_iters=600000, lr_decay_iters=600000, eval_interval=1000, eval_iters=200, log_interval=10,
+    weight_decay=0.1,
+)
+
+PRESETS = {
+    # nanoGPT's config/train_shakespeare_char.py: a baby GPT that overfits tinyshakespeare quickly.
+    "shakespeare_char": dict(
+        out_dir="out/shakespeare_char", data_dir="data/shakespeare_char",
+        eval_interval=250, eval_iters=200, log_interval=10, always_save_checkpoint=False,
+        gradient_accumulation_steps=1, batch_size=64, block_size=256,
+        n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+        learning_rate=1e-3, max_iters=5000, lr_decay_iters=5000, min_lr=1e-4, beta2=0.99,
+        warmup_iters=100,
+    ),
+    "gpt2": dict(out_dir="out/gpt2", **_GPT2_TRAINING, **MODEL_SIZES["gpt2"]),
+    # From scratch at the bigger sizes: micro-batches shrink to fit 80 GB, accumulation grows to
+    # keep ~0.5M tokens per step; learning rates follow the GPT-3 paper's table for these sizes.
+    "gpt2-medium": dict(_GPT2_TRAINING, out_dir="out/gpt2-medium", **MODEL_SIZES["gpt2-medium"],
+                        learning_rate=3e-4, min_lr=3e-5),
+    "gpt2-large": dict(_GPT2_TRAINING, out_dir="out/gpt2-large", **MODEL_SIZES["gpt2-large"],
+                       batch_size=6, gradient_accumulation_steps=80, learning_rate=2.5e-4, min_lr=2.5e-5),
+    "gpt2-xl": dict(_GPT2_TRAINING, out_dir="out/gpt2-xl", **MODEL_SIZES["gpt2-xl"],
+                    batch_size=4, gradient_accumulation_steps=120, learning_rate=2e-4, min_lr=2e-5),
+    # nanoGPT's config/finetune_shakespeare.py: GPT-2 XL weights, BPE shakespeare, constant tiny lr.
+    "finetune_shakespeare": dict(
+        out_dir="out/finetune_shakespeare", data_dir="data/shakespeare", init_from="gpt2-xl",
+        eval_interval=5, eval_iters=40, always_save_checkpoint=False,
+        batch_size=1, gradient_accumulation_steps=32, max_iters=20,
+        learning_rate=3e-5, decay_lr=False,
+    ),
+    # What `python train_baseline.py` runs: a tiny char model on 2 CPU cores in under ~4 minutes.
+    # data_dir "" means: data/shakespeare_char if prepared, else the stdlib corpus (prepared once).
+    "default": dict(
+        out_dir="out/default", data_dir="", eval_interval=100, eval_iters=20, log_interval=10,
+        gradient_accumulation_steps=1, batch_size=32, block_size=128,
+        n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+        learning_rate=2e-3, max_iters=500, lr_decay_iters=500, min_lr=2e-4, beta2=0.99,
+        warmup_iters=50, compile=False, time_limit=210.0,
+    ),
+}
+
+PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense, SXM
+INIT_CHOICES = ("scratch", "resume", *MODEL_SIZES)
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r}")
+
+
+def build_train_parser():
+    parser = argparse.ArgumentParser(
+        prog="train_baseline.py", description=__doc__.split("\n\n")[0].strip(),
+        epilog="Subcommand: `train_baseline.py sample --help`. No arguments at all = --preset default.",
+        argument_default=argparse.SUPPRESS)  # only options actually given land in the namespace
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from this configuration")
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("internal"):
+            continue
+        help_text = f"{f.metadata['help']} (default {f.default})"
+        if f.name == "init_from":  # every value is kept: see resume_fallback in parse_config
+            parser.add_argument("--init_from", action="append", metavar="STR", help=help_text)
+        elif f.type is bool:
+            # `--compile false`, `--compile=0`, and a bare `--bench` all work
+            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True,
+                                metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, metavar=f.type.__name__.upper(), help=help_text)
+    return parser
+
+
+def parse_config(argv):
+    """Defaults, then the preset, then the options given. No arguments at all selects the default preset."""
+    given = vars(build_train_parser().parse_args(argv or ["--preset", "default"]))
+    preset = given.pop("preset", "")
+    values = dict(PRESETS[preset]) if preset else {}
+    if given.get("bench") and "gradient_accumulation_steps" not in given:
+        values["gradient_accumulation_steps"] = 1  # like nanoGPT's bench.py: one micro-batch per step
+    # A requeued job re-runs its command plus `--init_from resume`; if no checkpoint exists yet it
+    # must start the way the original command would have (e.g. from GPT-2 weights, not scratch).
+    init_history = [values.pop("init_from", "scratch")] + given.pop("init_from", [])
+    values.update(given)
+    cfg = TrainConfig(**values, init_from=init_history[-1], preset=preset,
+                      resume_fallback=next((v for v in reversed(init_history) if v != "resume"), "scratch"))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    positive = ["eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                "block_size", "n_layer", "n_head", "n_embd", "bench_iters"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.max_iters < 0 or cfg.bench_warmup < 0 or cfg.warmup_iters < 0:
+        raise UsageError("--max_iters, --warmup_iters and --bench_warmup cannot be negative")
+    if cfg.n_embd % cfg.n_head:
+        raise UsageError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise UsageError(f"--lr_decay_iters ({cfg.lr_decay_iters}) must be greater than "
+                         f"--warmup_iters ({cfg.warmup_iters})")
+    if cfg.decay_lr and not 0.0 <= cfg.min_lr <= cfg.learning_rate:
+        raise UsageError(f"--min_lr ({cfg.min_lr}) must lie between 0 and --learning_rate ({cfg.learning_rate})")
+    for value in (cfg.init_from, cfg.resume_fallback):
+        if value not in INIT_CHOICES:
+            raise UsageError(f"--init_from {value!r} is not one of {', '.join(INIT_CHOICES)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype {cfg.dtype!r}: use auto, float32, bfloat16 or float16")
+    cfg.gpu_type = cfg.gpu_type.lower()
+    if cfg.gpu_type not in ("auto", *PEAK_BF16_FLOPS):
+        raise UsageError(f"--gpu_type {cfg.gpu_type!r}: use auto, {', '.join(PEAK_BF16_FLOPS)}")
+    if cfg.bench_data not in ("auto", "real", "random"):
+        raise UsageError(f"--bench_data {cfg.bench_data!r}: use auto, real or random")
+    if cfg.backend not in ("auto", "nccl", "gloo"):
+        raise UsageError(f"--backend {cfg.backend!r}: use auto, nccl or gloo")
+
+
+# =============================================================================
+# model: GPT-2 (pre-norm blocks, GELU MLP, learned positions, tied embedding / output head)
+# =============================================================================
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        batch, seq, width = x.shape
+        # (batch, seq, 3*width) -> three (batch, heads, seq, head_dim) tensors
+        q, k, v = self.c_attn(x).view(batch, seq, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, seq, width)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix embeds and un-embeds
+        self.apply(self._init_weights)
+        # GPT-2's residual scaling: each block adds two projections into the residual stream, so
+        # shrink them to keep the stream's variance independent of depth
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; position embeddings excluded by default (token ones double as the head)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.transformer.wpe.weight.numel() if non_embedding else total
+
+    def forward(self, idx, targets=None):
+        seq = idx.shape[1]
+        if seq > self.config.block_size:
+            raise ValueError(f"sequence of {seq} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(seq, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None  # generation only needs the last position
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shorten the context (e.g. GPT-2's 1024 -> a smaller block_size) by dropping positions."""
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Append max_new_tokens sampled tokens to idx (batch, seq), re-reading the last block each time."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float() / temperature
+            if top_k is not None:
+                kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth_best] = -float("inf")
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+def flops_per_token(config, num_params):
+    """nanoGPT's estimate (PaLM appendix B): 6N for the weights' fwd+bwd + 12*L*H*Q*T for attention."""
+    head_dim = config.n_embd // config.n_head
+    return 6 * num_params + 12 * config.n_layer * config.n_head * head_dim * config.block_size
+
+
+def model_flops_utilization(flops_per_tok, tokens_per_second_per_gpu, peak_flops):
+    return flops_per_tok * tokens_per_second_per_gpu / peak_flops if peak_flops else None
+
+
+# OpenAI's checkpoints store these as Conv1D weights, (in, out): transposed relative to nn.Linear.
+_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def convert_hf_gpt2_state_dict(hf_state, model):
+    """Our state dict filled from a Hugging Face GPT2LMHeadModel state dict (same key names)."""
+    ours = model.state_dict()
+    theirs = {k: v for k, v in hf_state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    if set(theirs) != set(ours):
+        missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        raise ValueError(f"GPT-2 checkpoint keys do not match the model: missing {missing[:3]}, extra {extra[:3]}")
+    converted = {}
+    for key, value in theirs.items():
+        if key.endswith(_CONV1D_SUFFIXES):
+            value = value.t()
+        if value.shape != ours[key].shape:
+            raise ValueError(f"GPT-2 checkpoint {key} has shape {tuple(value.shape)}, model wants "
+                             f"{tuple(ours[key].shape)}")
+        converted[key] = value
+    return converted
+
+
+def gpt_from_pretrained(model_type, dropout=0.0):
+    """GPT-2 weights from OpenAI (via Hugging Face `transformers`): 50257 vocab, 1024 context, biases."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UsageError(f"--init_from {model_type} needs the `transformers` package: pip install transformers")
+    print(f"loading OpenAI weights: {model_type}")
+    config = GPTConfig(vocab_size=50257, block_size=1024, bias=True, dropout=dropout, **MODEL_SIZES[model_type])
+    model = GPT(config)
+    hf_state = GPT2LMHeadModel.from_pretrained(model_type).state_dict()
+    model.load_state_dict(convert_hf_gpt2_state_dict(hf_state, model))
+    return model
+
+
+# =============================================================================
+# optimizer, learning-rate schedule, batch arithmetic
+# =============================================================================
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW; weight decay only on matrices (matmul weights, embeddings), not on biases or norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             **({"fused": True} if fused else {}))
+
+
+def learning_rate_at(it, cfg):
+    """Linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then flat."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
+
+
+def accumulation_per_rank(total_accumulation, world_size):
+    """gradient_accumulation_steps is for the whole job: each of world_size ranks does its share."""
+    if total_accumulation % world_size:
+        raise UsageError(
+            f"--gradient_accumulation_steps {total_accumulation} is not divisible by the world size "
+            f"{world_size}; it counts micro-batches for the whole job, so pick a multiple of {world_size}")
+    return total_accumulation // world_size
+
+
+def tokens_per_step(batch_size, block_size, total_accumulation):
+    return batch_size * block_size * total_accumulation
+
+
+# =============================================================================
+# data: random block_size windows of a uint16 token file
+# =============================================================================
+
+def read_meta(data_dir):
+    """meta.pkl of a char-level dataset ({vocab_size, itos, stoi}), or None for GPT-2 BPE data."""
+    path = Path(data_dir) / "meta.pkl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def load_split(data_dir, split, block_size):
+    path = Path(data_dir) / f"{split}.bin"
+    try:
+        tokens = prepare_data.load_tokens(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found; prepare it, e.g. "
+                         f"`python prepare_data.py shakespeare_char --out_dir {data_dir}`")
+    except ValueError as e:
+        raise UsageError(str(e))
+    if len(tokens) <= block_size:
+        raise UsageError(f"{path} holds {len(tokens)} tokens, not enough for one window of "
+                         f"block_size {block_size}; lower --block_size or add data")
+    return tokens
+
+
+def draw_window_starts(num_tokens, block_size, shape, generator):
+    """Random window starts such that inputs and their shifted targets both stay inside the file."""
+    return torch.randint(num_tokens - block_size, shape, generator=generator)
+
+
+def gather_windows(tokens, starts, block_size):
+    """(inputs, targets) int64 CPU tensors; targets are the inputs shifted one token ahead."""
+    offsets = starts.numpy()[:, None] + np.arange(block_size + 1)
+    windows = torch.from_numpy(tokens[offsets].astype(np.int64))
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def to_device(x, y, device):
+    if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's current work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class TrainBatches:
+    """This rank's training micro-batches, one micro-batch ahead of the model.
+
+    Every rank holds the same generator and draws the windows of a whole optimizer step for all
+    ranks at once; rank r keeps micro-batches r, r + world, r + 2*world, ... . So what a step trains
+    on does not depend on the number of GPUs, and one generator state (equal on all ranks) is all
+    a checkpoint needs to continue the exact sequence.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, total_accumulation, rank, world_size, seed, device):
+        self.tokens, self.block_size, self.device = tokens, block_size, device
+        self.step_shape = (total_accumulation, batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._draw_step()
+        self.micro = 0
+        self.current = self._load(0)
+
+    def _draw_step(self):
+        self.state_before_draw = self.generator.get_state()  # what a checkpoint stores
+        starts = draw_window_starts(len(self.tokens), self.block_size, self.step_shape, self.generator)
+        self.step_starts = starts[self.rank::self.world_size]
+
+    def _load(self, micro):
+        return to_device(*gather_windows(self.tokens, self.step_starts[micro], self.block_size), self.device)
+
+    def advance(self):
+        """Move to the next micro-batch (drawing the next step's windows after the last one)."""
+        self.micro += 1
+        if self.micro == len(self.step_starts):
+            self._draw_step()
+            self.micro = 0
+        self.current = self._load(self.micro)
+
+    def state(self):
+        """Generator state that redraws the step the pending micro-batch belongs to."""
+        return self.state_before_draw
+
+    def restore(self, state):
+        self.generator.set_state(state)
+        self._draw_step()
+        self.micro = 0
+        self.current = self._load(0)
+
+
+# =============================================================================
+# distributed setup, precision, device
+# =============================================================================
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def pick_device(requested, local_rank, ddp):
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested} but no CUDA GPU is visible; use --device cpu")
+        if ddp:  # torchrun starts one process per GPU; each takes the GPU of its local rank
+            requested = f"cuda:{local_rank}"
+    return torch.device(requested)
+
+
+def pick_dtype(requested, device):
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def setup_runtime(cfg):
+    """Join the torchrun process group if there is one; pick device and precision."""
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device, local_rank, ddp)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # only affects fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Runtime(ddp, rank, local_rank, world_size, device, pick_dtype(cfg.dtype, device))
+
+
+def peak_flops_for(gpu_type, device):
+    """Peak dense bf16 FLOP/s of one GPU, from --gpu_type or the device name; None when unknown."""
+    if gpu_type == "auto":
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device).upper()
+        gpu_type = next((kind for kind in PEAK_BF16_FLOPS if kind.upper() in name), None)
+    return PEAK_BF16_FLOPS.get(gpu_type)
+
+
+def all_ranks_max(value, rt):
+    """The largest int any rank holds (every rank must call this at the same point)."""
+    if not rt.ddp:
+        return value
+    flag = torch.tensor([value], device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def all_ranks_mean(total, count, rt):
+    """Mean over all ranks of per-rank sums (tensor total, python int count)."""
+    if not rt.ddp:
+        return total.item() / count
+    both = torch.stack([total.float().to(rt.device), torch.tensor(float(count), device=rt.device)])
+    dist.all_reduce(both)
+    return (both[0] / both[1]).item()
+
+
+# =============================================================================
+# checkpoints
+# =============================================================================
+
+def save_checkpoint(path, checkpoint):
+    """Write via a temporary file and os.replace, so a crash mid-write never leaves a torn ckpt.pt."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    # checkpoints of a compiled model (e.g. nanoGPT's) carry this prefix on every key
+    prefix = "_orig_mod."
+    checkpoint["model"] = {k.removeprefix(prefix): v for k, v in checkpoint["model"].items()}
+    return checkpoint
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(rt):
+    """Every rank's dropout RNG state, in rank order (collective under DDP)."""
+    mine = rng_state(rt.device)
+    if not rt.ddp:
+        return [mine]
+    mine = {k: v.cpu() for k, v in mine.items()}
+    everyone = [None] * rt.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# =============================================================================
+# training
+# =============================================================================
+
+class StopSignal:
+    """Remembers a SIGTERM / SIGUSR1 (Slurm preemption or time limit) so the loop can stop cleanly."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def build_model(cfg, rt, meta):
+    """Model (on the device) plus the checkpoint it came from, if resuming."""
+    checkpoint = None
+    init_from = cfg.init_from
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if init_from == "resume":
+        if ckpt_path.exists():
+            print(f"resuming from {ckpt_path}")
+            checkpoint = load_checkpoint(ckpt_path, rt.device)
+        else:
+            init_from = cfg.resume_fallback
+            print(f"note: --init_from resume but {ckpt_path} does not exist yet; starting from {init_from}")
+    if checkpoint is not None:
+        # the architecture comes from the checkpoint; dropout may change between runs
+        model_args = dict(checkpoint["model_args"], dropout=cfg.dropout)
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(checkpoint["model"])
+    elif init_from == "scratch":
+        vocab_size = meta["vocab_size"] if meta else 50304
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    else:
+        model = gpt_from_pretrained(init_from, cfg.dropout)
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    elif cfg.block_size > model.config.block_size:
+        raise UsageError(f"--block_size {cfg.block_size} exceeds the model's context "
+                         f"{model.config.block_size}; lower it")
+    return model.to(rt.device), checkpoint
+
+
+def check_vocab(tokens, vocab_size, path):
+    """A token id >= vocab_size would crash deep inside CUDA; check a prefix of the data up front."""
+    largest = int(tokens[: 1 << 20].max())
+    if largest >= vocab_size:
+        raise UsageError(f"{path} holds token id {largest} but the model's vocabulary has {vocab_size}; "
+                         "was the data prepared with another tokenizer?")
+
+
+class Metrics:
+    """out_dir/metrics.jsonl: one JSON object per log line (rank 0 only)."""
+
+    def __init__(self, out_dir, enabled, resume_iter=None, resume_evaluated=False):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and resume_iter is not None and self.path.exists():
+            self._trim(resume_iter, resume_evaluated)
+
+    def _trim(self, resume_iter, keep_eval_at_resume):
+        """Drop records a crashed or preempted run wrote past its checkpoint, so the file reads as one run."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            at_resume_eval = record["iter"] == resume_iter and "val_loss" in record and keep_eval_at_resume
+            if record["iter"] < resume_iter or at_resume_eval:
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, rt):
+    """Mean loss over eval_iters fixed batches per split (the same batches at every eval, any world size)."""
+    model.eval()
+    losses = {}
+    for split_index, (name, tokens) in enumerate(splits.items()):
+        generator = torch.Generator().manual_seed(cfg.seed + 1 + split_index)
+        starts = draw_window_starts(len(tokens), cfg.block_size, (cfg.eval_iters, cfg.batch_size), generator)
+        total = torch.zeros((), device=rt.device)
+        mine = starts[rt.rank::rt.world_size]  # ranks share the batches out
+        for batch_starts in mine:
+            x, y = to_device(*gather_windows(tokens, batch_starts, cfg.block_size), rt.device)
+            with rt.autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+        losses[name] = all_ranks_mean(total, len(mine), rt)
+    model.train()
+    return losses
+
+
+def train_step(model, optimizer, scaler, batches, accumulation, rt, grad_clip, want_loss):
+    """One optimizer step over `accumulation` micro-batches. No GPU sync unless want_loss.
+
+    Returns (sum of micro-batch losses or None, gradient norm tensor or None).
+    """
+    loss_sum = torch.zeros((), device=rt.device) if want_loss else None
+    for micro in range(accumulation):
+        last = micro == accumulation - 1
+        # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
+        sync = model.no_sync() if rt.ddp and not last else nullcontext()
+        x, y = batches.current
+        with sync:
+            with rt.autocast():
+                _, loss = model(x, y)
+            batches.advance()  # build the next micro-batch while the GPU works on this one
+            scaler.scale(loss / accumulation).backward()
+        if want_loss:
+            loss_sum += loss.detach().float()
+    grad_norm = None
+    if grad_clip > 0.0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def prepare_training(cfg):
+    """Everything train() and bench() share: runtime, data, model, optimizer, scaler."""
+    rt = setup_runtime(cfg)
+    torch.manual_seed(cfg.seed + rt.rank)  # rank 0's init wins (DDP broadcasts it); dropout differs per rank
+    if cfg.preset == "default" and not cfg.data_dir:
+        cfg.data_dir = ensure_default_corpus(cfg, rt)
+    meta = read_meta(cfg.data_dir) if cfg.data_dir else None
+    model, checkpoint = build_model(cfg, rt, meta)
+    accumulation = accumulation_per_rank(cfg.gradient_accumulation_steps, rt.world_size)
+    return rt, meta, model, checkpoint, accumulation
+
+
+def compile_and_wrap(model, cfg, rt):
+    """(model for training, possibly DDP-wrapped; compiled model for evaluation)."""
+    if cfg.compile:
+        if rt.master:
+            print("compiling the model (about a minute on the first step)...")
+        model = torch.compile(model)
+    train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.ddp else model
+    return train_model, model
+
+
+class Trainer:
+    """One training run: set up from cfg (or a checkpoint), then run() the loop."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        rt, self.meta, self.raw_model, checkpoint, self.accumulation = prepare_training(cfg)
+        self.rt = rt
+        self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        if rt.master:
+            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        self.splits = {name: load_split(cfg.data_dir, name, cfg.block_size) for name in ("train", "val")}
+        check_vocab(self.splits["train"], self.raw_model.config.vocab_size, Path(cfg.data_dir) / "train.bin")
+        self.optimizer = configure_optimizer(self.raw_model, cfg, rt.device.type)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        self.batches = TrainBatches(self.splits["train"], cfg.block_size, cfg.batch_size,
+                                    cfg.gradient_accumulation_steps, rt.rank, rt.world_size, cfg.seed, rt.device)
+        self.iter_num, self.best_val_loss, self.last_eval_iter = 0, float("inf"), None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.metrics = Metrics(cfg.out_dir, rt.master, self.iter_num if checkpoint else None,
+                               self.last_eval_iter == self.iter_num)
+        self.model, self.eval_model = compile_and_wrap(self.raw_model, cfg, rt)
+        self.step_tokens = tokens_per_step(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
+        self.flops_per_token = flops_per_token(self.raw_model.config, self.raw_model.num_params())
+        self.peak_flops = peak_flops_for(cfg.gpu_type, rt.device)
+        self.losses = {}
+        if rt.master:
+            print(f"{self.raw_model.num_params() / 1e6:.2f}M parameters; world size {rt.world_size}, "
+                  f"{self.accumulation} micro-steps per rank; {self.step_tokens:,} tokens per step; "
+                  f"{rt.device}, {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}")
+
+    def _restore(self, checkpoint):
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        self.last_eval_iter = checkpoint["last_eval_iter"]
+        self.batches.restore(checkpoint["batch_generator"])
+        rng_states = checkpoint["rng_states"]
+        if len(rng_states) == self.rt.world_size:
+            restore_rng_state(rng_states[self.rt.rank], self.rt.device)
+        elif self.rt.master:
+            print(f"note: checkpoint from {len(rng_states)} ranks, now {self.rt.world_size}; dropout RNG reseeded")
+
+    def save(self):
+        """Collective under DDP (every rank's RNG state is gathered); only rank 0 writes."""
+        rng_states = gather_rng_states(self.rt)
+        if self.rt.master:
+            save_checkpoint(self.ckpt_path, {
+                "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "model_args": dataclasses.asdict(self.raw_model.config),
+                "config": dataclasses.asdict(self.cfg), "iter_num": self.iter_num,
+                "best_val_loss": self.best_val_loss, "last_eval_iter": self.last_eval_iter,
+                "batch_generator": self.batches.state(), "rng_states": rng_states, "meta": self.meta,
+                "world_size": self.rt.world_size,
+            })
+
+    def evaluate(self, lr):
+        self.losses = estimate_loss(self.eval_model, self.splits, self.cfg, self.rt)
+        self.last_eval_iter = self.iter_num
+        train_loss, val_loss = self.losses["train"], self.losses["val"]
+        if self.rt.master:
+            print(f"step {self.iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        self.metrics.write(iter=self.iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if self.iter_num > 0 and (improved or self.cfg.always_save_checkpoint) and not self.cfg.eval_only:
+            self.save()
+            if self.rt.master:
+                print(f"saved checkpoint to {self.ckpt_path}")
+
+    def log(self, loss_sum, grad_norm, lr, step_seconds):
+        loss = all_ranks_mean(loss_sum, self.accumulation, self.rt)  # .item(): a GPU sync
+        tokens_per_s = self.step_tokens / step_seconds
+        mfu = model_flops_utilization(self.flops_per_token, tokens_per_s / self.rt.world_size, self.peak_flops)
+        if self.rt.master:
+            mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
+            print(f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.3e}, {step_seconds * 1000:.2f} ms/iter, "
+                  f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
+        self.metrics.write(iter=self.iter_num, loss=loss, lr=lr, ms_per_iter=step_seconds * 1000,
+                           tokens_per_s=tokens_per_s, mfu=mfu,
+                           grad_norm=grad_norm.item() if grad_norm is not None else None)
+
+    def stop_code(self, stop_signal, start_time):
+        """2: a stop signal reached some rank; 1: time limit; 0: go on. The same on every rank."""
+        time_up = self.cfg.time_limit > 0 and time.time() - start_time > self.cfg.time_limit
+        return all_ranks_max(2 if stop_signal.received else 1 if time_up else 0, self.rt)
+
+    def run(self, stop_signal):
+        """The loop; returns True when it stopped for a signal (checkpoint written), False when done."""
+        cfg = self.cfg
+        start_time = time.time()
+        window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over each log window
+        time_up = False
+        while True:
+            lr = learning_rate_at(self.iter_num, cfg)
+            set_learning_rate(self.optimizer, lr)
+            finished = self.iter_num >= cfg.max_iters or time_up or cfg.eval_only
+            # a resumed run skips the eval its checkpoint was written at
+            if (self.iter_num % cfg.eval_interval == 0 or finished) and self.last_eval_iter != self.iter_num:
+                self.evaluate(lr)
+                window_start, window_iters = time.perf_counter(), 0  # eval time stays out of ms/iter
+            if finished:
+                return False
+            want_log = self.iter_num % cfg.log_interval == 0
+            loss_sum, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.batches,
+                                             self.accumulation, self.rt, cfg.grad_clip, want_log)
+            window_iters += 1
+            if want_log:
+                now = time.perf_counter()
+                self.log(loss_sum, grad_norm, lr, (now - window_start) / window_iters)
+                window_start, window_iters = now, 0
+            self.iter_num += 1
+            stop = self.stop_code(stop_signal, start_time)
+            if stop == 2:
+                self.save()
+                if self.rt.master:
+                    print(f"preempted: checkpoint saved at iter {self.iter_num} to {self.ckpt_path}", flush=True)
+                return True
+            time_up = stop == 1
+
+
+def train(cfg):
+    """Train per cfg; returns a summary dict (final iteration, losses, whether preempted, the model)."""
+    stop_signal = StopSignal()
+    try:
+        trainer = Trainer(cfg)
+        preempted = trainer.run(stop_signal)
+    finally:
+        stop_signal.uninstall()
+    if trainer.rt.ddp:
+        dist.destroy_process_group()
+    return {"iter": trainer.iter_num, "preempted": preempted, "losses": trainer.losses,
+            "model": trainer.raw_model, "meta": trainer.meta}
+
+
+# =============================================================================
+# benchmark
+# =============================================================================
+
+def bench(cfg):
+    """nanoGPT bench.py's measurement with our training step: untimed warm-up, then timed steps."""
+    rt, meta, raw_model, _, accumulation = prepare_training(cfg)
+    use_real = cfg.bench_data == "real" or (
+        cfg.bench_data == "auto" and (Path(cfg.data_dir) / "train.bin").exists())
+    if use_real:
+        tokens = load_split(cfg.data_dir, "train", cfg.block_size)
+    else:  # random tokens through the same loading path, so host-to-device copies are still timed
+        tokens = np.random.default_rng(cfg.seed).integers(0, raw_model.config.vocab_size, 1 << 20,
+                                                          dtype=np.uint16)
+    optimizer = configure_optimizer(raw_model, cfg, rt.device.type)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    set_learning_rate(optimizer, cfg.learning_rate)
+    batches = TrainBatches(tokens, cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
+                           rt.rank, rt.world_size, cfg.seed, rt.device)
+    model, _ = compile_and_wrap(raw_model, cfg, rt)
+
+    def timed(steps):
+        synchronize(rt.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, optimizer, scaler, batches, accumulation, rt, cfg.grad_clip, want_loss=False)
+        synchronize(rt.device)
+        return time.perf_counter() - start
+
+    warmup_seconds = timed(cfg.bench_warmup)
+    seconds = timed(cfg.bench_iters)
+    step_tokens = tokens_per_step(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
+    tokens_per_s = step_tokens * cfg.bench_iters / seconds
+    peak = peak_flops_for(cfg.gpu_type, rt.device)
+    mfu = model_flops_utilization(flops_per_token(raw_model.config, raw_model.num_params()),
+                                  tokens_per_s / rt.world_size, peak)
+    result = {
+        "bench": "train_baseline", "ms_per_iter": seconds / cfg.bench_iters * 1000, "tokens_per_s": tokens_per_s,
+        "mfu": mfu, "peak_flops": peak, "warmup_s": warmup_seconds, "params": raw_model.num_params(),
+        "batch_size": cfg.batch_size, "block_size": cfg.block_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "world_size": rt.world_size,
+        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else str(rt.device),
+        "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.compile, "data": "real" if use_real else "random",
+    }
+    if rt.master:
+        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak; pass --gpu_type)"
+        print(f"bench: {result['ms_per_iter']:.2f} ms/iter, {tokens_per_s:,.0f} tok/s, mfu {mfu_text} "
+              f"(warm-up {warmup_seconds:.1f} s)")
+        print(json.dumps(result))
+    if rt.ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# =============================================================================
+# sampling
+# =============================================================================
+
+def make_codec(meta):
+    """(encode, decode) for a char vocabulary from meta.pkl, or GPT-2 BPE when meta is None."""
+    if meta is not None:
+        stoi, itos = meta["stoi"], meta["itos"]
+
+        def encode(text):
+            unknown = sorted({ch for ch in text if ch not in stoi})
+            if unknown:
+                raise UsageError(f"the prompt has characters outside the model's vocabulary: {unknown[:10]}")
+            return [stoi[ch] for ch in text]
+
+        return encode, lambda ids: "".join(itos[i] for i in ids)
+    enc = prepare_data.gpt2_encoding()
+    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+def generate_text(model, encode, decode, start, num_samples, max_new_tokens, temperature, top_k, seed,
+                  device, dtype=torch.float32):
+    """num_samples continuations of the prompt `start` (a list of strings, prompt included)."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = encode(start)
+    if not prompt:
+        raise UsageError("the prompt encodes to no tokens; pass a non-empty --start")
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    samples = []
+    with autocast:
+        for _ in range(num_samples):
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+            samples.append(decode(out[0].tolist()))
+    return samples
+
+
+def build_sample_parser():
+    parser = argparse.ArgumentParser(prog="train_baseline.py sample",
+                                     description="Generate text from a checkpoint (or OpenAI's GPT-2 weights).")
+    parser.add_argument("--out_dir", default="out/default", help="folder holding ckpt.pt (default out/default)")
+    parser.add_argument("--init_from", default="resume", choices=["resume", *MODEL_SIZES],
+                        help="resume = out_dir/ckpt.pt; gpt2* = OpenAI weights (needs transformers)")
+    parser.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    parser.add_argument("--num_samples", type=int, default=10)
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random")
+    parser.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser
+
+
+def sample_main(argv):
+    args = build_sample_parser().parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature <= 0:
+        raise UsageError("--num_samples and --max_new_tokens must be >= 1 and --temperature > 0")
+    device = pick_device(args.device, 0, ddp=False)
+    if args.init_from == "resume":
+        ckpt_path = Path(args.out_dir) / "ckpt.pt"
+        if not ckpt_path.exists():
+            raise UsageError(f"{ckpt_path} not found; train first or pass --out_dir of a finished run")
+        checkpoint = load_checkpoint(ckpt_path, device)
+        model = GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0)))
+        model.load_state_dict(checkpoint["model"])
+        meta = checkpoint.get("meta") or read_meta(args.out_dir)
+    else:
+        model, meta = gpt_from_pretrained(args.init_from), None
+    start = args.start
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+    encode, decode = make_codec(meta)
+    torch.manual_seed(args.seed)
+    samples = generate_text(model.to(device), encode, decode, start, args.num_samples, args.max_new_tokens,
+                            args.temperature, args.top_k or None, args.seed, device,
+                            pick_dtype(args.dtype, device))
+    for text in samples:
+        print(text)
+        print("---------------")
+
+
+# =============================================================================
+# default run: offline, CPU, a few minutes
+# =============================================================================
+
+def ensure_default_corpus(cfg, rt):
+    """data/shakespeare_char if it is prepared, else a char corpus of stdlib sources (prepared once)."""
+    shakespeare = Path("data/shakespeare_char")
+    if all((shakespeare / name).exists() for name in ("train.bin", "val.bin", "meta.pkl")):
+        return str(shakespeare)
+    stdlib = Path("data/stdlib_char")
+    if rt.master and not all((stdlib / name).exists() for name in ("train.bin", "val.bin", "meta.pkl")):
+        print(f"preparing a character-level corpus from the Python standard library in {stdlib} (once)")
+        prepare_data.prepare_text(prepare_data.python_stdlib_files(max_bytes=cfg.corpus_bytes), stdlib,
+                                  tokenizer="char")
+    if rt.ddp:
+        dist.barrier()
+    return str(stdlib)
+
+
+def print_default_sample(result, cfg):
+    """The default run ends by showing what the model learned."""
+    encode, decode = make_codec(result["meta"])
+    model = result["model"]
+    device = next(model.parameters()).device
+    text = generate_text(model, encode, decode, "\n", num_samples=1, max_new_tokens=300, temperature=0.8,
+                         top_k=200, seed=cfg.seed, device=device)[0]
+    print(f"sample from {cfg.out_dir}/ckpt.pt:\n{text}\n---------------")
+    print(f"more: python train_baseline.py sample --out_dir {cfg.out_dir} --num_samples 3")
+
+
+# =============================================================================
+# command line
+# =============================================================================
+
+def main(argv):
+    try:
+        if argv and argv[0] == "sample":
+            sample_main(argv[1:])
+            return
+        cfg = parse_config(argv)
+        if cfg.bench:
+            bench(cfg)
+            return
+        result = train(cfg)
+        if cfg.preset == "default" and not result["preempted"] and int(os.environ.get("RANK", 0)) == 0:
+            print_default_sample(result, cfg)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
