@@ -129,3 +129,171 @@ def test_relu_square_mlp_reference_formula():
 
 def test_fp8_supported_is_false_off_cuda():
     assert ts.fp8_supported("cpu") is False
+
+
+# ---- Triton kernels against their references ----------------------------------------------------
+# Each check runs on CUDA (bf16, real kernels) and on CPU under TRITON_INTERPRET=1 (fp32 inputs:
+# triton's CPU interpreter misreads bf16 loads). Interpreter mode is fixed when triton.jit wraps the
+# kernels, i.e. at import of train_speedrun, so those checks run in a fresh subprocess.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rel_err(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _randn(*shape, device, dtype, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def check_symmetric_gram(device, dtype, tol):
+    # shapes cross block boundaries; small blocks on CPU so several blocks (and mirrors) occur
+    small = (32, 32, 16) if device == "cpu" else None
+    for batch, m, k in [(2, 40, 24), (1, 150, 96), (3, 70, 70)]:
+        A = _randn(batch, m, k, device=device, dtype=dtype, seed=m)
+        out = torch.full((batch, m, m), float("nan"), device=device, dtype=dtype)
+        want = ts.xxt_reference(A, torch.empty_like(out))
+        assert _rel_err(ts._xxt_triton(A, out, blocks=small), want) < tol
+        gram = want.clone()
+        out = torch.full_like(gram, float("nan"))
+        want = ts.ba_plus_caa_reference(gram, 0.7, -1.3, torch.empty_like(gram))
+        assert _rel_err(ts._ba_plus_caa_triton(gram, 0.7, -1.3, out, blocks=small), want) < tol
+    # unbatched input, the default (tuned) block shapes
+    A = _randn(100, 64, device=device, dtype=dtype)
+    out = torch.empty(100, 100, device=device, dtype=dtype)
+    assert _rel_err(ts._xxt_triton(A, out), A.float() @ A.float().T) < tol
+
+
+def check_linear_relu_square(device, dtype, tol):
+    use_tma_options = [False, True] if device == "cpu" else [None]  # None: the GPU picks
+    for use_tma in use_tma_options:
+        x = _randn(150, 64, device=device, dtype=dtype)
+        w = _randn(300, 64, device=device, dtype=dtype, scale=0.1, seed=1)
+        pre, post = ts._linear_relu_square_triton(x, w, use_tma=use_tma)
+        want_pre = x.float() @ w.float().T
+        assert _rel_err(pre, want_pre) < tol
+        assert _rel_err(post, torch.relu(want_pre).square()) < tol
+        g = _randn(150, 64, device=device, dtype=dtype, seed=2)
+        w_proj = _randn(300, 64, device=device, dtype=dtype, scale=0.1, seed=3)
+        dpre = ts._linear_relu_square_triton(g, w_proj, pre=pre, use_tma=use_tma)
+        assert _rel_err(dpre, 2 * (g.float() @ w_proj.float().T) * torch.relu(pre.float())) < tol
+
+
+def check_fused_mlp_autograd(device, dtype, tol):
+    x = _randn(2, 70, 64, device=device, dtype=dtype).requires_grad_()
+    w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
+    w_proj = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=2).requires_grad_()
+    upstream = _randn(2, 70, 64, device=device, dtype=dtype, seed=3)
+    got = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj)
+    got_grads = torch.autograd.grad(got, (x, w_fc, w_proj), upstream)
+    leaves = [t.detach().float().requires_grad_() for t in (x, w_fc, w_proj)]
+    want = ts.relu_square_mlp_reference(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, upstream.float())
+    assert _rel_err(got, want) < tol
+    for g, w in zip(got_grads, want_grads):
+        assert _rel_err(g, w) < tol
+
+
+def check_softcapped_ce_kernels(device, dtype, tol):
+    vocab = 2100  # not a multiple of the 1024-wide column block
+    logits = _randn(37, vocab, device=device, dtype=dtype, scale=4.0)
+    targets = torch.randint(0, vocab, (37,), generator=torch.Generator().manual_seed(0)).to(device)
+    for weights in ([1.0], [1.0, 0.5, 0.25], [1.0, 0.0, 0.0]):
+        mtp = torch.tensor(weights, device=device)
+        losses, lse = ts._softcapped_ce_forward_triton(logits, targets, mtp)
+        exact_logits = logits.float().requires_grad_()
+        want = ts.mtp_losses_from_logits(exact_logits, targets, mtp)
+        assert _rel_err(losses, want) < tol
+        assert _rel_err(lse, torch.logsumexp(ts.softcap(logits.float()), -1)) < tol
+        upstream = _randn(37, device=device, dtype=torch.float32, seed=1)
+        (want_grad,) = torch.autograd.grad(want, exact_logits, upstream)
+        got = ts._softcapped_ce_backward_triton(upstream, logits, lse, targets, mtp, 2.0, dtype)
+        assert _rel_err(got, 2.0 * want_grad) < tol
+
+
+def check_fused_loss_autograd(device, dtype, tol):
+    x = _randn(40, 32, device=device, dtype=dtype).requires_grad_()
+    w_t = _randn(32, 1500, device=device, dtype=dtype, scale=0.3, seed=1).requires_grad_()
+    targets = torch.randint(0, 1500, (40,), generator=torch.Generator().manual_seed(0)).to(device)
+    mtp = torch.tensor([1.0, 0.5, 0.25], device=device)
+    upstream = _randn(40, device=device, dtype=torch.float32, seed=2)
+    got = ts._FusedSoftcappedMTPLoss.apply(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False)
+    got_grads = torch.autograd.grad(got, (x, w_t), upstream)
+    leaves = [t.detach().float().requires_grad_() for t in (x, w_t)]
+    want = ts.softcapped_mtp_loss_reference(leaves[0], targets, mtp, leaves[1], 1, 1, 1, False)
+    want_grads = torch.autograd.grad(want, leaves, upstream)
+    assert _rel_err(got, want) < tol
+    for g, w in zip(got_grads, want_grads):
+        assert _rel_err(g, w) < tol
+
+
+def check_ops_trace_under_compile(device, dtype, tol):
+    """fullgraph tracing works through the custom ops (fake kernels) and gives the eager values."""
+    x = _randn(2, 20, 64, device=device, dtype=dtype).requires_grad_()
+    w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
+    w_proj = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=2).requires_grad_()
+    targets = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(0)).to(device)
+    w_t = _randn(64, 300, device=device, dtype=dtype, scale=0.3, seed=3).requires_grad_()
+    mtp = torch.tensor([1.0, 0.5], device=device)
+
+    def loss_fn(x, w_fc, w_proj, w_t):
+        h = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj).flatten(0, 1)
+        return ts._FusedSoftcappedMTPLoss.apply(h, targets, mtp, w_t, 1.0, 1.0, 1.0, False).sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    params = (x, w_fc, w_proj, w_t)
+    eager_loss = loss_fn(*params)
+    eager_grads = torch.autograd.grad(eager_loss, params)
+    compiled_loss = compiled(*params)
+    compiled_grads = torch.autograd.grad(compiled_loss, params)
+    assert _rel_err(compiled_loss, eager_loss) < 1e-6
+    for g, w in zip(compiled_grads, eager_grads):
+        assert _rel_err(g, w) < 1e-6
+
+
+KERNEL_CHECKS = {f.__name__: f for f in (
+    check_symmetric_gram, check_linear_relu_square, check_fused_mlp_autograd,
+    check_softcapped_ce_kernels, check_fused_loss_autograd, check_ops_trace_under_compile)}
+
+
+@pytest.mark.parametrize("check", sorted(KERNEL_CHECKS))
+def test_triton_kernel_under_cpu_interpreter(check):
+    code = ("import test_speedrun_kernels as t, torch; "
+            f"t.KERNEL_CHECKS[{check!r}]('cpu', torch.float32, 1e-5); print('PASSED')")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "PASSED" in result.stdout, result.stderr[-3000:]
+
+
+# ---- GPU: bf16 Triton kernels vs references (run: python3 -m pytest -m gpu tests/test_speedrun_kernels.py)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def triton_on():
+    """Force the Triton paths even if a test elsewhere switched them off."""
+    saved = ts.USE_TRITON_KERNELS
+    ts.USE_TRITON_KERNELS = True
+    yield
+    ts.USE_TRITON_KERNELS = saved
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("check", sorted(KERNEL_CHECKS))
+def test_triton_kernel_on_gpu_bf16(check, triton_on):
+    # bf16 inputs and outputs, fp32 references on the same (rounded) inputs: ~1e-2 relative
+    KERNEL_CHECKS[check]("cuda", torch.bfloat16, 2e-2)
