@@ -178,6 +178,62 @@ def validate_args(args: Hyperparameters) -> None:
 
 
 # ---- end of core config (ModelConfig below belongs to the model helper) ----
+
+MODEL_ATTN_BACKENDS = ("fa3", "flash_attn", "flex", "sdpa")
+
+
+@dataclass
+class ModelConfig:
+    """What GPT needs to know: shapes (defaults = the record) and how this run executes it.
+
+    The layer layout (which layers skip attention, use paired heads, long windows, value
+    embeddings, the skip and backout connections) is the record's and is written for exactly
+    11 layers; width, heads and vocabularies can shrink for tests and --smoke.
+    """
+    vocab_size: int = 50257              # GPT-2 tokens; padded to a multiple of 128 inside GPT
+    num_layers: int = 11
+    num_heads: int = 6
+    head_dim: int = 128
+    model_dim: int = 768
+    max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
+    bigram_vocab_size: int = 50304 * 5   # hashed bigram embedding rows
+    use_fp8: bool = False                # FP8 lm_head matmul in training (card must support it)
+    attn_backend: str = "sdpa"           # one of MODEL_ATTN_BACKENDS (see resolve_attention_backend)
+    world_size: int = 1                  # pads `scalars` like the record; sets grad_s with ...
+    grad_accum_steps: int = 8            # ... the accumulation: 8 // world_size
+    train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
+    val_max_len: int = 262144            # tokens per rank in one validation forward
+    compile_mode: str = "blocks"         # GPT.compiled(): "blocks" | "model" | "none" (compile_gpt)
+    compile_dynamic: bool | None = False # torch.compile's dynamic= for those graphs
+
+    def __post_init__(self):
+        problems = []
+        if self.num_layers != 11:
+            problems.append(f"num_layers={self.num_layers}: the record's layer layout needs 11")
+        if self.num_heads * self.head_dim != self.model_dim:
+            problems.append(f"num_heads*head_dim={self.num_heads * self.head_dim} must equal "
+                            f"model_dim={self.model_dim}")
+        if self.num_heads % 2:
+            problems.append(f"num_heads={self.num_heads} must be even (paired-head layers)")
+        if self.head_dim % 4:
+            problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
+        if self.model_dim < 12:
+            problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
+        if self.compile_mode not in ("blocks", "model", "none"):
+            problems.append(f"compile_mode={self.compile_mode!r} is not blocks, model or none")
+        if self.attn_backend not in MODEL_ATTN_BACKENDS:
+            problems.append(f"attn_backend={self.attn_backend!r} is not one of {MODEL_ATTN_BACKENDS}")
+        if problems:
+            raise ValueError("bad ModelConfig: " + "; ".join(problems))
+
+    @classmethod
+    def smoke(cls, **overrides) -> "ModelConfig":
+        """A tiny model with the record's 11-layer layout (4 heads so head pairing is non-trivial)."""
+        values = dict(model_dim=64, num_heads=4, head_dim=16, bigram_vocab_size=50304,
+                      max_seq_len=4096, val_max_len=4096, train_max_seq_len=128)
+        values.update(overrides)
+        return cls(**values)
+
 # =============================================================================
 # SECTION: setup  (owner: core helper)
 # =============================================================================
@@ -476,14 +532,6 @@ def softcapped_mtp_loss(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head
     return softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t,
                                          x_s, w_s, grad_s, use_fp8)
 
-
-# =============================================================================
-# SECTION: attention  (owner: model helper)
-# =============================================================================
-
-# =============================================================================
-# SECTION: model  (owner: model helper)
-# =============================================================================
 
 # ---- Triton: symmetric Gram products for Polar Express -------------------------------------------
 # X X^T and A A^T are symmetric, so only blocks touching the lower triangle are computed and each is
@@ -1008,6 +1056,868 @@ if not hasattr(torch.ops.speedrun, "lm_head_fp8"):
     _register_custom_ops()
 
 
+def benchmark_kernels(tokens: int = 16384, print_fn=print) -> dict:
+    """Milliseconds per call of each Triton path vs its eager PyTorch reference at the record's
+    shapes (one micro-batch of `tokens`), on the current CUDA device. Returns {name: (triton, ref)}."""
+    global USE_TRITON_KERNELS
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=gen) * scale).bfloat16()
+
+    def ms_per_call(fn, reps=10):
+        fn()  # JIT-compile / autotune outside the timing
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    x = randn(tokens, 768).requires_grad_()
+    w_fc, w_proj = randn(3072, 768, scale=0.02).requires_grad_(), randn(3072, 768, scale=0.02).requires_grad_()
+    w_head = randn(768, 50304, scale=0.02).requires_grad_()
+    targets = torch.randint(0, 50257, (tokens,), device=dev)
+    mtp = torch.tensor([1.0, 0.5, 0.25], device=dev)
+    use_fp8 = fp8_supported(dev)
+    cases = {
+        "polar_express attn (40,768,768)": lambda: polar_express(randn_attn),
+        "polar_express mlp (24,3072,768)": lambda: polar_express(randn_mlp, split_baddbmm=True),
+        "relu_square_mlp fwd+bwd": lambda: relu_square_mlp(x, w_fc, w_proj).sum().backward(),
+        f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": lambda: softcapped_mtp_loss(
+            x, targets, mtp, w_head, 100 / 448, 1.6 / 448, 0.75 / 448, use_fp8).sum().backward(),
+    }
+    randn_attn, randn_mlp = randn(40, 768, 768), randn(24, 3072, 768)
+    results = {}
+    saved = USE_TRITON_KERNELS
+    try:
+        for name, fn in cases.items():
+            USE_TRITON_KERNELS = True
+            fast = ms_per_call(fn)
+            USE_TRITON_KERNELS = False
+            slow = ms_per_call(fn)
+            results[name] = (fast, slow)
+            print_fn(f"{name:50s} triton {fast:8.3f} ms   reference {slow:8.3f} ms")
+    finally:
+        USE_TRITON_KERNELS = saved
+    return results
+
+
+# =============================================================================
+# SECTION: attention  (owner: model helper)
+# Packed variable-length causal attention with a sliding window, four interchangeable backends.
+# Every call sees ONE packed sequence (B = 1): documents laid end to end, described by cu_seqlens
+# (document start offsets, then the total length, possibly repeated as padding). A query at
+# position i sees the keys j of its own document with i - window <= j <= i: flash-attn's
+# causal=True, window_size=(window, 0).
+# =============================================================================
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
+
+
+def _document_ids_impl(cu_seqlens: Tensor, length: int) -> Tensor:
+    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    # index of the last document start <= position; repeated offsets (empty documents) are skipped
+    return (torch.searchsorted(cu_seqlens, positions, right=True) - 1).clamp_min(0).to(torch.int32)
+
+
+def _document_ids_fake(cu_seqlens: Tensor, length: int) -> Tensor:
+    return cu_seqlens.new_empty(length, dtype=torch.int32)
+
+
+# A custom op, not plain tensor code: a FlexAttention mask_mod that reads a tensor computed inside
+# a compiled no-grad graph failed to lower (GPU-NOTES); an opaque op output is a plain buffer.
+# Guarded so importing this file twice in one process (tests, runpy) does not register it twice.
+if not hasattr(torch.ops.speedrun_model, "document_ids"):
+    torch.library.custom_op("speedrun_model::document_ids", _document_ids_impl,
+                            mutates_args=()).register_fake(_document_ids_fake)
+
+
+def document_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """(length,) int32: which document each packed position belongs to (ids rise monotonically)."""
+    return torch.ops.speedrun_model.document_ids(cu_seqlens, length)
+
+
+def window_mask_dense(cu_seqlens: Tensor, length: int, window: int) -> Tensor:
+    """(length, length) bool: query i may see key j (same document, i - window <= j <= i)."""
+    doc = document_ids(cu_seqlens, length)
+    pos = torch.arange(length, device=cu_seqlens.device)
+    behind = pos[:, None] - pos[None, :]
+    return (doc[:, None] == doc[None, :]) & (behind >= 0) & (behind <= window)
+
+
+def _ceil_div(a: Tensor, b: int) -> Tensor:
+    return -torch.div(-a, b, rounding_mode="floor")
+
+
+def _from_kv_blocks(**kwargs) -> BlockMask:
+    # keyword names differ across torch versions (seq_lengths, compute_q_blocks): pass what exists
+    accepted = inspect.signature(BlockMask.from_kv_blocks).parameters
+    return BlockMask.from_kv_blocks(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
+                              block_size: int = FLEX_BLOCK_SIZE,
+                              with_backward: bool = True) -> BlockMask:
+    """FlexAttention block mask for document-causal sliding-window attention, built from bounds.
+
+    create_block_mask would evaluate the mask at every (query, key) pair (~2.7e11 at the
+    validation length). Here each query tile only needs three numbers: its first row's lowest
+    visible key, and for its last row the document start and the window's reach. The visible keys
+    of a tile form one contiguous run of key tiles ending at the diagonal; inside it, tiles that
+    every row sees completely are "full" (no mask evaluated), the rest are "partial".
+    """
+    if length % block_size:
+        raise ValueError(f"flex attention needs a sequence length that is a multiple of "
+                         f"{block_size}, got {length}")
+    device = cu_seqlens.device
+    doc = document_ids(cu_seqlens, length)
+    doc_start = cu_seqlens.long()[doc.long()]                # first position of each one's document
+    n = length // block_size
+    tile = torch.arange(n, device=device)
+    first_row = tile * block_size
+    last_row = first_row + block_size - 1
+    # lowest key any row of the tile sees: both bounds rise with the row, so the first row has it
+    lowest_key = torch.maximum(doc_start[first_row], first_row - window).clamp_min(0)
+    lowest_tile = torch.div(lowest_key, block_size, rounding_mode="floor")
+    # a key tile strictly left of the diagonal is full when the LAST row still reaches its first key
+    # within the window and its first key is in the last row's document (so every row shares it)
+    first_full = torch.maximum(_ceil_div(doc_start[last_row], block_size),
+                               _ceil_div(last_row - window, block_size)).clamp_min(0)
+    has_full = first_full < tile
+    num_full = torch.where(has_full, tile - first_full, 0)
+    # partial tiles: the run from lowest_tile up to the first full tile, then the diagonal tile
+    leading_end = torch.where(has_full, first_full, tile + 1)
+    num_leading = leading_end - lowest_tile
+    col = torch.arange(n, device=device)[None, :]
+    partial_idx = torch.where(col < num_leading[:, None], lowest_tile[:, None] + col, tile[:, None])
+    num_partial = num_leading + has_full.long()
+    full_idx = (first_full[:, None] + col).clamp_max(n - 1)
+
+    doc_ids = doc
+    window_t = torch.full((), window, dtype=torch.int32, device=device)   # a tensor: no recompiles
+
+    def same_doc_in_window(b, h, q_idx, kv_idx):
+        behind = q_idx - kv_idx
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (behind >= 0) & (behind <= window_t)
+
+    as_blocks = lambda t: t[None, None].to(torch.int32).contiguous()
+    return _from_kv_blocks(kv_num_blocks=as_blocks(num_partial), kv_indices=as_blocks(partial_idx),
+                           full_kv_num_blocks=as_blocks(num_full), full_kv_indices=as_blocks(full_idx),
+                           BLOCK_SIZE=block_size, mask_mod=same_doc_in_window,
+                           seq_lengths=(length, length), compute_q_blocks=with_backward)
+
+
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Tensor,
+                          flex_fn: Callable = flex_attention) -> Tensor:
+    """(T, H, D) q, k, v -> (T, H, D) through FlexAttention with a prebuilt block mask.
+
+    The softmax scale enters as a tensor through score_mod (scale=1.0 to the kernel): the kernel
+    multiplies the fp32 scores by it either way, and a tensor changes at a stage boundary without
+    recompiling. flex_fn: flex_attention itself inside a compiled graph, else a compiled wrapper.
+    """
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * scale
+
+    to_bhtd = lambda t: t.transpose(0, 1).unsqueeze(0)
+    out = flex_fn(to_bhtd(q), to_bhtd(k), to_bhtd(v), score_mod=scaled, block_mask=block_mask,
+                  scale=1.0)
+    return out[0].transpose(0, 1)
+
+
+def masked_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Plain PyTorch reference (CPU, tests): dense boolean mask, same math as the fast backends."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=allowed, scale=float(scale))
+    return out.transpose(0, 1)
+
+
+# ---- flash-attn backends (CUDA only) ----------------------------------------------------------
+# name -> (flash_attn_varlen_func, where it came from), and name -> why it did not load
+_FLASH_VARLEN: dict = {}
+_FLASH_FAILURES: dict = {}
+
+
+def _load_fa3_hub():
+    from kernels import get_kernel
+    return get_kernel("varunneal/flash-attention-3").flash_attn_interface.flash_attn_varlen_func
+
+
+def _load_fa3_local():
+    import flash_attn_interface
+    return flash_attn_interface.flash_attn_varlen_func
+
+
+def _load_fa2():
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func
+
+
+_FLASH_SOURCES = {
+    "fa3": (("kernels hub varunneal/flash-attention-3", _load_fa3_hub),
+            ("local flash_attn_interface", _load_fa3_local)),
+    "flash_attn": (("flash_attn (FA2)", _load_fa2),),
+}
+
+
+def _load_flash_varlen(backend: str):
+    """Import the varlen function of a flash backend; None (with the reasons kept) if none loads."""
+    if backend in _FLASH_VARLEN:
+        return _FLASH_VARLEN[backend][0]
+    failures = []
+    for source, loader in _FLASH_SOURCES[backend]:
+        try:
+            fn = loader()
+        except Exception as exc:   # ImportError, no network for the hub, missing CUDA symbols ...
+            first_line = (str(exc).splitlines() or [""])[0]
+            failures.append(f"{source}: {type(exc).__name__} {first_line}".strip())
+            continue
+        _FLASH_VARLEN[backend] = (fn, source)
+        return fn
+    _FLASH_FAILURES[backend] = failures
+    return None
+
+
+def attention_backend_source(backend: str) -> str:
+    """Where a resolved backend's kernel came from, for the run log."""
+    if backend in _FLASH_VARLEN:
+        return f"{backend} ({_FLASH_VARLEN[backend][1]})"
+    return {"flex": "flex (PyTorch FlexAttention, document-causal sliding-window block mask)",
+            "sdpa": "sdpa (PyTorch scaled_dot_product_attention with a dense mask; reference)"}.get(
+        backend, backend)
+
+
+def resolve_attention_backend(requested: str, device) -> str:
+    """'auto' | 'fa3' | 'flash_attn' | 'flex' | 'sdpa' -> the backend this run uses.
+
+    auto on CUDA: FA3 (kernels hub, then a local flash_attn_interface; Hopper only), then FA2
+    varlen, then FlexAttention, which always works. auto on CPU: sdpa (FlexAttention has no CPU
+    backward). A backend that was asked for by name but cannot run here is a one-line error.
+    """
+    device = torch.device(device)
+    choices = ("auto",) + MODEL_ATTN_BACKENDS
+    if requested not in choices:
+        raise SystemExit(f"error: --attn {requested!r} is not one of {', '.join(choices)}")
+    if device.type != "cuda":
+        if requested in ("auto", "sdpa"):
+            return "sdpa"
+        raise SystemExit(f"error: --attn {requested} needs a CUDA GPU; on CPU use --attn auto (sdpa)")
+    if requested in ("flex", "sdpa"):
+        return requested
+    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+    candidates = ["fa3", "flash_attn"] if requested == "auto" else [requested]
+    for backend in candidates:
+        if backend == "fa3" and not hopper:
+            continue
+        if _load_flash_varlen(backend) is not None:
+            return backend
+    if requested == "auto":
+        return "flex"
+    why = "; ".join(_FLASH_FAILURES.get(requested) or ["FA3 needs a Hopper GPU"])
+    raise SystemExit(f"error: --attn {requested} is not available here ({why}); "
+                     "use --attn auto or --attn flex")
+
+
+def flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
+                           window: int, scale: float, backend: str) -> Tensor:
+    fn = _load_flash_varlen(backend)
+    if fn is None:
+        raise RuntimeError(f"attention backend {backend} is not available (resolve it first)")
+    out = fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
+             max_seqlen_k=max_len, causal=True, softmax_scale=scale, window_size=(window, 0))
+    return out[0] if isinstance(out, tuple) else out   # some FA3 builds also return the lse
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
+                     window_tokens: int, softmax_scale: float, backend: str) -> Tensor:
+    """One packed sequence (T, H, D) -> (T, H, D), causal within documents, sliding window.
+
+    Stand-alone entry (tests, experiments): it builds the flex/sdpa mask on every call. GPT builds
+    its masks once per forward instead (AttentionPlan) and calls the per-backend functions.
+    """
+    length = q.size(0)
+    if backend in ("fa3", "flash_attn"):
+        return flash_varlen_attention(q, k, v, cu_seqlens, max_len, window_tokens,
+                                      softmax_scale, backend)
+    if backend == "flex":
+        mask = sliding_window_block_mask(cu_seqlens, length, window_tokens,
+                                         with_backward=torch.is_grad_enabled())
+        scale = torch.full((), softmax_scale, dtype=torch.float32, device=q.device)
+        return flex_window_attention(q, k, v, mask, scale)
+    if backend == "sdpa":
+        return masked_sdpa_attention(q, k, v, window_mask_dense(cu_seqlens, length, window_tokens),
+                                     softmax_scale)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+# =============================================================================
+# SECTION: model  (owner: model helper)
+# The record's GPT: 11 layers over a 768-wide residual stream, weights held in banks the optimizer
+# shards, extra inputs at every layer (x0, hashed bigrams, value embeddings), gates everywhere.
+# The forward is split into small pure functions ("regions") so it can be compiled either as one
+# graph or region by region (compile_model), and so tests can check each piece.
+# =============================================================================
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
+
+# ---- the record's layer layout (11 layers) ----
+NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
+PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
+LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
+VALUE_EMBED_LAYERS = (0, 1, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
+SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip of layer 3's output into layer 6
+BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
+GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input
+
+# ---- constants of the record ----
+ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
+YARN_ALPHA, YARN_BETA = 1, 32     # YaRN ramp: <1 rotation per window is rescaled fully, >32 kept
+INITIAL_ATTN_SCALE = 0.1          # softmax scale on QK-normed heads, grown on each YaRN extension
+BIGRAM_HASH_A, BIGRAM_HASH_B = 36313, 27191
+LM_HEAD_X_SCALE = 100 / 448       # FP8 scales of the lm_head inputs, weight and (per micro-batch
+LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
+LM_HEAD_GRAD_SCALE = 0.75 / 448
+INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
+LM_HEAD_INIT_STD = 0.005
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def next_multiple_of_n(v: int, n: int) -> int:
+    return -(-v // n) * n
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static structure of one layer."""
+    index: int
+    has_attn: bool
+    paired: bool              # paired-head attention
+    long_window: bool         # long window and the partial key offset
+    attn_slot: int | None     # row in attn_bank and attn_gate_bank
+    value_slot: int | None    # which value embedding (and ve gate) this layer adds to v
+
+
+def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
+    specs, attn_slot = [], 0
+    for i in range(num_layers):
+        has_attn = i != NO_ATTENTION_LAYER
+        specs.append(LayerSpec(
+            index=i, has_attn=has_attn, paired=i in PAIRED_HEAD_LAYERS,
+            long_window=i in LONG_WINDOW_LAYERS, attn_slot=attn_slot if has_attn else None,
+            value_slot=VALUE_EMBED_LAYERS.index(i) if i in VALUE_EMBED_LAYERS else None))
+        attn_slot += has_attn
+    return specs
+
+
+@dataclass
+class ForwardScheduleConfig:
+    """What the schedule changes between steps: MTP weights (tensor) and windows (tokens)."""
+    mtp_weights: Tensor
+    ws_short: int
+    ws_long: int
+
+
+# ---- rotary embedding -------------------------------------------------------------------------
+
+class Yarn(nn.Module):
+    """Half-truncated rotary tables (cos, signed sin), rescaled YaRN-style when the window grows.
+
+    A quarter of head_dim frequencies, each rotating one adjacent pair of dims, cover the first
+    half of every head; the second half has frequency 0 and never rotates ("stationary" dims).
+    paired=True: for paired-head layers a token's two heads get rotary positions 2t and 2t+1, so a
+    table row holds both (2 * head_dim columns). Tables are bf16 like the record's.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, paired: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.paired = paired
+        width = head_dim * (2 if paired else 1)
+        self.register_buffer("cos", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the initial frequencies and softmax scale (start of training)."""
+        device = self.cos.device
+        freq = ROPE_MIN_FREQ ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32,
+                                               device=device)
+        freq = freq.repeat_interleave(2)
+        # fp32 and not a buffer: model.to(dtype) must not round it; it follows cos to its device
+        self.angular_freq = torch.cat([freq, freq.new_zeros(self.head_dim // 2)])
+        self.attn_scale = INITIAL_ATTN_SCALE
+        self._fill_tables()
+
+    def apply(self, old_window: int, new_window: int = None, alpha: int = YARN_ALPHA,
+              beta: int = YARN_BETA):
+        """YaRN: the long window grew old_window -> new_window tokens. Frequencies that turn less
+        than alpha times across the old window are slowed by old/new, those that turn more than
+        beta times are kept, a linear ramp in between; the softmax scale grows with log(new/old).
+
+        (Named like the record's method; called with a function it is nn.Module.apply.)
+        """
+        if callable(old_window):
+            return super().apply(old_window)
+        freq = self.angular_freq.to(self.cos.device)
+        rotations = old_window * freq / (2 * math.pi)
+        shrink = old_window / new_window
+        ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
+        freq *= shrink + ramp * (1 - shrink)
+        self.angular_freq = freq
+        self._fill_tables()
+        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
+        return self
+
+    def _fill_tables(self) -> None:
+        freq = self.angular_freq.to(self.cos.device)
+        t = torch.arange(self.max_seq_len, dtype=torch.float32, device=freq.device)
+        if self.paired:
+            theta = torch.cat([torch.outer(2 * t, freq), torch.outer(2 * t + 1, freq)], dim=-1)
+        else:
+            theta = torch.outer(t, freq)
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
+        # rotate pairs (a, b) -> (a cos + b sin, b cos - a sin): the sign lives in the table
+        self.sin[..., 1::2] *= -1
+
+    def tables(self, length: int) -> tuple[Tensor, Tensor]:
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the rotary tables "
+                             f"({self.max_seq_len}); raise ModelConfig.max_seq_len")
+        return self.cos[:length], self.sin[:length]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (T, heads, width) with width = cos.size(-1); rotates adjacent pairs of dims."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)   # (a, b) -> (b, a)
+    return cos[:, None] * x + sin[:, None] * swapped
+
+
+# ---- the forward, as pure functions of tensors ("regions") --------------------------------------
+# Each takes weights as arguments, so one compiled graph serves every layer with the same
+# structure. Python bool/int arguments are structure (one graph per distinct value); everything
+# that changes during training (windows, scales, lambdas, rotary tables) is a tensor.
+
+def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
+    """Row of the bigram table for each position: hash of (previous, current) token.
+
+    int32 arithmetic that wraps like the record's; position 0 has no previous token and gets the
+    reserved last row. Document starts hash with the previous document's last token (as recorded).
+    """
+    t = tokens.to(torch.int32)
+    reserved = table_size - 1
+    mixed = torch.bitwise_xor(BIGRAM_HASH_A * t[1:], BIGRAM_HASH_B * t[:-1]) % reserved
+    return torch.cat([mixed.new_full((1,), reserved), mixed])
+
+
+def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_embeds: Tensor,
+                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int):
+    """Tokens -> (x0, bigram embeddings, the 5 value embeddings (5, T, d)).
+
+    x0 is the normed token embedding after the smear gate mixed a gated part of the previous
+    token's embedding into each position.
+    """
+    x = F.embedding(input_seq, embed_w)
+    x_bigram = F.embedding(bigram_hash(input_seq, bigram_w.size(0)), bigram_w)
+    ve = value_embeds.view(5, vocab_size, -1)[:, input_seq]
+    smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], smear_w.type_as(x)))
+    x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
+    return norm(x), x_bigram, ve
+
+
+def mix_layer_input(x: Tensor, x0: Tensor | None, x_bigram: Tensor, resid_lambda: Tensor,
+                    x0_lambda: Tensor, bigram_lambda: Tensor) -> Tensor:
+    """Residual stream entering a layer: scaled stream + scaled x0 + scaled bigram embedding.
+    x0 None: the first layer, where the stream IS x0 (the record folds the two scales there)."""
+    if x0 is None:
+        return (resid_lambda + x0_lambda) * x + bigram_lambda * x_bigram
+    return resid_lambda * x + x0_lambda * x0 + bigram_lambda * x_bigram
+
+
+def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, resid_lambda: Tensor,
+                     x0_lambda: Tensor, bigram_lambda: Tensor, qkv_w: Tensor, qkv_lambda: Tensor,
+                     cos: Tensor, sin: Tensor, attn_gate_w: Tensor, ve: Tensor | None,
+                     ve_gate_w: Tensor | None, num_heads: int, paired: bool, key_offset: bool):
+    """First half of an attention layer: mix the input, project, QK-norm, rotate, add value
+    embeddings. Returns (new stream, q, k, v in the attention layout, output gate (T, heads)).
+
+    Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
+    token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
+    reshapes — and its rotary angle is that of position 2t + h % 2 (the paired tables).
+    """
+    x = mix_layer_input(x, x0, x_bigram, resid_lambda, x0_lambda, bigram_lambda)
+    h = norm(x)
+    T = h.size(0)
+    qkv = F.linear(h, qkv_lambda * qkv_w.type_as(h)).view(T, 3 * num_heads, -1)
+    q, k, v = qkv.chunk(3, dim=1)
+    q, k = norm(q), norm(k)                                   # QK norm
+    head_dim = q.size(-1)
+    gate_in = h[:, :GATE_INPUTS]
+    if ve is not None:
+        ve_gate = 2 * torch.sigmoid(F.linear(gate_in, ve_gate_w.type_as(h)))   # (T, heads)
+    if paired:
+        # each token's heads become two consecutive positions of half as many heads
+        q = apply_rotary(q.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
+        k = apply_rotary(k.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
+        q = q.reshape(2 * T, num_heads // 2, head_dim)
+        k = k.reshape(2 * T, num_heads // 2, head_dim)
+        v = v.reshape(2 * T, num_heads // 2, head_dim)
+        if ve is not None:
+            v = v + ve_gate.view(2 * T, num_heads // 2, 1) * ve.view_as(v)
+    else:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if key_offset:
+            # keys take their stationary (non-rotated) half from the previous position, so one
+            # layer can match "the token after the previous occurrence" (induction)
+            half = head_dim // 2
+            still = k[..., half:]
+            k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
+        if ve is not None:
+            v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
+    gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
+    # v may still be a strided view of the projection: hand every layer kind the same layout
+    return x, q, k, v.contiguous(), gate
+
+
+def attention_output_and_mlp(x: Tensor, y: Tensor, gate: Tensor, out_w: Tensor,
+                             out_lambda: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+    """Second half of an attention layer: gate the heads, project out, add; then the MLP."""
+    T, heads = gate.shape
+    y = y.reshape(T, heads, -1) * gate.unsqueeze(-1)
+    y = F.linear(y.reshape(T, -1), out_lambda * out_w.type_as(y))
+    x = x + y
+    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+
+
+def mlp_only_layer(x: Tensor, x0: Tensor, x_bigram: Tensor, resid_lambda: Tensor,
+                   x0_lambda: Tensor, bigram_lambda: Tensor, fc_w: Tensor, proj_w: Tensor,
+                   skip: Tensor | None, skip_gate_w: Tensor | None, skip_lambda: Tensor | None) -> Tensor:
+    """The attention-free layer, which also receives the gated skip connection."""
+    if skip is not None:
+        gate = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
+            F.linear(x0[:, :GATE_INPUTS], skip_gate_w.type_as(x0)))
+        x = x + gate * skip
+    x = mix_layer_input(x, x0, x_bigram, resid_lambda, x0_lambda, bigram_lambda)
+    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+
+
+def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
+                targets: Tensor, mtp_weights: Tensor, x_s: float, w_s: float, grad_s: float,
+                use_fp8: bool, training: bool) -> Tensor:
+    """Back out part of an early layer's state, norm, and score with the softcapped head.
+    Training: sum over positions of the MTP-weighted losses. Eval: mean next-token loss."""
+    x = norm(x - backout_lambda * x_backout)
+    if training:
+        return softcapped_mtp_loss(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8).sum()
+    logits = softcap(lm_head_logits(x, lm_head_w, x_s, w_s, grad_s, use_fp8=False))
+    return F.cross_entropy(logits.float(), targets.long(), reduction="mean")
+
+
+@dataclass
+class ModelRegions:
+    """The functions GPT's forward calls; compile_model swaps in compiled versions."""
+    embed: Callable = embed_inputs
+    attention_inputs: Callable = attention_inputs
+    attention_output_and_mlp: Callable = attention_output_and_mlp
+    mlp_only_layer: Callable = mlp_only_layer
+    output_loss: Callable = output_loss
+    flex: Callable = flex_attention
+
+
+# ---- attention inputs shared by all layers of one forward -------------------------------------
+
+@dataclass
+class LayerAttention:
+    """Everything one kind of layer (window x paired) needs from the attention backend."""
+    cu_seqlens: Tensor          # document offsets in this layer's sequence (doubled when paired)
+    max_len: int                # flash-attn max_seqlen
+    window: int                 # tokens
+    scale: float                # softmax scale (python: flash backends, sdpa)
+    scale_tensor: Tensor | None # the same as a device tensor (flex)
+    mask: object                # BlockMask (flex), dense bool mask (sdpa), None (flash)
+
+
+@dataclass
+class AttentionPlan:
+    backend: str
+    kinds: dict                 # (long_window, paired) -> LayerAttention
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+class TransposedLMHead(nn.Module):
+    """lm_head with its weight stored (model_dim, vocab): the transpose of nn.Linear's layout,
+    which the record found faster to accumulate gradients into. FP8 matmul only in training."""
+
+    def __init__(self, model_dim: int, vocab_size: int, use_fp8: bool, grad_accum_steps: int):
+        super().__init__()
+        self.use_fp8 = use_fp8
+        self.x_s = LM_HEAD_X_SCALE
+        self.w_s = LM_HEAD_W_SCALE
+        self.grad_s = LM_HEAD_GRAD_SCALE / grad_accum_steps   # the loss is scaled by 1/accum
+        self.weight = nn.Parameter(torch.zeros(model_dim, vocab_size, dtype=torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lm_head_logits(x, self.weight, self.x_s, self.w_s, self.grad_s,
+                              use_fp8=self.use_fp8 and self.training)
+
+
+class GPT(nn.Module):
+    """The record's GPT. Parameter names, shapes, labels and init match the record; construct,
+    move to the device, then call cast_to_bf16() for the record's dtypes (the caller's job)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers = L = cfg.num_layers
+        self.vocab_size = next_multiple_of_n(cfg.vocab_size, 128)   # 50257 -> 50304
+        d, hdim, H = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_heads
+        self.layers = record_layer_layout(L)
+        self.attention_kinds = sorted({(s.long_window, s.paired) for s in self.layers if s.has_attn})
+        self.regions = ModelRegions()
+        self._compiled_body = None
+        # Parameters are created in the record's order and with its RNG draws (nn.Linear and
+        # nn.Embedding draw their default init before being overwritten), so one seed gives the
+        # record's initial weights.
+        self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_gate.weight.label = "smear_gate"
+        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.skip_gate.weight)
+        self.skip_gate.weight.label = "skip_gate"
+        self.value_embeds = nn.Parameter(torch.zeros(5 * self.vocab_size, d, dtype=torch.bfloat16))
+        self.value_embeds.label = "value_embed"
+        num_attn = sum(s.has_attn for s in self.layers)
+        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
+        self.attn_gate_bank.label = "attn_gate_bank"
+        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
+        self.ve_gate_bank.label = "ve_gate_bank"
+        # banks: attention layer -> [W_q; W_k; W_v; W_o] stacked (4d, hdim); the optimizer views it
+        # as 4*num_attn square matrices. MLP layer -> (W_fc, W_proj), each (4d, d), plus one
+        # padding layer so 2*(L+1) = 24 matrices split evenly over 8 ranks.
+        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, hdim))
+        self.attn_bank.label = "attn"
+        self.attn_bank.reshape = (num_attn * 4, hdim, hdim)
+        self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
+        self.mlp_bank.label = "mlp"
+        self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
+        bound = 3 ** 0.5 * INIT_STD_FACTOR * d ** -0.5       # uniform with that std
+        with torch.no_grad():
+            self.attn_bank.uniform_(-bound, bound)
+            self.mlp_bank[:, 0].uniform_(-bound, bound)
+            self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
+        self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
+        self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
+        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8, cfg.grad_accum_steps)
+        nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
+        self.lm_head.weight.label = "lm_head"
+        self.embed = nn.Embedding(self.vocab_size, d)
+        self.embed.weight.label = "embed"
+        with torch.no_grad():
+            self.embed.weight.copy_(self.lm_head.weight.T)   # tied until the optimizer splits them
+        self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
+        self.bigram_embed.weight.label = "bigram_embed"
+        nn.init.zeros_(self.bigram_embed.weight)
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.x0_lambdas.label = "x0_lambdas"
+        # the record pads for 3L+3 entries although it holds 4L+3 (so 51 at 8 ranks, not a multiple
+        # of 8); kept as is: the shape is part of its checkpoints and only rank-replicated anyway
+        pad = (-3 * L - 3) % cfg.world_size
+        self.scalars = nn.Parameter(torch.cat([
+            1.1 * torch.ones(L),                     # residual lambdas
+            torch.tensor([0.5, 1.0]).repeat(L),      # attention (qkv, out) lambdas
+            0.1 * torch.ones(L),                     # bigram lambdas
+            torch.zeros(1),                          # smear lambda
+            0.5 * torch.ones(1),                     # backout lambda
+            -1.5 * torch.ones(1),                    # skip lambda (sigmoid(-1.5) ~ 0.18)
+            torch.ones(pad),
+        ]))
+        self.scalars.label = "scalars"
+
+    def compiled(self) -> "GPT":
+        """This model with its forward compiled as cfg.compile_mode says (see compile_gpt)."""
+        return compile_gpt(self, self.cfg.compile_mode, self.cfg.compile_dynamic)
+
+    def cast_to_bf16(self) -> "GPT":
+        """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
+        for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
+                  self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
+                  self.attn_bank, self.mlp_bank):
+            p.data = p.data.bfloat16()
+        return self
+
+    # -- forward --
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor,
+                sched: ForwardScheduleConfig) -> Tensor:
+        if input_seq.ndim != 1:
+            raise ValueError(f"input_seq must be one packed sequence (T,), got {tuple(input_seq.shape)}")
+        plan = self.plan_attention(cu_seqlens, input_seq.size(0), sched)
+        body = self._compiled_body or self.body
+        return body(input_seq, target_seq, plan, sched.mtp_weights)
+
+    def plan_attention(self, cu_seqlens: Tensor, length: int,
+                       sched: ForwardScheduleConfig) -> AttentionPlan:
+        """Masks, offsets and scales for every kind of layer, built once per forward outside any
+        compiled graph, so windows and scales never specialize a graph."""
+        backend = self.cfg.attn_backend
+        max_len = self.cfg.train_max_seq_len if self.training else self.cfg.val_max_len
+        with_backward = self.training and torch.is_grad_enabled()
+        kinds = {}
+        for long_window, paired in self.attention_kinds:
+            yarn = self.yarn_paired_head if paired else self.yarn
+            window = sched.ws_long if long_window else sched.ws_short
+            factor = 2 if paired else 1           # paired layers attend over twice the positions
+            cu = cu_seqlens * factor if paired else cu_seqlens
+            mask, scale_t = None, None
+            if backend == "flex":
+                mask = sliding_window_block_mask(cu, factor * length, window,
+                                                 with_backward=with_backward)
+                scale_t = torch.full((), yarn.attn_scale, dtype=torch.float32,
+                                     device=cu_seqlens.device)
+            elif backend == "sdpa":
+                mask = window_mask_dense(cu, factor * length, window)
+            kinds[(long_window, paired)] = LayerAttention(cu, factor * max_len, window,
+                                                          yarn.attn_scale, scale_t, mask)
+        return AttentionPlan(backend, kinds)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, plan: AttentionPlan) -> Tensor:
+        """Attention in the layer's layout -> (T, heads, head_dim), contiguous, for every layer
+        kind (so one compiled attention_output_and_mlp graph serves them all)."""
+        a = plan.kinds[(spec.long_window, spec.paired)]
+        if plan.backend == "flex":
+            y = flex_window_attention(q, k, v, a.mask, a.scale_tensor, self.regions.flex)
+        elif plan.backend == "sdpa":
+            y = masked_sdpa_attention(q, k, v, a.mask, a.scale)
+        else:
+            y = flash_varlen_attention(q, k, v, a.cu_seqlens, a.max_len, a.window, a.scale,
+                                       plan.backend)
+        heads = self.cfg.num_heads
+        return y.reshape(-1, heads, y.size(-1)).contiguous()
+
+    def body(self, input_seq: Tensor, target_seq: Tensor, plan: AttentionPlan,
+             mtp_weights: Tensor) -> Tensor:
+        """The forward after attention planning (compile_model's "model" mode compiles this)."""
+        r, L, H = self.regions, self.num_layers, self.cfg.num_heads
+        resid_lambdas = self.scalars[:L]
+        qkv_out_lambdas = self.scalars[L:3 * L].view(L, 2)
+        bigram_lambdas = self.scalars[3 * L:4 * L]
+        smear_lambda, backout_lambda, skip_lambda = self.scalars[4 * L:4 * L + 3].unbind(0)
+        x0, x_bigram, ve = r.embed(input_seq, self.embed.weight, self.bigram_embed.weight,
+                                   self.value_embeds, self.smear_gate.weight, smear_lambda,
+                                   self.vocab_size)
+        # unbind the banks once (per-layer indexing would add select-backward kernels)
+        attn_w = self.attn_bank.unbind(0)
+        attn_gates = self.attn_gate_bank.unbind(0)
+        ve_gates = self.ve_gate_bank.unbind(0)
+        fc_w = self.mlp_bank[:, 0].unbind(0)
+        proj_w = self.mlp_bank[:, 1].unbind(0)
+        d = x0.size(-1)
+        T = input_seq.size(0)
+        x, skip, x_backout = x0, None, None
+        for spec in self.layers:
+            i = spec.index
+            lambdas = (resid_lambdas[i], self.x0_lambdas[i], bigram_lambdas[i])
+            if spec.has_attn:
+                yarn = self.yarn_paired_head if spec.paired else self.yarn
+                cos, sin = yarn.tables(T)
+                qkvo = attn_w[spec.attn_slot]
+                slot = spec.value_slot
+                x, q, k, v, gate = r.attention_inputs(
+                    x, None if i == 0 else x0, x_bigram, *lambdas, qkvo[:3 * d],
+                    qkv_out_lambdas[i, 0], cos, sin, attn_gates[spec.attn_slot],
+                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
+                    num_heads=H, paired=spec.paired, key_offset=spec.long_window)
+                y = self.attend(q, k, v, spec, plan)
+                x = r.attention_output_and_mlp(x, y, gate, qkvo[3 * d:], qkv_out_lambdas[i, 1],
+                                               fc_w[i], proj_w[i])
+            else:
+                receives_skip = i == SKIP_TO_LAYER
+                x = r.mlp_only_layer(x, x0, x_bigram, *lambdas, fc_w[i], proj_w[i],
+                                     skip if receives_skip else None,
+                                     self.skip_gate.weight if receives_skip else None,
+                                     skip_lambda if receives_skip else None)
+            if i == SKIP_FROM_LAYER:
+                skip = x
+            if i == BACKOUT_LAYER:
+                x_backout = x
+        head = self.lm_head
+        return r.output_loss(x, x_backout, backout_lambda, head.weight, target_seq, mtp_weights,
+                             head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
+
+
+# ---- compilation ---------------------------------------------------------------------------------
+
+COMPILE_MODES = ("none", "model", "blocks")
+
+
+def compile_gpt(model: GPT, mode: str = "blocks", dynamic: bool | None = False,
+                backend: str = "inductor") -> GPT:
+    """Choose how GPT's forward is compiled; returns the model (call it as usual).
+    GPT.compiled() calls this with the ModelConfig's compile_mode / compile_dynamic.
+
+    "model":  the whole forward (after attention planning) as ONE fullgraph graph, like the record.
+              One graph per (sequence length, train/eval); windows, YaRN tables and scales are
+              tensors, so a stage change recompiles only when the batch shape changes.
+    "blocks": each region compiled on its own and shared by all layers of the same structure:
+              per (sequence length, train/eval) 7 attention-input variants (first layer, paired,
+              value embeddings, key offset), 1 attention-output+MLP, 1 MLP-only, embed, head, and
+              FlexAttention twice (plain and paired shapes) = 13 small graphs. Flash backends run
+              between regions, uncompiled.
+    "none":   eager (CPU tests; FlexAttention is then the slow unfused fallback).
+    dynamic:  passed to torch.compile; None lets a second sequence length compile a graph with a
+              symbolic length that the later stages reuse.
+    backend:  torch.compile backend; tests use "eager" to check tracing (fullgraph) in seconds.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    model.regions = ModelRegions()
+    model._compiled_body = None
+    if mode == "none":
+        return model
+    _allow_many_graphs()
+    compiled = lambda fn: torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
+    if mode == "model":
+        model._compiled_body = compiled(model.body)
+    else:
+        model.regions = ModelRegions(
+            embed=compiled(embed_inputs), attention_inputs=compiled(attention_inputs),
+            attention_output_and_mlp=compiled(attention_output_and_mlp),
+            mlp_only_layer=compiled(mlp_only_layer), output_loss=compiled(output_loss),
+            flex=compiled(flex_attention))
+    return model
+
+
+def _allow_many_graphs(limit: int = 64) -> None:
+    # one code object serves several structures x shapes x train/eval: lift dynamo's default of 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
+
 # =============================================================================
 # SECTION: optimizer  (owner: core helper)
 # =============================================================================
@@ -1307,8 +2217,8 @@ class NorMuonAndAdam:
         momentum = state["momentum_buffer"]
         momentum.lerp_(grad, 1 - cfg.momentum)
         blended = grad.lerp_(momentum, cfg.momentum)            # Nesterov-style look-ahead
-        update = polar_express(blended)
-        rows, cols = update.shape[-2:]
+        rows, cols = blended.shape[-2:]
+        update = polar_express(blended, split_baddbmm=rows > 1024)   # split: faster for tall mlp matrices
         update = self._normalize(update, state["second_moment"], cfg.beta2, -1 if rows >= cols else -2)
         self._lr.fill_(cfg.lr_mul * cfg.lr)
         self._decay.fill_(cfg.wd_mul * cfg.weight_decay * cfg.lr)
@@ -1722,6 +2632,323 @@ class StageState:
 # SECTION: loop  (owner: core helper)
 # =============================================================================
 
+class RunLog:
+    """Rank 0 writes every line to <log_dir>/<run_id>.txt and, unless quiet, to the console."""
+
+    def __init__(self, env: DistEnv, log_dir: str, run_id: str):
+        self.enabled = env.master
+        self.path = Path(log_dir) / f"{run_id}.txt"
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            print(message, file=f)
+        if console:
+            print(message, flush=True)
+
+
+def environment_report() -> str:
+    import triton
+    lines = [f"Python {sys.version}",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+             f"numpy {np.__version__}, platform {platform.platform()}"]
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        smi = "(nvidia-smi not available)"
+    return "\n".join(lines) + "\n" + smi
+
+
+def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend: str):
+    """The record's model (or the smoke model), sized for this world size and these batches."""
+    val_len = args.val_batch_size // (env.grad_accum_steps * env.world_size)   # tokens per rank per val forward
+    base = ModelConfig.smoke() if args.smoke else ModelConfig()
+    return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
+                               grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
+                               val_max_len=val_len, max_seq_len=val_len)
+
+
+def build_model(cfg, env: DistEnv) -> nn.Module:
+    model = GPT(cfg).to(env.device)
+    if env.device.type == "cuda":
+        model.cast_to_bf16()          # banks, embeddings, gates in bf16 as the record trains them
+    if env.distributed:
+        for param in model.parameters():
+            dist.broadcast(param.detach(), 0)     # identical start on every rank
+    return model
+
+
+def compile_model(model: nn.Module, enabled: bool):
+    """The model helper decides how (one block compiled and reused per layer, or the whole
+    model); without --compile the eager model runs."""
+    if not enabled:
+        return model
+    if hasattr(model, "compiled"):
+        return model.compiled()
+    return torch.compile(model, dynamic=False, fullgraph=True)
+
+
+def compiled_graph_count() -> int:
+    """Distinct graphs Dynamo has built in this process (logged: fewer graphs, faster start)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def optimizer_step(optimizer: NorMuonAndAdam, schedule: TrainingSchedule, step: int,
+                   args: Hyperparameters) -> None:
+    momentum = muon_momentum(step, schedule.total_steps, args.muon_warmup_steps, args.muon_cooldown_steps)
+    optimizer.set_schedule(schedule.lr_multiplier(step), momentum)
+    optimizer.step(do_adam=is_adam_step(step))
+    if step == schedule.split_step:
+        optimizer.copy_lm_state_to_embed()
+
+
+def train_step(model, loader: BosAlignedLoader, stage: StageState, env: DistEnv) -> Tensor:
+    """Forward/backward over this rank's micro-batches. Returns the summed training loss per
+    token, on the device (no sync)."""
+    grad_scale = 1.0 / env.grad_accum_steps      # same gradient magnitude for every world size
+    total = None
+    for _ in range(env.grad_accum_steps):
+        inputs, targets, cu_seqlens = loader.next_batch(stage.batch_size)
+        loss = model(inputs, targets, cu_seqlens, stage.forward_config())
+        (loss * grad_scale).backward()
+        per_token = loss.detach() / inputs.numel()
+        total = per_token if total is None else total + per_token
+    return total / env.grad_accum_steps
+
+
+@torch.no_grad()
+def evaluate(model, args: Hyperparameters, env: DistEnv, stage: StageState, val_steps: int | None = None) -> Tensor:
+    """Mean validation loss over the fixed --val_tokens (or the first val_steps micro-batches),
+    averaged over ranks."""
+    model.eval()
+    loader = SequentialLoader(args.val_files, args.val_batch_size, env.grad_accum_steps, env.rank,
+                              env.world_size, env.device)
+    if val_steps is None:
+        val_steps = env.grad_accum_steps * args.val_tokens // args.val_batch_size
+    total = torch.zeros((), dtype=torch.float32, device=env.device)
+    for _ in range(val_steps):
+        inputs, targets, cu_seqlens = loader.next_batch()
+        total += model(inputs, targets, cu_seqlens, stage.forward_config()).float()
+    total /= val_steps
+    if env.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total
+
+
+def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
+            stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog) -> None:
+    """Untimed: run the schedule's warm-up steps (first steps, every stage change +-1, so every
+    train and eval shape is compiled), one final-window validation forward, then put model,
+    optimizer and schedule back to their initial state so the timed run starts fresh."""
+    initial_model = copy.deepcopy(raw_model.state_dict())
+    initial_optimizer = optimizer.state_dict()
+    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
+                              env.grad_accum_steps, env.rank, env.world_size, env.device)
+    steps = schedule.warmup_steps()
+    log(f"warm-up: replaying steps {steps} to compile every stage's shapes")
+    for step in steps:
+        t0 = time.perf_counter()
+        stage.advance(step)
+        evaluate(model, args, env, stage, val_steps=1)
+        train_step(model, loader, stage, env)
+        optimizer_step(optimizer, schedule, step, args)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        log(f"warm-up step {step} (stage {schedule.stage_index(step) + 1}): "
+            f"{time.perf_counter() - t0:.1f}s, graphs so far {compiled_graph_count()}")
+    stage.advance(schedule.total_steps)
+    stage.use_final_window()
+    evaluate(model, args, env, stage, val_steps=1)
+    del loader
+    model.zero_grad(set_to_none=True)
+    raw_model.load_state_dict(initial_model)
+    optimizer.load_state_dict(initial_optimizer)
+    optimizer.reset()
+    stage.reset()
+
+
+def save_checkpoint(raw_model: nn.Module, optimizer: NorMuonAndAdam, args: Hyperparameters, env: DistEnv,
+                    step: int, log: RunLog) -> None:
+    """Rank 0: model + its optimizer shard; other ranks: their optimizer shards. Atomic writes."""
+    folder = Path(args.log_dir) / args.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"state_step{step:06d}" + (f"_rank{env.rank}" if env.rank else "") + ".pt"
+    payload = dict(step=step, args=dataclasses.asdict(args), world_size=env.world_size, rank=env.rank,
+                   optimizer=optimizer.state_dict())
+    if env.master:
+        payload["model"] = raw_model.state_dict()
+    tmp = folder / (name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, folder / name)
+    log(f"checkpoint: {folder / name}")
+
+
+class StopFlag:
+    """Set by SIGTERM (e.g. Slurm's time limit): the loop ends after the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def sync(env: DistEnv) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
+          stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog, stop: StopFlag) -> dict:
+    """The timed run. The clock stops during validation, as the record's does."""
+    total_steps = schedule.total_steps
+    last_step = total_steps if not args.max_steps else min(args.max_steps, total_steps)
+    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
+                              env.grad_accum_steps, env.rank, env.world_size, env.device)
+    stage_ms = [0.0] * len(schedule.stages)
+    stage_steps = [0] * len(schedule.stages)
+    val_losses, train_losses = [], []
+    train_loss_sum, train_loss_n = None, 0
+    training_ms = 0.0
+    stopped_by = None
+    sync(env)
+    t0 = time.perf_counter()
+    step_start_ms = 0.0
+    for step in range(last_step + 1):
+        final = step == total_steps
+        stage.advance(step)
+        if final or (args.val_loss_every and step % args.val_loss_every == 0):
+            if final:
+                stage.use_final_window()
+            sync(env)
+            training_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = evaluate(model, args, env, stage).item()
+            train_part = ""
+            if train_loss_n:
+                train_loss = (train_loss_sum / train_loss_n).item()
+                train_losses.append((step, train_loss))
+                train_part = f" train_loss_per_token:{train_loss:.4f}"
+                train_loss_sum, train_loss_n = None, 0
+            val_losses.append((step, val_loss))
+            log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f}{train_part} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
+            sync(env)
+            t0 = time.perf_counter()
+            step_start_ms = training_ms
+        if final:
+            break
+        if step == last_step:
+            stopped_by = "max_steps"
+            break
+        if stop.requested:
+            stopped_by = "SIGTERM"
+            break
+        loss = train_step(model, loader, stage, env)
+        optimizer_step(optimizer, schedule, step, args)
+        train_loss_sum = loss if train_loss_sum is None else train_loss_sum + loss
+        train_loss_n += 1
+        now_ms = training_ms + 1000 * (time.perf_counter() - t0)
+        index = schedule.stage_index(step)
+        stage_ms[index] += now_ms - step_start_ms
+        stage_steps[index] += 1
+        step_start_ms = now_ms
+        log(f"step:{step + 1}/{total_steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / (step + 1):.2f}ms")
+    sync(env)
+    if stopped_by is not None:
+        training_ms += 1000 * (time.perf_counter() - t0)
+        log(f"stopped by {stopped_by} after {step} steps (final validation skipped)")
+    steps_done = sum(stage_steps)
+    for i, (ms, n) in enumerate(zip(stage_ms, stage_steps)):
+        if n:
+            name = f"stage {i + 1}" if i < len(schedule.stages) - 1 else "extension"
+            log(f"{name}: {n} steps, step_avg {ms / n:.2f}ms")
+    if args.save_checkpoint:
+        save_checkpoint(raw_model, optimizer, args, env, steps_done, log)
+    return dict(steps=steps_done, train_time_ms=training_ms, step_avg_ms=training_ms / max(steps_done, 1),
+                stage_step_avg_ms=[ms / n if n else None for ms, n in zip(stage_ms, stage_steps)],
+                val_losses=val_losses, train_losses=train_losses, stopped_by=stopped_by,
+                final_val_loss=val_losses[-1][1] if val_losses and val_losses[-1][0] == total_steps else None)
+
+
 # =============================================================================
 # SECTION: main  (owner: core helper)
 # =============================================================================
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    configure_compile_cache(args.compile_cache)          # before anything compiles
+    env = init_distributed(args.device)
+    log = RunLog(env, args.log_dir, args.run_id)
+    stop = StopFlag()
+    stop.install()
+    started = time.perf_counter()
+    try:
+        log(f"log: {log.path}")
+        log(Path(__file__).read_text(), console=False)   # the exact code of this run
+        log("=" * 100, console=False)
+        log(environment_report(), console=False)
+        log(f"args: {json.dumps(dataclasses.asdict(args))}", console=False)
+        log("=" * 100, console=False)
+
+        seed_everything(args.seed)
+        gpu_type = detect_gpu_type(args.gpu_type, env.device)
+        use_fp8 = use_fp8_for(gpu_type, env.device)
+        backend = resolve_attention_backend(args.attn, env.device)
+        cfg = model_config_for(args, env, use_fp8, backend)
+        raw_model = build_model(cfg, env)
+        model = compile_model(raw_model, args.compile)
+        optimizer = NorMuonAndAdam(raw_model.named_parameters(), world_size=env.world_size, rank=env.rank,
+                                   compile=args.compile)
+        schedule = TrainingSchedule(reference_stages(args.train_max_seq_len, args.stage_seqs),
+                                    args.num_scheduled_iterations, args.num_extension_iterations)
+        stage = StageState(schedule, raw_model, env.device)
+        card = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+        log(f"world_size {env.world_size} x grad_accum {env.grad_accum_steps} on {card} ({gpu_type}); "
+            f"attention {backend}; fp8 {use_fp8}; compile {args.compile}; "
+            f"schedule {schedule.boundaries}, split step {schedule.split_step}")
+
+        warm_start = time.perf_counter()
+        warm_up(model, raw_model, optimizer, schedule, stage, args, env, log)
+        sync(env)
+        warmup_s = time.perf_counter() - warm_start
+        graphs = compiled_graph_count()
+        log(f"warm-up done in {warmup_s:.1f}s ({time.perf_counter() - started:.1f}s since start), "
+            f"{graphs} graphs compiled")
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+
+        result = train(model, raw_model, optimizer, schedule, stage, args, env, log, stop)
+
+        new_graphs = compiled_graph_count() - graphs
+        if new_graphs:
+            log(f"note: {new_graphs} graphs were compiled after the warm-up (during the run)")
+        peak = dict(allocated=0, reserved=0)
+        if env.device.type == "cuda":
+            peak = dict(allocated=torch.cuda.max_memory_allocated(env.device) // 2**20,
+                        reserved=torch.cuda.max_memory_reserved(env.device) // 2**20)
+            log(f"peak memory allocated: {peak['allocated']} MiB reserved: {peak['reserved']} MiB")
+        summary = dict(final_val_loss=result["final_val_loss"], train_time_ms=round(result["train_time_ms"], 1),
+                       step_avg_ms=round(result["step_avg_ms"], 2), steps=result["steps"],
+                       stage_step_avg_ms=[None if v is None else round(v, 2) for v in result["stage_step_avg_ms"]],
+                       val_losses=result["val_losses"], stopped_by=result["stopped_by"], warmup_s=round(warmup_s, 1),
+                       graphs_compiled=compiled_graph_count(), attn_backend=backend, world_size=env.world_size,
+                       card=card, gpu_type=gpu_type, fp8=use_fp8, compile=args.compile,
+                       peak_memory_mib=peak["allocated"], run_id=args.run_id)
+        log("summary: " + json.dumps(summary))
+        return summary
+    finally:
+        if env.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

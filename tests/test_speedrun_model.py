@@ -1,0 +1,481 @@
+"""Model and attention sections of train_speedrun.py: structure, init, forward/backward, the
+paired-head / key-offset / rotary mechanics against direct per-head formulations, YaRN, window
+masks, block masks built from bounds, backend agreement and compile behaviour (traced with
+torch.compile's "eager" backend so it stays fast on CPU)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.nn.attention.flex_attention import create_block_mask
+
+import train_speedrun as ts
+
+SMALL_VOCAB = 1000          # padded to 1024 inside GPT: fast heads for CPU tests
+
+
+def small_cfg(**overrides):
+    values = dict(vocab_size=SMALL_VOCAB, bigram_vocab_size=1031, max_seq_len=1024, val_max_len=512)
+    values.update(overrides)
+    return ts.ModelConfig.smoke(**values)
+
+
+def make_model(seed=0, perturb=True, **overrides):
+    """Tiny GPT; perturb=True gives the zero-initialised tensors (gates, value/bigram embeddings,
+    MLP out projections, smear/x0 lambdas) small random values so every path carries signal."""
+    torch.manual_seed(seed)
+    model = ts.GPT(small_cfg(**overrides))
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def batch(T=256, docs=(100, 60, 96), seed=1, vocab=SMALL_VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, vocab, (T,), generator=g, dtype=torch.int32)
+    targets = torch.randint(0, vocab, (T,), generator=g)
+    offsets = np.cumsum((0,) + tuple(docs)).tolist()
+    assert offsets[-1] == T
+    cu = torch.tensor(offsets + [T, T], dtype=torch.int32)     # padded like the loader's
+    return inputs, targets, cu
+
+
+def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25)):
+    return ts.ForwardScheduleConfig(torch.tensor(mtp), short, long)
+
+
+# ---- structure ----------------------------------------------------------------------------------
+
+RECORD_SHAPES = {
+    "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
+    "attn_bank": (10, 3072, 768), "mlp_bank": (12, 2, 3072, 768), "x0_lambdas": (11,),
+    "scalars": (51,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
+    "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
+    "bigram_embed.weight": (50304 * 5, 768),
+}
+RECORD_LABELS = {
+    "value_embeds": "value_embed", "attn_bank": "attn", "mlp_bank": "mlp",
+    "smear_gate.weight": "smear_gate", "skip_gate.weight": "skip_gate", "lm_head.weight": "lm_head",
+    "embed.weight": "embed", "bigram_embed.weight": "bigram_embed",
+}
+
+
+def test_record_config_parameters_names_shapes_labels():
+    with torch.device("meta"):
+        model = ts.GPT(ts.ModelConfig(world_size=8, grad_accum_steps=1, max_seq_len=256))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes == RECORD_SHAPES
+    for name, p in model.named_parameters():
+        assert p.label == RECORD_LABELS.get(name, name)
+    assert model.attn_bank.reshape == (40, 768, 768)
+    assert model.mlp_bank.reshape == (24, 3072, 768)
+    assert model.lm_head.grad_s == pytest.approx(0.75 / 448)
+    assert model.vocab_size == 50304
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_scalars_padding_follows_the_record_formula(world_size):
+    with torch.device("meta"):
+        model = ts.GPT(small_cfg(world_size=world_size, grad_accum_steps=8 // world_size))
+    assert model.scalars.numel() == 4 * 11 + 3 + (-3 * 11 - 3) % world_size
+    assert model.lm_head.grad_s == pytest.approx(0.75 / 448 / (8 // world_size))
+
+
+def test_layer_layout_is_the_records():
+    specs = ts.record_layer_layout()
+    assert [s.index for s in specs if not s.has_attn] == [6]
+    assert [s.index for s in specs if s.paired] == [0, 2, 5, 9]
+    assert [s.index for s in specs if s.long_window] == [3, 10]
+    assert [s.value_slot for s in specs] == [0, 1, None, None, None, None, None, None, 2, 3, 4]
+    assert [s.attn_slot for s in specs] == [0, 1, 2, 3, 4, 5, None, 6, 7, 8, 9]
+
+
+def test_init_matches_the_record():
+    torch.manual_seed(0)
+    model = ts.GPT(small_cfg()).requires_grad_(False)
+    d = model.cfg.model_dim
+    bound = 3 ** 0.5 * 0.5 * d ** -0.5
+    assert model.attn_bank.abs().max() <= bound and model.attn_bank.std().item() == pytest.approx(0.5 * d ** -0.5, rel=0.05)
+    assert model.mlp_bank[:, 1].abs().max() == 0
+    assert model.mlp_bank[:, 0].abs().max() <= bound
+    assert torch.equal(model.embed.weight, model.lm_head.weight.T.float())
+    assert model.lm_head.weight.float().std().item() == pytest.approx(0.005, rel=0.05)
+    for zero in (model.value_embeds, model.bigram_embed.weight, model.attn_gate_bank,
+                 model.ve_gate_bank, model.smear_gate.weight, model.skip_gate.weight, model.x0_lambdas):
+        assert zero.abs().max() == 0
+    L = 11
+    s = model.scalars
+    assert torch.all(s[:L] == 1.1) and torch.all(s[L:3 * L:2] == 0.5) and torch.all(s[L + 1:3 * L:2] == 1.0)
+    assert torch.all(s[3 * L:4 * L] == 0.1) and s[4 * L:4 * L + 3].tolist() == [0.0, 0.5, -1.5]
+
+
+def test_same_seed_same_weights_and_cast_to_bf16():
+    a, b = make_model(seed=3, perturb=False), make_model(seed=3, perturb=False)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    a.cast_to_bf16()
+    fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
+    assert fp32 == {"x0_lambdas", "scalars"}
+    assert a.attn_bank.label == "attn" and a.attn_bank.reshape == (40, 64, 64)   # attrs survive
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="num_layers"):
+        ts.ModelConfig(num_layers=12)
+    with pytest.raises(ValueError, match="even"):
+        ts.ModelConfig(num_heads=3, head_dim=256)
+    with pytest.raises(ValueError, match="attn_backend"):
+        ts.ModelConfig(attn_backend="xformers")
+
+
+# ---- forward / backward -------------------------------------------------------------------------
+
+def test_loss_at_init_is_log_vocab():
+    model = make_model(perturb=False)
+    inputs, targets, cu = batch()
+    model.eval()
+    with torch.no_grad():
+        val = model(inputs, targets, cu, sched())
+    assert val.item() == pytest.approx(math.log(1024), abs=0.02)
+    model.train()
+    train = model(inputs, targets, cu, sched(mtp=(1.0, 0.5, 0.25)))
+    T = inputs.numel()
+    terms = T + 0.5 * (T - 1) + 0.25 * (T - 2)      # MTP terms that stay inside the micro-batch
+    assert train.item() == pytest.approx(terms * math.log(1024), rel=0.01)
+
+
+def test_backward_reaches_every_parameter_and_spares_padding():
+    model = make_model()
+    inputs, targets, cu = batch()
+    model(inputs, targets, cu, sched()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert model.mlp_bank.grad[11].abs().max() == 0          # padding layer of the MLP bank
+    used_rows = 5 * 1024
+    assert model.value_embeds.grad[inputs.long()].abs().sum() > 0
+    assert model.value_embeds.grad.numel() == used_rows * model.cfg.model_dim
+
+
+def test_bf16_model_forward_is_finite():
+    model = make_model().cast_to_bf16()
+    inputs, targets, cu = batch()
+    loss = model(inputs, targets, cu, sched())
+    loss.backward()
+    assert torch.isfinite(loss) and model.attn_bank.grad.dtype == torch.bfloat16
+
+
+def test_bigram_hash_matches_int32_arithmetic():
+    tokens = torch.tensor([50256, 3, 50000, 12345, 7, 50255, 0], dtype=torch.int32)
+    size = 50304 * 5
+    prev, cur = tokens[:-1].numpy().astype(np.int64), tokens[1:].numpy().astype(np.int64)
+    wrap = lambda v: ((v + 2**31) % 2**32) - 2**31                     # int32 overflow
+    mixed = np.bitwise_xor(wrap(36313 * cur), wrap(27191 * prev)) % (size - 1)   # floor mod
+    expected = [size - 1] + mixed.tolist()
+    assert ts.bigram_hash(tokens, size).tolist() == expected
+    assert ts.bigram_hash(tokens.long(), size).tolist() == expected   # int64 input: same rows
+
+
+# ---- paired heads, key offset, rotary against direct formulations -------------------------------
+
+def layer_inputs(T=64, H=4, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = H * D
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(x=r(T, d), x0=r(T, d), x_bigram=r(T, d), resid_lambda=torch.tensor(1.1),
+                x0_lambda=torch.tensor(0.3), bigram_lambda=torch.tensor(0.1),
+                qkv_w=r(3 * d, d) / d ** 0.5, qkv_lambda=torch.tensor(0.5),
+                attn_gate_w=r(H, 12), ve=r(T, d), ve_gate_w=r(H, 12))
+
+
+def rotate_direct(vec, angle_pos, freq):
+    """Rotate adjacent pairs (2i, 2i+1) of vec by angle_pos * freq[2i] (fp32, no tables)."""
+    out = vec.clone()
+    for i in range(0, vec.numel(), 2):
+        c, s = math.cos(angle_pos * freq[i]), math.sin(angle_pos * freq[i])
+        a, b = vec[i].item(), vec[i + 1].item()
+        out[i], out[i + 1] = a * c + b * s, b * c - a * s
+    return out
+
+
+def test_paired_head_layout_matches_direct_per_head_construction():
+    T, H, D = 16, 4, 16
+    kw = layer_inputs(T, H, D)
+    yarn = ts.Yarn(D, 64, paired=True)
+    cos, sin = yarn.tables(T)
+    x, q, k, v, gate = ts.attention_inputs(**kw, cos=cos, sin=sin, num_heads=H, paired=True,
+                                           key_offset=False)
+    # direct: per token t and head h
+    mixed = 1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"]
+    h = ts.norm(mixed)
+    qkv = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)
+    q_heads, k_heads, v_heads = ts.norm(qkv[:, 0]), ts.norm(qkv[:, 1]), qkv[:, 2]
+    ve_gate = 2 * torch.sigmoid(h[:, :12] @ kw["ve_gate_w"].T)
+    freq = yarn.angular_freq.tolist()
+    assert q.shape == k.shape == v.shape == (2 * T, H // 2, D)
+    for t in range(T):
+        for head in range(H):
+            pos, lane = 2 * t + head // (H // 2), head % (H // 2)
+            angle = 2 * t + head % 2
+            torch.testing.assert_close(q[pos, lane], rotate_direct(q_heads[t, head], angle, freq),
+                                       atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(k[pos, lane], rotate_direct(k_heads[t, head], angle, freq),
+                                       atol=2e-2, rtol=2e-2)
+            expect_v = v_heads[t, head] + ve_gate[t, head] * kw["ve"][t].view(H, D)[head]
+            torch.testing.assert_close(v[pos, lane], expect_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x, mixed)
+    torch.testing.assert_close(gate, torch.sigmoid(h[:, :12] @ kw["attn_gate_w"].T))
+
+
+def test_unpaired_rotary_and_key_offset():
+    T, H, D = 12, 4, 16
+    kw = layer_inputs(T, H, D, seed=1)
+    yarn = ts.Yarn(D, 64)
+    cos, sin = yarn.tables(T)
+    common = dict(cos=cos, sin=sin, num_heads=H, paired=False)
+    _, q, k, v, _ = ts.attention_inputs(**kw, **common, key_offset=False)
+    _, q2, k2, v2, _ = ts.attention_inputs(**kw, **common, key_offset=True)
+    half = D // 2
+    assert torch.equal(q, q2) and torch.equal(v, v2)
+    assert torch.equal(k2[..., :half], k[..., :half])              # rotated half: untouched
+    assert torch.equal(k2[1:, :, half:], k[:-1, :, half:])        # stationary half: from t-1
+    assert torch.equal(k2[0, :, half:], k[0, :, half:])
+    # rotation of the first half, identity on the stationary half
+    h = ts.norm(1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"])
+    q_heads = ts.norm((h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)[:, 0])
+    freq = yarn.angular_freq.tolist()
+    for t in (0, 5, 11):
+        torch.testing.assert_close(q[t, 2], rotate_direct(q_heads[t, 2], t, freq), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(q[..., half:], q_heads[..., half:])
+
+
+def test_first_layer_folds_x0_into_the_stream():
+    kw = layer_inputs(seed=2)
+    kw["x0"] = None
+    yarn = ts.Yarn(16, 64)
+    x, *_ = ts.attention_inputs(**kw, cos=yarn.cos[:64], sin=yarn.sin[:64], num_heads=4,
+                                paired=False, key_offset=False)
+    torch.testing.assert_close(x, (1.1 + 0.3) * kw["x"] + 0.1 * kw["x_bigram"])
+
+
+# ---- YaRN ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_yarn_apply_then_reset_round_trip(paired):
+    yarn = ts.Yarn(32, 128, paired=paired)
+    cos0, sin0, freq0 = yarn.cos.clone(), yarn.sin.clone(), yarn.angular_freq.clone()
+    yarn.apply(3 * 128, 7 * 128)
+    assert not torch.equal(yarn.cos, cos0)
+    assert yarn.attn_scale == pytest.approx(0.1 * (0.2 * math.log(7 / 3) + 1))
+    yarn.apply(7 * 128, 11 * 128)
+    assert yarn.attn_scale == pytest.approx(0.1 * (0.2 * math.log(7 / 3) + 1) * (0.2 * math.log(11 / 7) + 1))
+    yarn.reset()
+    assert torch.equal(yarn.cos, cos0) and torch.equal(yarn.sin, sin0)
+    assert torch.equal(yarn.angular_freq, freq0) and yarn.attn_scale == 0.1
+
+
+def test_yarn_rescales_only_slow_frequencies():
+    yarn = ts.Yarn(128, 16)
+    old, new = 384, 896
+    before = yarn.angular_freq.clone()
+    yarn.apply(old, new)
+    turns = old * before / (2 * math.pi)
+    slow, fast = turns < 1, turns > 32
+    assert slow.any() and fast.any()
+    torch.testing.assert_close(yarn.angular_freq[slow], before[slow] * old / new)
+    torch.testing.assert_close(yarn.angular_freq[fast], before[fast])
+    ramp = ~slow & ~fast
+    assert torch.all(yarn.angular_freq[ramp] <= before[ramp]) and torch.all(yarn.angular_freq[ramp] >= before[ramp] * old / new)
+    # stationary half: frequency 0 -> cos 1, sin 0 in every row
+    assert torch.all(yarn.cos[:, 64:] == 1) and torch.all(yarn.sin[:, 64:] == 0)
+
+
+def test_yarn_tables_are_bf16_and_cover_max_seq_len():
+    yarn = ts.Yarn(16, 100, paired=True)
+    assert yarn.cos.shape == (100, 32) and yarn.cos.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="max_seq_len"):
+        yarn.tables(101)
+
+
+def test_yarn_apply_still_works_as_module_apply():
+    model = make_model(perturb=False)
+    seen = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert "Yarn" in seen and "GPT" in seen
+
+
+# ---- masks -------------------------------------------------------------------------------------
+
+def brute_force_mask(cu, T, window):
+    cu = cu.tolist()
+    doc = [max(j for j in range(len(cu)) if cu[j] <= i) for i in range(T)]
+    return torch.tensor([[doc[i] == doc[j] and 0 <= i - j <= window for j in range(T)] for i in range(T)])
+
+
+@pytest.mark.parametrize("cu,window", [
+    ([0, 5, 9, 16, 16, 16], 3),      # training style: padded with the length
+    ([0, 0, 7, 12, 16], 2),          # validation style: a BOS at position 0 repeats offset 0
+    ([0, 4, 16], 100),               # window longer than every document
+    ([0, 16], 0),                    # window 0: only the diagonal
+])
+def test_dense_window_mask_semantics(cu, window):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    assert torch.equal(ts.window_mask_dense(cu, 16, window), brute_force_mask(cu, 16, window))
+
+
+@st.composite
+def packed_docs(draw):
+    block = draw(st.sampled_from([16, 32]))
+    n_blocks = draw(st.integers(1, 8))
+    T = block * n_blocks
+    cuts = sorted(draw(st.sets(st.integers(1, T - 1), max_size=6))) if T > 1 else []
+    cu = [0] + cuts + [T] * draw(st.integers(1, 3))
+    window = draw(st.integers(0, T + 5))
+    return block, T, torch.tensor(cu, dtype=torch.int32), window
+
+
+def block_sets(bm):
+    """Per query tile: (set of partial kv tiles, set of full kv tiles)."""
+    rows = []
+    for i in range(bm.kv_num_blocks.shape[-1]):
+        n, nf = int(bm.kv_num_blocks[0, 0, i]), int(bm.full_kv_num_blocks[0, 0, i])
+        rows.append((set(bm.kv_indices[0, 0, i, :n].tolist()),
+                     set(bm.full_kv_indices[0, 0, i, :nf].tolist())))
+    return rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(packed_docs())
+def test_block_mask_from_bounds_equals_create_block_mask(case):
+    block, T, cu, window = case
+    ours = ts.sliding_window_block_mask(cu, T, window, block_size=block)
+    doc = ts.document_ids(cu, T)
+
+    def mask_mod(b, h, q, k):
+        return (doc[q] == doc[k]) & (q >= k) & (q - k <= window)
+
+    reference = create_block_mask(mask_mod, None, None, T, T, device="cpu", BLOCK_SIZE=block)
+    assert block_sets(ours) == block_sets(reference)
+    # and the partial tiles' mask_mod agrees with the dense mask where it is evaluated
+    q = torch.arange(T)[:, None]
+    k = torch.arange(T)[None, :]
+    dense = ours.mask_mod(0, 0, q, k)
+    assert torch.equal(dense, ts.window_mask_dense(cu, T, window))
+
+
+def test_block_mask_rejects_ragged_length():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ts.sliding_window_block_mask(torch.tensor([0, 200], dtype=torch.int32), 200, 64)
+
+
+def test_document_ids_custom_op():
+    cu = torch.tensor([0, 0, 3, 5, 8, 8], dtype=torch.int32)
+    assert ts.document_ids(cu, 8).tolist() == [1, 1, 1, 2, 2, 3, 3, 3]
+
+
+# ---- backends -----------------------------------------------------------------------------------
+
+def qkv(T=256, H=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, H, D, generator=g) for _ in range(3)]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [0, 40, 128, 1000])
+def test_flex_matches_sdpa_reference(window):
+    q, k, v = qkv()
+    cu = torch.tensor([0, 37, 150, 256, 256], dtype=torch.int32)
+    with torch.no_grad():   # FlexAttention has no CPU backward
+        flex = ts.varlen_attention(q, k, v, cu, 256, window, 0.3, "flex")
+    sdpa = ts.varlen_attention(q, k, v, cu, 256, window, 0.3, "sdpa")
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_reference_is_local_to_documents():
+    """Changing a key/value in document 0 must not change outputs in document 1, and a key more
+    than `window` behind a query must not influence it."""
+    q, k, v = qkv(T=64)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32)
+    base = ts.varlen_attention(q, k, v, cu, 64, 8, 0.25, "sdpa")
+    k2, v2 = k.clone(), v.clone()
+    k2[5] += 3
+    v2[5] -= 3
+    moved = ts.varlen_attention(q, k2, v2, cu, 64, 8, 0.25, "sdpa")
+    changed = (moved - base).abs().amax(dim=(1, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == list(range(5, 14))   # queries 5..5+8 only
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_model_flex_and_sdpa_backends_agree():
+    inputs, targets, cu = batch()
+    losses = {}
+    for backend in ("sdpa", "flex"):
+        model = make_model(attn_backend=backend)
+        model.eval()
+        with torch.no_grad():
+            losses[backend] = model(inputs, targets, cu, sched())
+    torch.testing.assert_close(losses["flex"], losses["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_resolve_attention_backend_on_cpu():
+    assert ts.resolve_attention_backend("auto", "cpu") == "sdpa"
+    assert ts.resolve_attention_backend("sdpa", "cpu") == "sdpa"
+    for bad in ("flex", "fa3", "flash_attn"):
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            ts.resolve_attention_backend(bad, "cpu")
+    with pytest.raises(SystemExit, match="not one of"):
+        ts.resolve_attention_backend("xformers", "cpu")
+    assert "sdpa" in ts.attention_backend_source("sdpa")
+
+
+# ---- compilation --------------------------------------------------------------------------------
+
+def graphs_after(fn):
+    before = ts.compiled_graph_count()
+    fn()
+    return ts.compiled_graph_count() - before
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_blocks_mode_traces_fullgraph_and_stage_changes_do_not_recompile(backend):
+    torch._dynamo.reset()
+    model = make_model(attn_backend=backend)
+    eager_model = make_model(attn_backend=backend)
+    ts.compile_gpt(model, "blocks", backend="eager")
+    model.eval(), eager_model.eval()
+    inputs, targets, cu = batch()
+    with torch.no_grad():
+        first = graphs_after(lambda: model(inputs, targets, cu, sched(128, 384)))
+        expected = 7 + 1 + 1 + 1 + 1 + (2 if backend == "flex" else 0)
+        assert first == expected
+        # a stage change: new windows, YaRN rescaled tables and softmax scale, new documents
+        for m in (model, eager_model):
+            m.yarn.apply(384, 896), m.yarn_paired_head.apply(384, 896)
+        inputs2, targets2, cu2 = batch(docs=(30, 200, 26), seed=5)
+        again = graphs_after(lambda: model(inputs2, targets2, cu2, sched(384, 896)))
+        assert again == 0
+        torch.testing.assert_close(model(inputs2, targets2, cu2, sched(384, 896)),
+                                   eager_model(inputs2, targets2, cu2, sched(384, 896)))
+
+
+def test_model_mode_traces_one_graph_and_matches_eager_with_grads():
+    torch._dynamo.reset()
+    model, eager_model = make_model(), make_model()
+    ts.compile_gpt(model, "model", backend="eager")
+    inputs, targets, cu = batch()
+    loss = None
+    added = graphs_after(lambda: model(inputs, targets, cu, sched()).backward())
+    assert added == 1
+    eager_model(inputs, targets, cu, sched()).backward()
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_compile_model_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="compile mode"):
+        ts.compile_gpt(make_model(perturb=False), "layers")
