@@ -1,0 +1,349 @@
+"""run.sbatch: launch decisions (fast, no Slurm), signal handling, and real jobs on a real Slurm.
+
+The fast tests run the wrapper with DRY_RUN=1 against a fake `python` (it answers the wrapper's probe
+with a chosen number of GPUs) and a fake `scontrol`, so every GPU/node combination can be checked on
+a CPU machine. The tests marked `slurm` start a single-node Slurm (tests/slurm/minislurm.py) and
+submit real CPU jobs: `python3 -m pytest -m slurm tests/test_slurm.py` runs only them.
+"""
+
+import json
+import os
+import pickle
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent / "slurm"))
+import minislurm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WRAPPER = REPO / "run.sbatch"
+RESUMABLE_EXIT = 75
+SPEEDRUN_WORLD_SIZES = {1, 2, 4, 8}
+
+
+def clean_env(**overrides):
+    """This process's environment without Slurm job variables (pytest itself may run in a job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    for name in ("NUM_GPUS", "GPU_TYPE", "NODES", "OMP_NUM_THREADS", "MAX_RESTARTS", "USE_SRUN",
+                 "ENV_ACTIVATE", "PYTHON", "DRY_RUN", "CUDA_VISIBLE_DEVICES", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+# =============================================================================
+# fast: launch decisions with a fake python and a fake scontrol
+# =============================================================================
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python in DRY_RUN tests: answers run.sbatch's probe, runs nothing.
+cat > /dev/null
+echo "python 3.0.0"
+echo "executable $0"
+echo "torch 9.9.9"
+echo "cuda 12.9"
+echo "gpus ${FAKE_VISIBLE_GPUS:-0}"
+if [ "${FAKE_VISIBLE_GPUS:-0}" -gt 0 ]; then echo "gpu_name NVIDIA_H100_80GB_HBM3"; echo "nccl 2.27.3"; fi
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+# Only what run.sbatch asks before launching: the host names of a node list like gpu[1-4].
+if [ "$1 $2" = "show hostnames" ]; then
+    n=$(echo "$3" | sed -E 's/.*-([0-9]+)\\].*/\\1/'); for i in $(seq 1 "$n"); do echo "gpu$i"; done
+fi
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_tools(tmp_path_factory):
+    """A work dir holding the three flow scripts (empty) and a bin dir with the fake programs."""
+    root = tmp_path_factory.mktemp("wrapper")
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python3", FAKE_PYTHON), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    for script in ("train_baseline.py", "train_speedrun.py", "prepare_data.py"):
+        (root / script).write_text("")
+    return root
+
+
+def dry_run(fake_tools, script, *args, visible=0, slurm=None, **env):
+    """run.sbatch with DRY_RUN=1; slurm = dict of Slurm job variables (None: outside Slurm)."""
+    overrides = dict(env, DRY_RUN=1, FAKE_VISIBLE_GPUS=visible,
+                     PATH=f"{fake_tools / 'bin'}:{os.environ['PATH']}")
+    overrides.update(slurm or {})
+    return subprocess.run(["bash", str(WRAPPER), script, *args], cwd=fake_tools, env=clean_env(**overrides),
+                          capture_output=True, text=True, timeout=30)
+
+
+def slurm_vars(nodes=1, gpus=0, cpus=16, restarts=0):
+    env = {"SLURM_JOB_ID": 4242, "SLURM_JOB_NAME": "t", "SLURM_JOB_NUM_NODES": nodes,
+           "SLURM_JOB_NODELIST": f"gpu[1-{nodes}]", "SLURM_CPUS_PER_TASK": cpus, "SLURM_RESTART_COUNT": restarts}
+    if gpus:
+        env["SLURM_GPUS_ON_NODE"] = gpus
+    return env
+
+
+def launched_command(result):
+    line = next(line for line in result.stdout.splitlines() if "command: " in line)
+    return shlex.split(line.split("command: ", 1)[1])
+
+
+def banner_omp_threads(result):
+    return int(re.search(r"OMP_NUM_THREADS=(\d+)", result.stdout).group(1))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gpus=st.integers(0, 16), nodes=st.integers(1, 3), cpus=st.integers(1, 128))
+def test_speedrun_accepts_only_one_node_and_1_2_4_8_gpus(fake_tools, gpus, nodes, cpus):
+    result = dry_run(fake_tools, "train_speedrun.py", visible=gpus,
+                     slurm=slurm_vars(nodes=nodes, gpus=gpus, cpus=cpus))
+    if nodes > 1:
+        assert result.returncode != 0 and "runs on one node" in result.stderr
+    elif gpus and gpus not in SPEEDRUN_WORLD_SIZES:
+        assert result.returncode != 0 and "needs 1, 2, 4 or 8 GPUs" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        cmd = launched_command(result)
+        if gpus:
+            assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+            assert f"--nproc_per_node={gpus}" in cmd
+            assert cmd[cmd.index("--gpu_type") + 1] == "auto"
+        else:
+            assert "torch.distributed.run" not in cmd and cmd[-2:] == ["--device", "cpu"]
+        assert banner_omp_threads(result) == max(1, cpus // max(gpus, 1))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gpus=st.integers(0, 8), nodes=st.integers(1, 4), restarts=st.integers(0, 3))
+def test_baseline_launch_nodes_gpus_and_resume(fake_tools, gpus, nodes, restarts):
+    result = dry_run(fake_tools, "train_baseline.py", "--out_dir", "o", visible=gpus,
+                     slurm=slurm_vars(nodes=nodes, gpus=gpus, restarts=restarts))
+    if nodes > 1 and gpus == 0:
+        assert result.returncode != 0 and "multi-node runs need GPUs" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    cmd = launched_command(result)
+    assert cmd[cmd.index("train_baseline.py") + 1:][:2] == ["--out_dir", "o"]  # user args come first
+    assert (cmd[-2:] == ["--init_from", "resume"]) == (restarts > 0)
+    if nodes > 1:
+        # one torchrun per node through srun, meeting on the first node of the allocation
+        assert "launch: srun" in result.stdout
+        assert f"--nnodes={nodes}" in cmd and "--rdzv_backend=c10d" in cmd
+        assert f"--rdzv_endpoint=gpu1:{20000 + 4242}" in cmd and "--rdzv_id=4242" in cmd
+    elif gpus:
+        assert "--standalone" in cmd and f"--nproc_per_node={gpus}" in cmd
+    else:
+        assert "torch.distributed.run" not in cmd
+
+
+def test_gpus_asked_for_but_not_visible(fake_tools):
+    result = dry_run(fake_tools, "train_baseline.py", visible=0, slurm=slurm_vars(gpus=4))
+    assert result.returncode != 0
+    assert "4 GPU(s) asked for (SLURM_GPUS_ON_NODE) but torch sees none" in result.stderr
+    result = dry_run(fake_tools, "train_baseline.py", visible=2, NUM_GPUS=4)
+    assert result.returncode != 0 and "only 2 GPU(s) are visible" in result.stderr
+
+
+def test_local_run_uses_all_visible_gpus_and_gpu_type(fake_tools):
+    result = dry_run(fake_tools, "train_baseline.py", visible=2)
+    cmd = launched_command(result)
+    assert f"--nproc_per_node=2" in cmd and cmd[-2:] == ["--gpu_type", "auto"]
+    # the type named in the Slurm request, or GPU_TYPE, goes to --gpu_type; never twice
+    result = dry_run(fake_tools, "train_speedrun.py", visible=8,
+                     slurm=dict(slurm_vars(gpus=8), SLURM_GPUS_PER_NODE="h200:8"))
+    assert launched_command(result)[-2:] == ["--gpu_type", "h200"]
+    result = dry_run(fake_tools, "train_baseline.py", visible=1, GPU_TYPE="A100")
+    assert launched_command(result)[-2:] == ["--gpu_type", "a100"]
+    result = dry_run(fake_tools, "train_baseline.py", "--gpu_type", "h100", visible=1, GPU_TYPE="a100")
+    assert launched_command(result).count("--gpu_type") == 1
+
+
+def test_prepare_data_runs_as_plain_python(fake_tools):
+    result = dry_run(fake_tools, "prepare_data.py", "shakespeare_char", visible=8, slurm=slurm_vars(gpus=8))
+    assert result.returncode == 0, result.stderr
+    cmd = launched_command(result)
+    assert cmd[1:] == ["prepare_data.py", "shakespeare_char"]
+
+
+@pytest.mark.parametrize("script, message", [
+    ("no_such_script.py", "script 'no_such_script.py' not found"),
+    ("notes.txt", "don't know how to run 'notes.txt'"),
+])
+def test_bad_script_is_a_clear_error(fake_tools, script, message):
+    (fake_tools / "notes.txt").write_text("")
+    result = dry_run(fake_tools, script)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_usr1_checkpoints_and_stops_locally(tmp_path):
+    """Outside Slurm a USR1 reaches the trainer, which saves and exits 0: the wrapper says 'resumable'."""
+    trainer = tmp_path / "train_baseline.py"
+    trainer.write_text(
+        "import signal, sys, time\n"
+        "stop = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))\n"
+        "print('ready', flush=True)\n"
+        "while not stop: time.sleep(0.05)\n"
+        "print('preempted: checkpoint saved at iter 1 to x', flush=True)\n")
+    proc = subprocess.Popen(["bash", str(WRAPPER), "train_baseline.py"], cwd=tmp_path,
+                            env=clean_env(PYTHON=sys.executable), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=30) == RESUMABLE_EXIT
+    assert "preempted: checkpoint saved" in rest and "nothing to requeue" in rest
+
+
+# =============================================================================
+# real Slurm: one single-node cluster per test module (and per xdist worker)
+# =============================================================================
+
+TINY_MODEL = ["--device", "cpu", "--compile", "false", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+              "--block_size", "32", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+              "--warmup_iters", "10", "--eval_iters", "5", "--log_interval", "1", "--seed", "1337",
+              "--dropout", "0.0"]
+LOSS_LINE = re.compile(r"^iter (\d+): loss ([0-9.]+)", re.MULTILINE)
+
+
+def tiny_run_args(data_dir, out_dir, iters, eval_interval):
+    return ["--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY_MODEL,
+            "--max_iters", str(iters), "--lr_decay_iters", str(iters), "--eval_interval", str(eval_interval)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        slurm = minislurm.MiniSlurm.start()
+    except minislurm.SlurmUnavailable as e:
+        pytest.skip(f"cannot start a single-node Slurm on this machine: {e}")
+    yield slurm
+    slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory, request):
+    """train.bin / val.bin / meta.pkl of tinyshakespeare at character level (written here, with numpy)."""
+    source = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not source.exists():
+        pytest.skip(f"{source} not present")
+    text = source.read_text()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    split = int(0.9 * len(ids))
+    data_dir = tmp_path_factory.mktemp("char_data")
+    ids[:split].tofile(data_dir / "train.bin")
+    ids[split:].tofile(data_dir / "val.bin")
+    with open(data_dir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+    return data_dir
+
+
+@pytest.fixture
+def job_dir(tmp_path):
+    """Where jobs are submitted from: run.sbatch's header writes logs/%x-%j.out under it."""
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def job_env():
+    # The python running the tests comes first on PATH, so the job's python has torch & co.
+    return clean_env(OMP_NUM_THREADS=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+def submit(cluster, job_dir, name, *args, env=None):
+    job_id = cluster.sbatch([f"--job-name={name}", "--cpus-per-task=1", str(WRAPPER), *args],
+                            cwd=job_dir, env=env or job_env())
+    return job_id, job_dir / "logs" / f"{name}-{job_id}.out"
+
+
+def read_log(path):
+    return path.read_text(errors="replace") if path.exists() else "(no log)"
+
+
+def training_losses(metrics_path):
+    """iter -> training loss, from the trainer's metrics.jsonl."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_job_trains_and_loss_falls(cluster, char_data, job_dir):
+    job_id, log = submit(cluster, job_dir, "tiny", str(REPO / "train_baseline.py"),
+                         *tiny_run_args(char_data, job_dir / "out", iters=60, eval_interval=30))
+    info = cluster.wait_until_done(job_id, timeout=120)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert f"Slurm job {job_id}" in text and "command: " in text  # the banner came first
+    losses = [float(loss) for _, loss in LOSS_LINE.findall(text)]
+    assert len(losses) >= 50, text
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_preemption_requeues_and_resumes_exactly(cluster, char_data, job_dir):
+    iters = 1500
+    args = tiny_run_args(char_data, job_dir / "preempted", iters=iters, eval_interval=500)
+    job_id, log = submit(cluster, job_dir, "preempt", str(REPO / "train_baseline.py"), *args)
+
+    # The same run, uninterrupted, through the wrapper outside Slurm, meanwhile.
+    reference_out = job_dir / "reference"
+    reference = subprocess.Popen(
+        ["bash", str(WRAPPER), str(REPO / "train_baseline.py"),
+         *tiny_run_args(char_data, reference_out, iters=iters, eval_interval=500)],
+        cwd=job_dir, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    try:
+        # Signal the batch shell as --signal=B:USR1@120 would, once training is under way.
+        deadline = time.monotonic() + 90
+        while max((int(i) for i, _ in LOSS_LINE.findall(read_log(log))), default=0) < 100:
+            assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
+            time.sleep(0.2)
+        cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+
+        cluster.wait_for_job(job_id, lambda j: int(j.get("Restarts", 0)) >= 1, 60, "a requeue")
+        info = cluster.wait_until_done(job_id, timeout=180)
+        reference_log, _ = reference.communicate(timeout=180)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    text = read_log(log)
+    assert reference.returncode == 0, reference_log
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert info["Restarts"] == "1", text
+
+    # Stopped with a checkpoint, requeued by the wrapper, restarted with --init_from resume.
+    stopped_at = int(re.search(r"preempted: checkpoint saved at iter (\d+)", text).group(1))
+    assert 100 <= stopped_at < iters, text
+    assert f"requeueing job {job_id}" in text
+    assert "restart 1/" in text and "--init_from resume" in text and "resuming from" in text
+
+    # Same seed, same losses: at every iteration, and therefore at the end.
+    resumed, uninterrupted = training_losses(job_dir / "preempted" / "metrics.jsonl"), training_losses(reference_out / "metrics.jsonl")
+    assert max(uninterrupted) == max(resumed) == iters - 1
+    assert resumed == uninterrupted
+
+
+@pytest.mark.slurm
+def test_slurm_missing_script_fails_clearly(cluster, job_dir):
+    job_id, log = submit(cluster, job_dir, "missing", "no_such_script.py", "--max_iters", "1")
+    info = cluster.wait_until_done(job_id, timeout=60)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    assert "error: script 'no_such_script.py' not found" in read_log(log)
