@@ -342,6 +342,27 @@ def test_slurm_preemption_requeues_and_resumes_exactly(cluster, char_data, job_d
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_srun_launch_path_relays_preemption(cluster, char_data, job_dir):
+    """USE_SRUN=1 takes the multi-node path on one node: srun, one launcher per node. A USR1 sent to
+    the job steps (not to the batch shell, as --signal=USR1@N without B: would) still requeues."""
+    iters = 800
+    job_id, log = submit(cluster, job_dir, "srun", str(REPO / "train_baseline.py"),
+                         *tiny_run_args(char_data, job_dir / "out", iters=iters, eval_interval=400),
+                         env=dict(job_env(), USE_SRUN="1"))
+    deadline = time.monotonic() + 90
+    while max((int(i) for i, _ in LOSS_LINE.findall(read_log(log))), default=0) < 100:
+        assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", job_id])
+    info = cluster.wait_until_done(job_id, timeout=120)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
+    assert "launch: srun" in text and "preempted: checkpoint saved" in text and "resuming from" in text
+    assert max(training_losses(job_dir / "out" / "metrics.jsonl")) == iters - 1
+
+
+@pytest.mark.slurm
 def test_slurm_missing_script_fails_clearly(cluster, job_dir):
     job_id, log = submit(cluster, job_dir, "missing", "no_such_script.py", "--max_iters", "1")
     info = cluster.wait_until_done(job_id, timeout=60)
