@@ -48,6 +48,7 @@ def clean_env(**overrides):
 FAKE_PYTHON = """#!/bin/bash
 # Stands in for python in DRY_RUN tests: answers run.sbatch's probe, runs nothing.
 cat > /dev/null
+if [ -n "$FAKE_PROBE_SECONDS" ]; then echo "probing" >&2; sleep "$FAKE_PROBE_SECONDS"; fi
 echo "python 3.0.0"
 echo "executable $0"
 echo "torch 9.9.9"
@@ -188,25 +189,41 @@ def test_bad_script_is_a_clear_error(fake_tools, script, message):
     assert result.stderr.startswith("error: ") and message in result.stderr
 
 
-def test_usr1_checkpoints_and_stops_locally(tmp_path):
-    """Outside Slurm a USR1 reaches the trainer, which saves and exits 0: the wrapper says 'resumable'."""
+@pytest.mark.parametrize("sig, expected_status, expected_text", [
+    (signal.SIGUSR1, RESUMABLE_EXIT, "nothing to requeue"),  # checkpoint and stop: resumable
+    (signal.SIGTERM, 143, "finished with exit status 143"),  # stop on request (Ctrl-C, kill)
+])
+def test_local_signal_reaches_the_trainer(tmp_path, sig, expected_status, expected_text):
+    """Outside Slurm the wrapper passes the signal to the trainer, which saves and exits 0."""
     trainer = tmp_path / "train_baseline.py"
     trainer.write_text(
         "import signal, sys, time\n"
         "stop = []\n"
-        "signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))\n"
+        "for s in (signal.SIGUSR1, signal.SIGTERM): signal.signal(s, lambda n, f: stop.append(n))\n"
         "print('ready', flush=True)\n"
         "while not stop: time.sleep(0.05)\n"
-        "print('preempted: checkpoint saved at iter 1 to x', flush=True)\n")
+        "print(f'preempted by {signal.Signals(stop[0]).name}: checkpoint saved', flush=True)\n")
     proc = subprocess.Popen(["bash", str(WRAPPER), "train_baseline.py"], cwd=tmp_path,
                             env=clean_env(PYTHON=sys.executable), stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.strip() == "ready":
-            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(sig)
             break
     rest = proc.stdout.read()
-    assert proc.wait(timeout=30) == RESUMABLE_EXIT
-    assert "preempted: checkpoint saved" in rest and "nothing to requeue" in rest
+    assert proc.wait(timeout=30) == expected_status
+    assert f"preempted by {sig.name}: checkpoint saved" in rest and expected_text in rest
+
+
+def test_usr1_before_the_run_starts_skips_it(fake_tools):
+    """A USR1 during start-up (job started just before its limit): nothing is started, status 75."""
+    env = clean_env(FAKE_PROBE_SECONDS=2, PATH=f"{fake_tools / 'bin'}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(WRAPPER), "train_baseline.py"], cwd=fake_tools, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "probing"
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == RESUMABLE_EXIT
+    assert "USR1 arrived before the run started" in out and "nothing to requeue" in out
 
 
 # =============================================================================
