@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -212,6 +213,40 @@ def test_local_signal_reaches_the_trainer(tmp_path, sig, expected_status, expect
     rest = proc.stdout.read()
     assert proc.wait(timeout=30) == expected_status
     assert f"preempted by {sig.name}: checkpoint saved" in rest and expected_text in rest
+
+
+@pytest.mark.slow
+def test_usr1_goes_to_torchrun_workers_and_torchrun_survives(tmp_path):
+    """The GPU path (mode 'workers') with a real torchrun of 2 CPU processes. USR1 goes to every
+    process, as srun delivers it to a job step: the workers stop, torchrun (which would die of
+    USR1) survives and waits for them, and the launcher reports 'resumable'."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent("""\
+        import os, signal, time
+        stop = []
+        signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+        open(f"ready{os.environ['RANK']}", "w").close()
+        while not stop:
+            time.sleep(0.05)
+        print(f"rank {os.environ['RANK']} stopped", flush=True)
+        """))
+    # The launcher functions only, without the wrapper's main part.
+    functions = re.search(r"^forward_signal\(\).*?^}\n.*?^launch_and_forward\(\).*?^}\n",
+                          WRAPPER.read_text(), re.MULTILINE | re.DOTALL).group(0)
+    script = (f"RESUMABLE_EXIT={RESUMABLE_EXIT}\n{functions}\n"
+              f"launch_and_forward workers {shlex.quote(sys.executable)} -m torch.distributed.run "
+              f"--standalone --nproc_per_node=2 worker.py\n")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=clean_env(OMP_NUM_THREADS=1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / "ready0").exists() and (tmp_path / "ready1").exists()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == RESUMABLE_EXIT, out
+    assert "rank 0 stopped" in out and "rank 1 stopped" in out
 
 
 def test_usr1_before_the_run_starts_skips_it(fake_tools):
