@@ -70,6 +70,7 @@ class Hyperparameters:
     gpu_type: str = "auto"
     attn: str = "auto"
     compile: bool = True
+    compile_mode: str = "blocks"          # "blocks": one compiled graph per layer kind, reused; "model": whole
     compile_cache: str = ""
     smoke: bool = False
 
@@ -125,6 +126,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=ATTN_CHOICES, help="attention backend (default auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model and optimizer math (default on for cuda, off for cpu)")
+    p.add_argument("--compile_mode", choices=("blocks", "model"),
+                   help="blocks (default): compile each kind of layer once and reuse it; model: the "
+                        "whole forward as one graph, like the record")
     p.add_argument("--compile_cache", metavar="DIR",
                    help="persist Inductor/Triton caches here so the next run starts fast")
     p.add_argument("--smoke", action="store_true", default=None,
@@ -1366,7 +1370,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
 # =============================================================================
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -1753,8 +1758,15 @@ class GPT(nn.Module):
         self.scalars.label = "scalars"
 
     def compiled(self) -> "GPT":
-        """This model with its forward compiled as cfg.compile_mode says (see compile_gpt)."""
-        return compile_gpt(self, self.cfg.compile_mode, self.cfg.compile_dynamic)
+        """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
+
+        For compile-time experiments without a CLI change, SPEEDRUN_COMPILE_MODE (blocks, model,
+        none) and SPEEDRUN_COMPILE_DYNAMIC (0, 1, auto) override the config.
+        """
+        mode = os.environ.get("SPEEDRUN_COMPILE_MODE", self.cfg.compile_mode)
+        dynamic = {"0": False, "1": True, "auto": None}.get(
+            os.environ.get("SPEEDRUN_COMPILE_DYNAMIC", ""), self.cfg.compile_dynamic)
+        return compile_gpt(self, mode, dynamic)
 
     def cast_to_bf16(self) -> "GPT":
         """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
@@ -2294,12 +2306,18 @@ def find_shards(pattern: str, what: str) -> list:
     return [Path(f) for f in files]
 
 
-def read_shard(path: Path) -> np.ndarray:
-    """All tokens of one FineWeb shard, read into memory (uint16)."""
+def open_shard(path: Path) -> np.ndarray:
+    """Memory-mapped uint16 tokens of a FineWeb shard (header checked: magic, version, size)."""
     try:
-        return np.array(prepare_data.load_tokens(path))
-    except (ValueError, FileNotFoundError) as e:
+        prepare_data.check_fineweb_file(path)
+        return prepare_data.load_tokens(path)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """All tokens of one FineWeb shard, read into memory."""
+    return np.array(open_shard(path))
 
 
 def cu_seqlens_slots(tokens_per_rank: int) -> int:
@@ -2467,7 +2485,7 @@ class SequentialLoader:
                              f"{grad_accum_steps} micro-batches x {world_size} ranks of a multiple of 16 tokens")
         self.rank, self.device = rank, device
         self._files = iter(find_shards(pattern, "val"))
-        self.tokens = prepare_data.load_tokens(next(self._files))   # memmap: only what is used is read
+        self.tokens = open_shard(next(self._files))   # memmap: only what is used is read
         self.pos = 0
 
     def next_batch(self):
@@ -2475,13 +2493,45 @@ class SequentialLoader:
             path = next(self._files, None)
             if path is None:
                 raise SystemExit(f"error: validation data in {self.pattern!r} ran out; lower --val_tokens")
-            self.tokens, self.pos = prepare_data.load_tokens(path), 0
+            self.tokens, self.pos = open_shard(path), 0
         start = self.pos + self.rank * self.tokens_per_rank
         buf = np.asarray(self.tokens[start:start + self.tokens_per_rank + 1])
         self.pos += self.tokens_per_micro
         inputs = buf[:-1]
         cu = pad_cu_seqlens(np.flatnonzero(inputs == BOS_ID), self.tokens_per_rank)
         return _to_device(inputs, buf[1:], cu, self.device)
+
+
+def write_synthetic_corpus(folder: Path, seed: int = 0, train_tokens: int = 300_000,
+                           val_tokens: int = 60_000) -> tuple:
+    """FineWeb shards of made-up 'documents' (BOS + a noisy Markov chain over 1024 token ids,
+    so the loss can fall) for --smoke when no data is given. Returns (train glob, val glob)."""
+    rng = np.random.default_rng(seed)
+    vocab = rng.choice(BOS_ID, size=1024, replace=False)
+    successors = rng.integers(0, len(vocab), size=(len(vocab), 4))
+
+    def documents(num_tokens):
+        out, total = [], 0
+        while total < num_tokens:
+            length = int(rng.integers(20, 600))
+            picks = rng.integers(0, 4, size=length)
+            noise = rng.random(length) < 0.1
+            state = int(rng.integers(len(vocab)))
+            doc = np.empty(length, dtype=np.uint16)
+            doc[0] = BOS_ID
+            for i in range(1, length):
+                state = int(rng.integers(len(vocab))) if noise[i] else int(successors[state, picks[i]])
+                doc[i] = vocab[state]
+            out.append(doc)
+            total += length
+        return np.concatenate(out)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    half = train_tokens // 2
+    for i in range(2):     # two shards, so the background loading of the next one is exercised
+        prepare_data.write_fineweb_shard(folder / f"synthetic_train_{i:06d}.bin", documents(half))
+    prepare_data.write_fineweb_shard(folder / "synthetic_val_000000.bin", documents(val_tokens))
+    return str(folder / "synthetic_train_*.bin"), str(folder / "synthetic_val_*.bin")
 
 
 # =============================================================================
@@ -2664,13 +2714,29 @@ def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend
     base = ModelConfig.smoke() if args.smoke else ModelConfig()
     return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
                                grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
-                               val_max_len=val_len, max_seq_len=val_len)
+                               val_max_len=val_len, max_seq_len=val_len,
+                               compile_mode=args.compile_mode if args.compile else "none")
+
+
+def ensure_smoke_data(args: Hyperparameters, env: DistEnv, log) -> None:
+    """--smoke without data: rank 0 writes a small synthetic corpus under the log folder."""
+    user_path = not args.train_files.endswith(Hyperparameters.train_files)
+    if not args.smoke or user_path or glob.glob(args.train_files):
+        return
+    folder = Path(args.log_dir) / "smoke_data"
+    if env.master:
+        args.train_files, args.val_files = write_synthetic_corpus(folder, seed=args.seed)
+    else:
+        args.train_files, args.val_files = (str(folder / "synthetic_train_*.bin"),
+                                            str(folder / "synthetic_val_*.bin"))
+    if env.distributed:
+        dist.barrier()
+    log(f"smoke: no shards at the default path; using a synthetic corpus in {folder}")
 
 
 def build_model(cfg, env: DistEnv) -> nn.Module:
     model = GPT(cfg).to(env.device)
-    if env.device.type == "cuda":
-        model.cast_to_bf16()          # banks, embeddings, gates in bf16 as the record trains them
+    model.cast_to_bf16()          # banks, embeddings, gates in bf16 as the record trains them (CPU too)
     if env.distributed:
         for param in model.parameters():
             dist.broadcast(param.detach(), 0)     # identical start on every rank
@@ -2678,13 +2744,9 @@ def build_model(cfg, env: DistEnv) -> nn.Module:
 
 
 def compile_model(model: nn.Module, enabled: bool):
-    """The model helper decides how (one block compiled and reused per layer, or the whole
-    model); without --compile the eager model runs."""
-    if not enabled:
-        return model
-    if hasattr(model, "compiled"):
-        return model.compiled()
-    return torch.compile(model, dynamic=False, fullgraph=True)
+    """GPT.compiled() compiles as cfg.compile_mode says (per layer kind or the whole forward);
+    without --compile the eager model runs."""
+    return model.compiled() if enabled else model
 
 
 def compiled_graph_count() -> int:
@@ -2895,6 +2957,7 @@ def main(argv=None) -> dict:
         log(f"args: {json.dumps(dataclasses.asdict(args))}", console=False)
         log("=" * 100, console=False)
 
+        ensure_smoke_data(args, env, log)
         seed_everything(args.seed)
         gpu_type = detect_gpu_type(args.gpu_type, env.device)
         use_fp8 = use_fp8_for(gpu_type, env.device)

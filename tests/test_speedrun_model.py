@@ -468,12 +468,34 @@ def test_model_mode_traces_one_graph_and_matches_eager_with_grads():
     model, eager_model = make_model(), make_model()
     ts.compile_gpt(model, "model", backend="eager")
     inputs, targets, cu = batch()
-    loss = None
     added = graphs_after(lambda: model(inputs, targets, cu, sched()).backward())
     assert added == 1
     eager_model(inputs, targets, cu, sched()).backward()
     for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_model_mode_with_flex_survives_a_stage_change_without_recompiling():
+    torch._dynamo.reset()
+    model = make_model(attn_backend="flex")
+    ts.compile_gpt(model, "model", backend="eager")
+    model.eval()
+    inputs, targets, cu = batch()
+    with torch.no_grad():
+        assert graphs_after(lambda: model(inputs, targets, cu, sched(128, 384))) == 1
+        model.yarn.apply(384, 896), model.yarn_paired_head.apply(384, 896)
+        inputs2, targets2, cu2 = batch(docs=(30, 200, 26), seed=5)
+        assert graphs_after(lambda: model(inputs2, targets2, cu2, sched(384, 896))) == 0
+
+
+def test_compiled_reads_mode_from_config_and_environment(monkeypatch):
+    model = make_model(perturb=False, compile_mode="none")
+    assert model.compiled() is model and model._compiled_body is None
+    monkeypatch.setenv("SPEEDRUN_COMPILE_MODE", "bogus")
+    with pytest.raises(ValueError, match="compile mode"):
+        model.compiled()
 
 
 def test_compile_model_rejects_unknown_mode():
