@@ -896,7 +896,7 @@ def _softcapped_ce_forward_triton(logits: Tensor, targets: Tensor, mtp_weights: 
     losses = logits.new_empty(n_rows, dtype=torch.float32)
     lse = logits.new_empty(n_rows, dtype=torch.float32)
     _softcapped_ce_fwd_kernel[(n_rows,)](
-        logits, targets.contiguous(), mtp_weights.contiguous(), losses, lse,
+        logits, targets.long().contiguous(), mtp_weights.contiguous(), losses, lse,
         n_rows, n_cols, logits.stride(0),
         N_PREDICT=mtp_weights.numel(), BLOCK=block,
         SCALE=SOFTCAP_SCALE, SHIFT=SOFTCAP_SHIFT, DIVISOR=SOFTCAP_DIVISOR, num_warps=num_warps,
@@ -915,7 +915,7 @@ def _softcapped_ce_backward_triton(grad_losses: Tensor, logits: Tensor, lse: Ten
     block_r, block_c = tile
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
     _softcapped_ce_bwd_kernel[grid](
-        grad, grad_losses.contiguous(), logits, lse, targets.contiguous(),
+        grad, grad_losses.contiguous(), logits, lse, targets.long().contiguous(),
         mtp_weights.contiguous(), n_rows, n_cols, logits.stride(0), grad.stride(0),
         float(grad_multiplier),
         N_PREDICT=mtp_weights.numel(), BLOCK_R=block_r, BLOCK_C=block_c,

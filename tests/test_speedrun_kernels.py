@@ -374,3 +374,37 @@ def test_fp8_paths_match_references_gpu(triton_on):
     compiled = torch.compile(ts.softcapped_mtp_loss, fullgraph=True)
     again = compiled(x, targets, mtp, w_t, x_s, w_s, grad_s, True)
     assert _rel_err(again, losses) < 1e-3
+
+
+def _cpu_fp8_matmul_works():
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        one = torch.tensor(1.0)
+        torch._scaled_mm(a, a.T, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_fp8_matmul_works(), reason="this torch has no CPU FP8 _scaled_mm")
+def test_fp8_lm_head_custom_op_on_cpu():
+    """The FP8 op's values, gradients, fake kernel and autograd wiring (CPU _scaled_mm)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=gen).bfloat16().requires_grad_()
+    w_t = (torch.randn(64, 128, generator=gen) * 0.05).bfloat16().requires_grad_()
+    scales = (4 / 448, 0.2 / 448, 1e-3 / 448)
+    op = torch.ops.speedrun.lm_head_fp8
+    out = op(x, w_t, *scales)[0]
+    assert _rel_err(out, ts.lm_head_logits_reference(x, w_t, *scales, use_fp8=True)) < 1e-2
+    upstream = torch.randn(32, 128, generator=gen).bfloat16() * 1e-3
+    grads = torch.autograd.grad(out, (x, w_t), upstream)
+    exact = [t.detach().float().requires_grad_() for t in (x, w_t)]
+    for g, want in zip(grads, torch.autograd.grad(exact[0] @ exact[1], exact, upstream.float())):
+        assert g.dtype == torch.bfloat16 and _rel_err(g, want) < 0.1  # e4m3 / e5m2 rounding
+    torch.library.opcheck(op.default, (x, w_t, *scales),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+    compiled = torch.compile(lambda x, w: op(x, w, *scales)[0], backend="aot_eager", fullgraph=True)
+    again = compiled(x, w_t)
+    assert torch.equal(again, out)
+    for g, g_eager in zip(torch.autograd.grad(again, (x, w_t), upstream), grads):
+        assert torch.equal(g, g_eager)
