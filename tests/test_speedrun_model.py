@@ -501,3 +501,70 @@ def test_compiled_reads_mode_from_config_and_environment(monkeypatch):
 def test_compile_model_rejects_unknown_mode():
     with pytest.raises(ValueError, match="compile mode"):
         ts.compile_gpt(make_model(perturb=False), "layers")
+
+
+# ---- GPU (run: python3 -m pytest -m gpu tests/test_speedrun_model.py) --------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("paired_shape", [False, True])
+def test_compiled_flex_matches_sdpa_with_grads_on_gpu(paired_shape):
+    """Record head shapes in bf16: compiled FlexAttention (fwd + bwd) vs the dense fp32 reference."""
+    T, H, D = (4096, 3, 128) if paired_shape else (2048, 6, 128)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(T, H, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    cu = torch.tensor([0, 300, 1100, 1500, T, T], dtype=torch.int32, device="cuda")
+    mask = ts.sliding_window_block_mask(cu, T, 384)
+    scale = torch.full((), 0.12, device="cuda")
+    out = ts.flex_window_attention(q, k, v, mask, scale, torch.compile(ts.flex_attention, fullgraph=True))
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = ts.masked_sdpa_attention(q32, k32, v32, ts.window_mask_dense(cu, T, 384), 0.12)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32))
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_compiled_gpt_matches_eager_reference_on_gpu(mode):
+    """Smoke-size GPT in bf16 on CUDA: compiled with Inductor + FlexAttention vs eager sdpa."""
+    losses, grads = {}, {}
+    for name, backend, compile_mode in (("ref", "sdpa", "none"), ("fast", "flex", mode)):
+        torch._dynamo.reset()
+        model = make_model(attn_backend=backend).cuda().cast_to_bf16()
+        ts.compile_gpt(model, compile_mode)
+        inputs, targets, cu = (t.cuda() for t in batch(T=512, docs=(100, 300, 112)))
+        loss = model(inputs, targets, cu, sched(128, 384))
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = {n: p.grad.float() for n, p in model.named_parameters()}
+    assert losses["fast"] == pytest.approx(losses["ref"], rel=2e-2)
+    for n, want in grads["ref"].items():
+        got = grads["fast"][n]
+        rel = (got - want).norm() / want.norm().clamp_min(1e-12)
+        assert rel < 0.1, (n, rel.item())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_flash_backends_match_sdpa_on_gpu():
+    """Every flash backend that loads here agrees with the dense reference (skips if none do)."""
+    q, k, v = (torch.randn(1024, 6, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 100, 700, 1024], dtype=torch.int32, device="cuda")
+    ran = []
+    for backend in ("fa3", "flash_attn"):
+        if ts._load_flash_varlen(backend) is None:
+            continue
+        out = ts.varlen_attention(q, k, v, cu, 1024, 256, 0.12, backend)
+        ref = ts.varlen_attention(q.float(), k.float(), v.float(), cu, 1024, 256, 0.12, "sdpa")
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        ran.append(backend)
+    if not ran:
+        pytest.skip("no flash-attn backend installed")
