@@ -153,6 +153,19 @@ class MiniSlurm:
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
         self._wait_for(self._node_is_up, "slurmctld/slurmd", r / "log" / "slurmd.log")
+        self._check_a_job_runs()
+
+    def _check_a_job_runs(self):
+        """Daemons up is not enough (e.g. slurmd not root cannot start jobs): run a trivial job."""
+        try:
+            job_id = self.sbatch(["--wrap", "true", f"--output={self.root}/log/smoke-%j.out"], cwd=self.root)
+            info = self.wait_until_done(job_id, timeout=START_TIMEOUT_S)
+        except (subprocess.SubprocessError, AssertionError) as e:
+            raise SlurmUnavailable(f"the cluster started but cannot run a trivial job: {e}\n"
+                                   + self.log_tail("slurmd")) from e
+        if info.get("JobState") != "COMPLETED":
+            raise SlurmUnavailable(f"a trivial job ended {info.get('JobState')} ({info.get('Reason')}):\n"
+                                   + self.log_tail("slurmd"))
 
     def _spawn(self, name, argv):
         out = open(self.root / "log" / f"{name}.out", "w")
