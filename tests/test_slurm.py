@@ -161,7 +161,7 @@ def test_gpus_asked_for_but_not_visible(fake_tools):
 def test_local_run_uses_all_visible_gpus_and_gpu_type(fake_tools):
     result = dry_run(fake_tools, "train_baseline.py", visible=2)
     cmd = launched_command(result)
-    assert f"--nproc_per_node=2" in cmd and cmd[-2:] == ["--gpu_type", "auto"]
+    assert "--nproc_per_node=2" in cmd and cmd[-2:] == ["--gpu_type", "auto"]
     # the type named in the Slurm request, or GPU_TYPE, goes to --gpu_type; never twice
     result = dry_run(fake_tools, "train_speedrun.py", visible=8,
                      slurm=dict(slurm_vars(gpus=8), SLURM_GPUS_PER_NODE="h200:8"))
