@@ -78,8 +78,8 @@ class Hyperparameters:
 # --smoke: a tiny schedule with tiny batches that still crosses every stage boundary, the
 # embed/lm_head split, periodic and final validation. Explicit flags still win over these.
 SMOKE_OVERRIDES = dict(
-    val_tokens=2 * 8 * 512,
-    val_batch_size=8 * 512,
+    val_tokens=8 * 256,
+    val_batch_size=8 * 256,
     train_max_seq_len=128,
     stage_seqs=(1, 2, 3),
     num_scheduled_iterations=9,
@@ -1205,14 +1205,15 @@ def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
     num_partial = num_leading + has_full.long()
     full_idx = (first_full[:, None] + col).clamp_max(n - 1)
 
-    doc_ids = doc
     window_t = torch.full((), window, dtype=torch.int32, device=device)   # a tensor: no recompiles
 
-    def same_doc_in_window(b, h, q_idx, kv_idx):
+    def same_doc_in_window(b, h, q_idx, kv_idx):   # evaluated only inside partial tiles
         behind = q_idx - kv_idx
-        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (behind >= 0) & (behind <= window_t)
+        return (doc[q_idx] == doc[kv_idx]) & (behind >= 0) & (behind <= window_t)
 
-    as_blocks = lambda t: t[None, None].to(torch.int32).contiguous()
+    def as_blocks(t: Tensor) -> Tensor:            # (1 batch, 1 head-group, ...) int32
+        return t[None, None].to(torch.int32).contiguous()
+
     return _from_kv_blocks(kv_num_blocks=as_blocks(num_partial), kv_indices=as_blocks(partial_idx),
                            full_kv_num_blocks=as_blocks(num_full), full_kv_indices=as_blocks(full_idx),
                            BLOCK_SIZE=block_size, mask_mod=same_doc_in_window,
@@ -1760,13 +1761,13 @@ class GPT(nn.Module):
     def compiled(self) -> "GPT":
         """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
 
-        For compile-time experiments without a CLI change, SPEEDRUN_COMPILE_MODE (blocks, model,
-        none) and SPEEDRUN_COMPILE_DYNAMIC (0, 1, auto) override the config.
+        For compile-time experiments, SPEEDRUN_COMPILE_DYNAMIC=0|1|auto overrides
+        cfg.compile_dynamic (auto: a second sequence length compiles one graph with a symbolic
+        length that the later stages share).
         """
-        mode = os.environ.get("SPEEDRUN_COMPILE_MODE", self.cfg.compile_mode)
         dynamic = {"0": False, "1": True, "auto": None}.get(
             os.environ.get("SPEEDRUN_COMPILE_DYNAMIC", ""), self.cfg.compile_dynamic)
-        return compile_gpt(self, mode, dynamic)
+        return compile_gpt(self, self.cfg.compile_mode, dynamic)
 
     def cast_to_bf16(self) -> "GPT":
         """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
@@ -2711,10 +2712,11 @@ def environment_report() -> str:
 def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend: str):
     """The record's model (or the smoke model), sized for this world size and these batches."""
     val_len = args.val_batch_size // (env.grad_accum_steps * env.world_size)   # tokens per rank per val forward
+    train_len = max(args.stage_seqs) * args.train_max_seq_len                   # largest training micro-batch
     base = ModelConfig.smoke() if args.smoke else ModelConfig()
     return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
                                grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
-                               val_max_len=val_len, max_seq_len=val_len,
+                               val_max_len=val_len, max_seq_len=max(val_len, train_len),
                                compile_mode=args.compile_mode if args.compile else "none")
 
 
@@ -2808,6 +2810,8 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                               env.grad_accum_steps, env.rank, env.world_size, env.device)
     steps = schedule.warmup_steps()
+    if not args.compile:
+        steps = steps[:1]     # eager: nothing to compile; one step still exercises the reset below
     log(f"warm-up: replaying steps {steps} to compile every stage's shapes")
     for step in steps:
         t0 = time.perf_counter()

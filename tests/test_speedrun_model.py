@@ -490,12 +490,12 @@ def test_model_mode_with_flex_survives_a_stage_change_without_recompiling():
         assert graphs_after(lambda: model(inputs2, targets2, cu2, sched(384, 896))) == 0
 
 
-def test_compiled_reads_mode_from_config_and_environment(monkeypatch):
+def test_compiled_follows_the_config():
     model = make_model(perturb=False, compile_mode="none")
     assert model.compiled() is model and model._compiled_body is None
-    monkeypatch.setenv("SPEEDRUN_COMPILE_MODE", "bogus")
-    with pytest.raises(ValueError, match="compile mode"):
-        model.compiled()
+    assert model.regions == ts.ModelRegions()
+    with pytest.raises(ValueError, match="compile_mode"):
+        small_cfg(compile_mode="layers")
 
 
 def test_compile_model_rejects_unknown_mode():
