@@ -1,0 +1,242 @@
+"""Schedule and configuration of the speedrun trainer: pure step -> setting functions."""
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import train_speedrun as ts
+
+WORLD_SIZES = (1, 2, 4, 8)
+schedules = st.tuples(st.integers(3, 4000), st.integers(0, 200))
+
+
+def make_schedule(scheduled, extension, args=None):
+    args = args or ts.Hyperparameters()
+    return ts.TrainingSchedule(ts.reference_stages(args.train_max_seq_len, args.stage_seqs), scheduled, extension)
+
+
+# ---- the record's numbers ----
+
+def test_record_schedule_numbers():
+    s = make_schedule(1515, 40)
+    assert s.boundaries == [(0, 505), (505, 1010), (1010, 1515), (1515, 1555)]
+    assert s.total_steps == 1555
+    assert s.split_step == 1011
+    assert s.warmup_steps() == [0, 1, 2, 504, 505, 506, 1009, 1010, 1011, 1514, 1515, 1516]
+    stages = s.stages
+    assert [st_.batch_size for st_ in stages] == [8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8, 24 * 2048 * 8]
+    assert [st_.window_blocks for st_ in stages] == [(1, 3), (3, 7), (5, 11), (6, 13)]
+    assert [st_.lr_mul for st_ in stages[:3]] == [1.0, 1.52, 1.73]
+    assert s.final_window_blocks == 20
+    assert s.mtp_weights(0) == [1.0, 0.5, 0.25]
+    assert s.mtp_weights(505) == [1.0, 0.5]
+    assert s.mtp_weights(1010) == [1.0]
+    # cooldown starts at int(1515 * 0.45) = 681 and ends at 0.1x
+    assert s.lr_multiplier(680) == 1.52
+    assert s.lr_multiplier(681) == 1.52
+    assert s.lr_multiplier(682) < 1.52
+    assert s.lr_multiplier(1515) == pytest.approx(0.1)
+    assert s.lr_multiplier(1554) == pytest.approx(0.1)
+
+
+def test_record_muon_momentum():
+    total = 1555
+    assert ts.muon_momentum(0, total) == pytest.approx(0.85)
+    assert ts.muon_momentum(150, total) == pytest.approx(0.90)
+    assert ts.muon_momentum(300, total) == pytest.approx(0.95)
+    assert ts.muon_momentum(1505, total) == pytest.approx(0.95)
+    assert ts.muon_momentum(1554, total) == pytest.approx(0.95 - 0.1 * 49 / 50)
+
+
+# ---- batch arithmetic for every world size and stage ----
+
+@pytest.mark.parametrize("smoke", [False, True])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_micro_batch_times_accum_times_world_is_stage_batch(world_size, smoke):
+    args = ts.parse_args(["--smoke"] if smoke else [])
+    accum = ts.grad_accum_steps_for(world_size)
+    assert accum * world_size == 8
+    for stage in make_schedule(12, 3, args).stages:
+        per_rank, rem = divmod(stage.batch_size, accum * world_size)
+        assert rem == 0
+        assert per_rank % 16 == 0                        # attention wants multiples of 16 tokens
+        assert per_rank * accum * world_size == stage.batch_size
+        # the same micro-batch size for every world size: grad_accum absorbs the difference
+        assert per_rank == stage.batch_size // 8
+    val_per_rank = args.val_batch_size // (accum * world_size)
+    assert val_per_rank * accum * world_size == args.val_batch_size and val_per_rank % 16 == 0
+
+
+@pytest.mark.parametrize("world_size", [0, 3, 5, 6, 7, 16])
+def test_unsupported_world_size_is_a_clear_error(world_size):
+    with pytest.raises(SystemExit, match="world size .* not supported"):
+        ts.grad_accum_steps_for(world_size)
+
+
+# ---- stage boundaries and the split step ----
+
+@settings(max_examples=60, deadline=None)
+@given(schedules)
+def test_boundaries_partition_the_run(sched):
+    scheduled, extension = sched
+    s = make_schedule(scheduled, extension)
+    starts = [a for a, _ in s.boundaries]
+    ends = [b for _, b in s.boundaries]
+    assert starts[0] == 0 and ends[-1] == scheduled + extension
+    assert starts[1:] == ends[:-1]                      # contiguous, no gaps
+    assert ends[2] == scheduled                          # three stages fill the scheduled part
+    for a, b in s.boundaries[:3]:
+        assert abs((b - a) - scheduled / 3) <= 1         # thirds, rounded
+    assert s.transition_steps() == starts[1:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedules)
+def test_split_step_is_odd_and_at_stage_3_start(sched):
+    s = make_schedule(*sched)
+    start3 = s.boundaries[2][0]
+    assert s.split_step % 2 == 1 and ts.is_adam_step(s.split_step)
+    assert s.split_step in (start3, start3 + 1)
+    assert s.split_step in s.warmup_steps()              # compiled/exercised before the clock starts
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedules)
+def test_warmup_steps_cover_first_steps_and_every_transition(sched):
+    s = make_schedule(*sched)
+    w = s.warmup_steps()
+    assert w == sorted(set(w))
+    assert {0, 1, 2} <= set(w)
+    for t in s.transition_steps():
+        assert {t - 1, t, t + 1} <= set(w)
+    assert {s.stage_index(x) for x in w} == {0, 1, 2, 3}       # every stage's shapes, extension too
+
+
+# ---- per-step schedules, checked at every step ----
+
+@settings(max_examples=25, deadline=None)
+@given(schedules)
+def test_lr_multiplier_every_step(sched):
+    scheduled, extension = sched
+    s = make_schedule(scheduled, extension)
+    cd_start = int(scheduled * (1 - 0.55))
+    for step in range(s.total_steps + 1):
+        stage, _ = s.lookup(step)
+        lr = s.lr_multiplier(step)
+        if step < cd_start:
+            assert lr == stage.lr_mul
+        else:
+            t = min(1.0, (step - cd_start) / (scheduled - cd_start))
+            assert lr == pytest.approx(stage.lr_mul + (0.1 - stage.lr_mul) * t)
+            assert 0.1 - 1e-12 <= lr <= stage.lr_mul + 1e-12
+        if step >= scheduled:
+            assert lr == pytest.approx(0.1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(schedules)
+def test_mtp_weights_every_step(sched):
+    s = make_schedule(*sched)
+    for step in range(s.total_steps + 1):
+        stage, t = s.lookup(step)
+        w = s.mtp_weights(step)
+        assert len(w) == len(stage.mtp_start) and w[0] == 1.0
+        for got, a, b in zip(w, stage.mtp_start, stage.mtp_end):
+            assert got == pytest.approx(a + (b - a) * t)
+            assert min(a, b) - 1e-12 <= got <= max(a, b) + 1e-12
+        assert 0.0 <= t <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedules, st.integers(0, 400), st.integers(0, 100))
+def test_muon_momentum_every_step(sched, warmup, cooldown):
+    total = sum(sched)
+    prev = None
+    for step in range(total):
+        m = ts.muon_momentum(step, total, warmup, cooldown)
+        assert 0.85 - 1e-12 <= m <= 0.95 + 1e-12
+        if step < warmup:
+            assert m == pytest.approx(0.85 + 0.1 * step / warmup)
+        elif step > total - cooldown:
+            assert m == pytest.approx(0.95 - 0.1 * (step - (total - cooldown)) / cooldown)
+            assert m <= prev + 1e-12                      # cooling down: never rises
+        else:
+            assert m == 0.95
+        prev = m
+
+
+class _FakeYarn:
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, old, new):
+        self.calls.append((old, new))
+
+    def reset(self):
+        self.calls.append("reset")
+
+
+class _FakeModel:
+    def __init__(self):
+        self.yarn, self.yarn_paired_head = _FakeYarn(), _FakeYarn()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(3, 300), st.integers(0, 30))
+def test_stage_state_windows_batch_and_yarn_every_step(scheduled, extension):
+    import torch
+    s = make_schedule(scheduled, extension)
+    model = _FakeModel()
+    state = ts.StageState(s, model, torch.device("cpu"))
+    expected_calls = ["reset"]
+    long = s.stages[0].window_blocks[1]
+    for step in range(s.total_steps + 1):
+        state.advance(step)
+        stage, _ = s.lookup(step)
+        assert (state.ws_short, state.ws_long) == stage.window_blocks
+        assert state.batch_size == stage.batch_size
+        assert state.mtp_weights.tolist() == pytest.approx(s.mtp_weights(step))
+        if stage.window_blocks[1] != long:
+            expected_calls.append((long * 128, stage.window_blocks[1] * 128))
+            long = stage.window_blocks[1]
+        cfg = state.forward_config()
+        assert (cfg.ws_short, cfg.ws_long) == (state.ws_short * 128, state.ws_long * 128)
+    assert model.yarn.calls == expected_calls == model.yarn_paired_head.calls
+    state.use_final_window()
+    assert state.ws_long == 20 and state.forward_config().ws_long == 20 * 128
+    state.reset()
+    assert (state.ws_short, state.ws_long) == (1, 3) and model.yarn.calls[-1] == "reset"
+
+
+def test_adam_only_on_odd_steps():
+    assert [ts.is_adam_step(s) for s in range(6)] == [False, True, False, True, False, True]
+
+
+# ---- command line ----
+
+def test_parse_args_defaults_are_the_record():
+    a = ts.parse_args([])
+    assert (a.num_scheduled_iterations, a.num_extension_iterations) == (1515, 40)
+    assert (a.muon_warmup_steps, a.muon_cooldown_steps) == (300, 50)
+    assert (a.val_tokens, a.val_batch_size, a.train_max_seq_len) == (10485760, 2097152, 2048)
+    assert a.val_loss_every == 250 and a.compile and a.device == "cuda" and a.attn == "auto"
+
+
+def test_parse_args_smoke_and_explicit_flags_win():
+    a = ts.parse_args(["--smoke", "--device", "cpu", "--num_scheduled_iterations", "12"])
+    assert a.smoke and not a.compile and a.num_scheduled_iterations == 12
+    assert a.num_extension_iterations == ts.SMOKE_OVERRIDES["num_extension_iterations"]
+    assert ts.parse_args(["--device", "cpu", "--compile"]).compile
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_scheduled_iterations", "2"], "at least 3"),
+    (["--val_tokens", "1000"], "multiple of"),
+    (["--val_batch_size", "100"], "multiple of 128"),
+    (["--train_max_seq_len", "100"], "multiple of 16"),
+    (["--max_steps", "-1"], ">= 0"),
+])
+def test_parse_args_bad_values_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        ts.parse_args(argv)
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
