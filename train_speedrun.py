@@ -14,6 +14,7 @@ Run:  python train_speedrun.py --smoke --device cpu        (tiny, every code pat
 import argparse
 import copy
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -82,10 +83,10 @@ SMOKE_OVERRIDES = dict(
     val_batch_size=8 * 256,
     train_max_seq_len=128,
     stage_seqs=(1, 2, 3),
-    num_scheduled_iterations=9,
-    num_extension_iterations=3,
-    muon_warmup_steps=4,
-    muon_cooldown_steps=3,
+    num_scheduled_iterations=6,
+    num_extension_iterations=2,
+    muon_warmup_steps=3,
+    muon_cooldown_steps=2,
     val_loss_every=4,
 )
 
@@ -2631,6 +2632,10 @@ def is_adam_step(step: int) -> bool:
     return step % 2 == 1
 
 
+def padded(values: list, width: int) -> list:
+    return list(values) + [0.0] * (width - len(values))
+
+
 class StageState:
     """What the model sees of the schedule at the current step: windows, MTP weights, batch size.
 
@@ -2641,8 +2646,11 @@ class StageState:
     def __init__(self, schedule: TrainingSchedule, model: nn.Module, device: torch.device):
         self.schedule = schedule
         self.model = model
-        # one tensor per step, made once: the forward pass gets a device tensor without a copy
-        self._mtp = [torch.tensor(schedule.mtp_weights(s), dtype=torch.float32, device=device)
+        # one tensor per step, made once: the forward pass gets a device tensor without a copy.
+        # Zero-padded to the longest stage's length: a zero weight adds nothing to the loss or its
+        # gradient, and a fixed shape means a stage change alters only the batch length.
+        width = max(len(stage.mtp_start) for stage in schedule.stages)
+        self._mtp = [torch.tensor(padded(schedule.mtp_weights(s), width), dtype=torch.float32, device=device)
                      for s in range(schedule.total_steps + 1)]
         self.reset()
 
@@ -2856,9 +2864,15 @@ class StopFlag:
     def __init__(self):
         self.requested = False
 
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
+    def install(self):
+        """Returns the handler it replaced (None off the main thread, where signals cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self, previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -2951,7 +2965,7 @@ def main(argv=None) -> dict:
     env = init_distributed(args.device)
     log = RunLog(env, args.log_dir, args.run_id)
     stop = StopFlag()
-    stop.install()
+    previous_handler = stop.install()
     started = time.perf_counter()
     try:
         log(f"log: {log.path}")
@@ -2962,6 +2976,7 @@ def main(argv=None) -> dict:
         log("=" * 100, console=False)
 
         ensure_smoke_data(args, env, log)
+        find_shards(args.train_files, "train"), find_shards(args.val_files, "val")   # fail before building
         seed_everything(args.seed)
         gpu_type = detect_gpu_type(args.gpu_type, env.device)
         use_fp8 = use_fp8_for(gpu_type, env.device)
@@ -2986,6 +3001,7 @@ def main(argv=None) -> dict:
         graphs = compiled_graph_count()
         log(f"warm-up done in {warmup_s:.1f}s ({time.perf_counter() - started:.1f}s since start), "
             f"{graphs} graphs compiled")
+        gc.collect()
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
 
@@ -3009,6 +3025,7 @@ def main(argv=None) -> dict:
         log("summary: " + json.dumps(summary))
         return summary
     finally:
+        stop.uninstall(previous_handler)
         if env.distributed:
             dist.destroy_process_group()
 

@@ -1,0 +1,175 @@
+"""The speedrun trainer end to end on CPU: gradient equivalence across world sizes, the smoke run,
+early stop + checkpoint, SIGTERM, two gloo ranks under torchrun, and clear CLI errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_speedrun as ts
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_speedrun.py"
+
+
+def run_cli(args, env_extra=None, timeout=600, cwd=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def summary_of(text):
+    lines = [l for l in text.splitlines() if l.startswith("summary: ")]
+    assert lines, text[-3000:]
+    return json.loads(lines[-1][len("summary: "):])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return ts.write_synthetic_corpus(folder, seed=1, train_tokens=200_000, val_tokens=20_000)
+
+
+# ---- gradients: 1 rank x 8 micro-batches == 2 ranks x 4 micro-batches ----
+
+def accumulated_grads(model, loader, accum, stage):
+    model.zero_grad(set_to_none=True)
+    for _ in range(accum):
+        inputs, targets, cu = loader.next_batch(stage.batch_size)
+        (model(inputs, targets, cu, stage.forward_config()) / accum).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_world_size_1_gradients_equal_two_simulated_ranks(corpus):
+    train_glob, _ = corpus
+    torch.manual_seed(0)
+    cfg = ts.ModelConfig.smoke(attn_backend="sdpa", compile_mode="none", max_seq_len=512, val_max_len=512)
+    model = ts.GPT(cfg).float()   # all fp32 on CPU: sums in another order agree to ~1e-6
+    with torch.no_grad():         # the record starts some weights (and gating scalars) at zero:
+        for p in model.parameters():  # move every one off zero so every gradient is non-zero
+            p.add_(torch.randn_like(p) * 0.02)
+    schedule = ts.TrainingSchedule(ts.reference_stages(128, (1, 2, 3)), 9, 1)
+    stage = ts.StageState(schedule, model, torch.device("cpu"))
+    stage.advance(0)
+    batch = stage.batch_size
+    single = accumulated_grads(model, ts.BosAlignedLoader(train_glob, batch, 128, 8, 0, 1), 8, stage)
+    ranks = [accumulated_grads(model, ts.BosAlignedLoader(train_glob, batch, 128, 4, r, 2), 4, stage)
+             for r in range(2)]
+    assert set(single) == set(ranks[0]) and len(single) == 12
+    for name, g in single.items():
+        averaged = (ranks[0][name] + ranks[1][name]) / 2      # what all-reduce(AVG) delivers
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(averaged, g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- the smoke run ----
+
+@pytest.mark.slow
+def test_smoke_runs_every_stage_on_cpu(tmp_path):
+    result = run_cli(["--smoke", "--device", "cpu", "--log_dir", str(tmp_path), "--run_id", "smoke"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "smoke.txt").read_text()
+    assert "def main(argv=None)" in log and "args: {" in log           # source and arguments recorded
+    assert "torch " in log and "triton " in log
+    summary = summary_of(result.stdout)
+    assert summary["steps"] == 8 and summary["stopped_by"] is None
+    assert all(v is not None for v in summary["stage_step_avg_ms"])    # all 3 stages + extension ran
+    assert [s for s, _ in summary["val_losses"]] == [0, 4, 8]
+    first, final = summary["val_losses"][0][1], summary["final_val_loss"]
+    assert np.isfinite(final) and final < first - 0.5                  # it learns
+    assert summary["attn_backend"] == "sdpa" and summary["world_size"] == 1
+    for step in range(1, 9):
+        assert f"step:{step}/8 train_time:" in log
+    assert "split step 5" in log and "warm-up done" in log
+
+
+def test_max_steps_stops_early_and_saves_a_checkpoint(tmp_path, corpus):
+    train_glob, val_glob = corpus
+    summary = ts.main(["--smoke", "--device", "cpu", "--log_dir", str(tmp_path), "--run_id", "r",
+                       "--train_files", train_glob, "--val_files", val_glob, "--max_steps", "2",
+                       "--val_loss_every", "0", "--save_checkpoint"])
+    assert summary["stopped_by"] == "max_steps" and summary["steps"] == 2
+    assert summary["final_val_loss"] is None                          # no final validation at max_steps
+    assert [s for s, _ in summary["val_losses"]] == []
+    ckpt = torch.load(tmp_path / "r" / "state_step000002.pt", weights_only=False)
+    assert ckpt["step"] == 2 and "attn_bank" in ckpt["model"] and ckpt["args"]["max_steps"] == 2
+    assert set(ckpt["optimizer"]["states"]) == set(ts.PARAM_TABLE)
+    assert not list((tmp_path / "r").glob("*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is not None                # handler restored
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    train_glob, val_glob = corpus
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--log_dir", str(tmp_path),
+                             "--run_id", "t", "--train_files", train_glob, "--val_files", val_glob,
+                             "--save_checkpoint", "--num_scheduled_iterations", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step:1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(out)
+    rest, err = proc.communicate(timeout=300)
+    text = "".join(out) + rest
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in text
+    summary = summary_of(text)
+    assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["steps"] < 62
+    assert (tmp_path / "t" / f"state_step{summary['steps']:06d}.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_torchrun_follow_the_single_process_run(tmp_path, corpus):
+    """Same token stream and averaged gradients: the loss curve of 2 ranks x 4 micro-batches
+    matches 1 rank x 8 (bf16 rounding aside)."""
+    train_glob, val_glob = corpus
+    common = ["--smoke", "--device", "cpu", "--train_files", train_glob, "--val_files", val_glob,
+              "--max_steps", "3", "--val_loss_every", "3"]
+    single = run_cli(common + ["--log_dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(SCRIPT), *common, "--log_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = summary_of(single.stdout), summary_of(two.stdout)
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    (step0_a, loss0_a), (step3_a, loss3_a) = s1["val_losses"]
+    (step0_b, loss0_b), (step3_b, loss3_b) = s2["val_losses"]
+    assert (step0_a, step3_a) == (step0_b, step3_b) == (0, 3)
+    assert loss0_a == pytest.approx(loss0_b, abs=1e-4)                  # same start, same val tokens
+    assert loss3_a < loss0_a - 0.1                                       # trained
+    assert loss3_a == pytest.approx(loss3_b, abs=0.02)
+
+
+# ---- clear errors ----
+
+def test_world_size_3_is_a_one_line_error(tmp_path):
+    result = run_cli(["--smoke", "--device", "cpu", "--log_dir", str(tmp_path)],
+                     env_extra=dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"), timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: world size 3 is not supported")
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    result = run_cli(["--device", "cpu", "--train_files", str(tmp_path / "none_*.bin"), "--log_dir", str(tmp_path)],
+                     timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no train shards match")
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli(["--smoke", "--log_dir", str(tmp_path)], timeout=120)
+    assert result.returncode != 0
+    assert "error: --device cuda but no CUDA GPU" in result.stderr.strip().splitlines()[-1]
