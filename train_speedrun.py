@@ -2070,6 +2070,10 @@ class NorMuonAndAdam:
         self._decay = torch.zeros((), dtype=torch.float32)
         self._lr = torch.zeros((), dtype=torch.float32)
         maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        if compile:   # one graph per (shape, betas): ~8 for Adam, at Dynamo's default limit of 8
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 64))
         self._adam_update = maybe_compile(adam_update_)
         self._normalize = maybe_compile(normuon_normalize_)
         self._cautious_bf16 = maybe_compile(cautious_update_bf16_)
@@ -2941,7 +2945,12 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
     sync(env)
     if stopped_by is not None:
         training_ms += 1000 * (time.perf_counter() - t0)
-        log(f"stopped by {stopped_by} after {step} steps (final validation skipped)")
+        train_part = ""
+        if train_loss_n:
+            train_loss = (train_loss_sum / train_loss_n).item()
+            train_losses.append((step, train_loss))
+            train_part = f"; train_loss_per_token over the last {train_loss_n} steps {train_loss:.4f}"
+        log(f"stopped by {stopped_by} after {step} steps (final validation skipped){train_part}")
     steps_done = sum(stage_steps)
     for i, (ms, n) in enumerate(zip(stage_ms, stage_steps)):
         if n:

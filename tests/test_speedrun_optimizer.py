@@ -380,3 +380,23 @@ def test_two_gloo_ranks_match_world_size_one(tmp_path):
     for label, q in named:
         assert not torch.equal(q.detach(), start[label]), label      # every parameter moved
         torch.testing.assert_close(got[label], q.detach(), rtol=1e-4, atol=1e-6, msg=label)
+
+
+def test_compiled_update_math_traces_as_full_graphs(monkeypatch):
+    """compile=True wraps the update math in torch.compile(fullgraph=True); trace it (aot_eager:
+    Dynamo + AOTAutograd, no Inductor codegen) and check it still steps like the eager version."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    named_c, named_e = tiny_params(dtype_banks=torch.bfloat16), tiny_params(dtype_banks=torch.bfloat16)
+    opt_c = ts.NorMuonAndAdam(named_c, compile=True)
+    opt_e = ts.NorMuonAndAdam(named_e)
+    for step in range(2):
+        grads = random_grads(named_c, seed=40 + step)
+        for named, opt in ((named_c, opt_c), (named_e, opt_e)):
+            set_grads(named, grads)
+            opt.set_schedule(1.0, 0.9)
+            opt.step(do_adam=step == 1)
+    for (label, qc), (_, qe) in zip(named_c, named_e):
+        torch.testing.assert_close(qc.detach().float(), qe.detach().float(), rtol=1e-2, atol=1e-3, msg=label)
+    torch._dynamo.reset()
