@@ -284,8 +284,15 @@ def init_distributed(device_kind: str) -> DistEnv:
             raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
         if local_rank >= torch.cuda.device_count():
             raise SystemExit(f"error: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+        # growable segments: the batch grows per stage, and fragmentation would otherwise cost memory.
+        # Read when CUDA's allocator starts, i.e. at the first allocation below.
+        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+            os.environ.setdefault(name, "expandable_segments:True")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # start autograd's worker for this device before anything else runs (the record does this
+        # to dodge a start-up bug seen on some systems)
+        torch.empty(1, device=device, requires_grad=True).backward()
     else:
         device = torch.device("cpu")
     env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
