@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Speedrun GPU checks on one card (issue #5). Builds an offline FineWeb-format corpus from this
+# Python's site-packages with prepare_data.py (cached under /tmp), then runs the step named by $1:
+#   tests   GPU kernel/model tests against the PyTorch references
+#   smoke   --smoke on the GPU (tiny model, every stage)
+#   real    the record configuration, stage 1 + start of stage 2 (--max_steps)
+#   short   the short full schedule (300 + 10) cold, then again with a warm --compile_cache
+# Usage: bash benchmarks/gpu_speedrun.sh OUTDIR STEP [STEP...]   (GPT2_TIKTOKEN_FILE for offline BPE)
+set -uo pipefail
+out=$1; shift; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+corpus=${CORPUS:-/tmp/speedrun_corpus}
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+python3 prepare_data.py text "$site" --format fineweb --max_doc_tokens 2048 --out_dir "$corpus" \
+    --name_prefix fineweb 2>&1 | tail -2
+data=(--train_files "$corpus/fineweb_train_*.bin" --val_files "$corpus/fineweb_val_*.bin")
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    tests) python3 -m pytest -q -m gpu tests/test_speedrun_kernels.py tests/test_speedrun_model.py 2>&1 | tail -15 ;;
+    smoke) python3 train_speedrun.py --smoke --attn flex --log_dir "$out" --run_id smoke 2>&1 | tail -25 ;;
+    real)  python3 train_speedrun.py "${data[@]}" --max_steps ${REAL_STEPS:-560} --val_loss_every 0 \
+               --log_dir "$out" --run_id real ${REAL_EXTRA:-} 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -40 ;;
+    short) for pass in cold warm; do
+             python3 train_speedrun.py "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
+                 --val_loss_every 100 --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
+                 --run_id "short_$pass" ${SHORT_EXTRA:-} 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
+             [ "${SHORT_ONLY_COLD:-0}" = 1 ] && break
+           done ;;
+  esac
+done

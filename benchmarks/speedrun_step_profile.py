@@ -1,0 +1,73 @@
+"""Where does a speedrun training step spend its time? Stage-1 shapes only (no full warm-up).
+
+Prints, per step: data loading of 8 micro-batches, forward+backward of the micro-batches, and the
+optimizer step, each timed with a device sync around it; then torch.profiler tables of two steps.
+Usage: python benchmarks/speedrun_step_profile.py [train_speedrun.py options]
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_speedrun as T  # noqa: E402
+
+
+def main(argv):
+    args = T.parse_args(argv)
+    env = T.init_distributed(args.device)
+    T.seed_everything(args.seed)
+    gpu_type = T.detect_gpu_type(args.gpu_type, env.device)
+    backend = T.resolve_attention_backend(args.attn, env.device)
+    cfg = T.model_config_for(args, env, T.use_fp8_for(gpu_type, env.device), backend)
+    raw = T.build_model(cfg, env)
+    model = T.compile_model(raw, args.compile)
+    opt = T.NorMuonAndAdam(raw.named_parameters(), world_size=env.world_size, rank=env.rank, compile=args.compile)
+    sched = T.TrainingSchedule(T.reference_stages(args.train_max_seq_len, args.stage_seqs),
+                               args.num_scheduled_iterations, args.num_extension_iterations)
+    stage = T.StageState(sched, raw, env.device)
+    loader = T.BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
+                                env.grad_accum_steps, env.rank, env.world_size, env.device)
+    cuda = env.device.type == "cuda"
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    def one_step(step):
+        stage.advance(step)
+        T.train_step(model, loader, stage, env)
+        T.optimizer_step(opt, sched, step, args)
+
+    print(f"compile mode {cfg.compile_mode}, attention {backend}, fp8 {cfg.use_fp8}")
+    print(f"first 3 steps (compile): {timed(lambda: [one_step(s) for s in range(3)]) / 1e3:.1f} s, "
+          f"{T.compiled_graph_count()} graphs")
+    for step in range(3, 9):
+        stage.advance(step)
+        t_data = timed(lambda: [loader.next_batch(stage.batch_size) for _ in range(env.grad_accum_steps)])
+        t_fb = timed(lambda: T.train_step(model, loader, stage, env))
+        t_opt = timed(lambda: T.optimizer_step(opt, sched, step, args))
+        t_all = timed(lambda: one_step(step))
+        print(f"step {step}: data x{env.grad_accum_steps} {t_data:.1f} ms | fwd+bwd x{env.grad_accum_steps} "
+              f"{t_fb:.1f} ms | optimizer {t_opt:.1f} ms | whole step {t_all:.1f} ms")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for step in range(9, 11):
+            one_step(step)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if cuda:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
