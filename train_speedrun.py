@@ -1963,6 +1963,7 @@ PARAM_TABLE = {
 WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
               "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
+COMPILED_ADAM_MIN_NUMEL = 1 << 16   # smaller Adam tensors (gates, scalars) update eagerly
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
 
 
@@ -2077,11 +2078,13 @@ class NorMuonAndAdam:
         self._decay = torch.zeros((), dtype=torch.float32)
         self._lr = torch.zeros((), dtype=torch.float32)
         maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
-        if compile:   # one graph per (shape, betas): ~8 for Adam, at Dynamo's default limit of 8
+        if compile:   # one graph per shape: 3 Adam (embeddings, lm_head), 2 x 2 NorMuon; stay clear of the limit
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, name, max(getattr(config, name), 64))
-        self._adam_update = maybe_compile(adam_update_)
+        # Adam on the gates/scalars is a few microseconds eager; compiling it would add a graph per
+        # shape to the start-up, so only the embedding-sized tensors get the fused, compiled update.
+        self._adam_update_big = maybe_compile(adam_update_)
         self._normalize = maybe_compile(normuon_normalize_)
         self._cautious_bf16 = maybe_compile(cautious_update_bf16_)
         self._cautious_fp32 = maybe_compile(cautious_update_fp32_)
@@ -2228,8 +2231,9 @@ class NorMuonAndAdam:
         self._step_size.fill_(lr * ((1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)))
         self._decay.fill_(lr * lr * cfg.weight_decay * cfg.wd_mul)
         local = self._local_slice(param)
-        self._adam_update(local, grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, cfg.eps,
-                          self._step_size, self._decay)
+        update = self._adam_update_big if local.numel() >= COMPILED_ADAM_MIN_NUMEL else adam_update_
+        update(local, grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, cfg.eps,
+               self._step_size, self._decay)
         return local
 
     def _normuon_step(self, param: Tensor, grad: Tensor, cfg: ParamSettings) -> Tensor:

@@ -387,6 +387,7 @@ def test_compiled_update_math_traces_as_full_graphs(monkeypatch):
     Dynamo + AOTAutograd, no Inductor codegen) and check it still steps like the eager version."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(ts, "COMPILED_ADAM_MIN_NUMEL", 0)     # toy sizes: compile every Adam update too
     torch._dynamo.reset()
     named_c, named_e = tiny_params(dtype_banks=torch.bfloat16), tiny_params(dtype_banks=torch.bfloat16)
     opt_c = ts.NorMuonAndAdam(named_c, compile=True)
