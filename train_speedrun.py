@@ -2892,6 +2892,21 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self, step: int, env: DistEnv) -> bool:
+        """Whether to stop before this step. Ranks must stop at the same step (or the others hang
+        in the next collective), so with several ranks the flags are OR-ed every
+        STOP_CHECK_EVERY steps: one small all-reduce, not a host sync per step."""
+        if not env.distributed:
+            return self.requested
+        if step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([float(self.requested)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+STOP_CHECK_EVERY = 10
+
 
 def sync(env: DistEnv) -> None:
     if env.device.type == "cuda":
@@ -2940,7 +2955,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
         if step == last_step:
             stopped_by = "max_steps"
             break
-        if stop.requested:
+        if stop.agreed(step, env):
             stopped_by = "SIGTERM"
             break
         loss = train_step(model, loader, stage, env)
