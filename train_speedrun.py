@@ -2823,6 +2823,22 @@ def evaluate(model, args: Hyperparameters, env: DistEnv, stage: StageState, val_
     return total
 
 
+def last_step_of(args: Hyperparameters, schedule: TrainingSchedule) -> int:
+    """Steps this run trains: the whole schedule, or fewer with --max_steps."""
+    return min(args.max_steps, schedule.total_steps) if args.max_steps else schedule.total_steps
+
+
+def warmup_plan(args: Hyperparameters, schedule: TrainingSchedule) -> tuple:
+    """(steps to replay, validate at each?, final-window validation?). A --max_steps run compiles
+    only what it will run: its stages, and the eval graphs only if it validates at all."""
+    last_step = last_step_of(args, schedule)
+    steps = [s for s in schedule.warmup_steps() if s < last_step]
+    if not args.compile:
+        steps = steps[:1]     # eager: nothing to compile; one step still exercises the reset
+    reaches_end = last_step == schedule.total_steps
+    return steps, args.val_loss_every > 0 or reaches_end, reaches_end
+
+
 def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
             stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog) -> None:
     """Untimed: run the schedule's warm-up steps (first steps, every stage change +-1, so every
@@ -2832,23 +2848,24 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     initial_optimizer = optimizer.state_dict()
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                               env.grad_accum_steps, env.rank, env.world_size, env.device)
-    steps = schedule.warmup_steps()
-    if not args.compile:
-        steps = steps[:1]     # eager: nothing to compile; one step still exercises the reset below
-    log(f"warm-up: replaying steps {steps} to compile every stage's shapes")
+    steps, validates, final_window = warmup_plan(args, schedule)
+    log(f"warm-up: replaying steps {steps}{' with a validation forward each' if validates else ''} "
+        "to compile every shape this run uses")
     for step in steps:
         t0 = time.perf_counter()
         stage.advance(step)
-        evaluate(model, args, env, stage, val_steps=1)
+        if validates:
+            evaluate(model, args, env, stage, val_steps=1)
         train_step(model, loader, stage, env)
         optimizer_step(optimizer, schedule, step, args)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         log(f"warm-up step {step} (stage {schedule.stage_index(step) + 1}): "
             f"{time.perf_counter() - t0:.1f}s, graphs so far {compiled_graph_count()}")
-    stage.advance(schedule.total_steps)
-    stage.use_final_window()
-    evaluate(model, args, env, stage, val_steps=1)
+    if final_window:
+        stage.advance(schedule.total_steps)
+        stage.use_final_window()
+        evaluate(model, args, env, stage, val_steps=1)
     del loader
     model.zero_grad(set_to_none=True)
     raw_model.load_state_dict(initial_model)
@@ -2917,7 +2934,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
           stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog, stop: StopFlag) -> dict:
     """The timed run. The clock stops during validation, as the record's does."""
     total_steps = schedule.total_steps
-    last_step = total_steps if not args.max_steps else min(args.max_steps, total_steps)
+    last_step = last_step_of(args, schedule)
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                               env.grad_accum_steps, env.rank, env.world_size, env.device)
     stage_ms = [0.0] * len(schedule.stages)

@@ -242,3 +242,15 @@ def test_parse_args_bad_values_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit, match=message) as e:
         ts.parse_args(argv)
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_warmup_plan_compiles_only_what_the_run_uses():
+    record = make_schedule(1515, 40)
+    full = ts.parse_args([])
+    assert ts.warmup_plan(full, record) == (record.warmup_steps(), True, True)
+    timing = ts.parse_args(["--max_steps", "560", "--val_loss_every", "0"])
+    assert ts.warmup_plan(timing, record) == ([0, 1, 2, 504, 505, 506], False, False)   # stages 1-2, no eval
+    periodic = ts.parse_args(["--max_steps", "1012"])
+    assert ts.warmup_plan(periodic, record) == ([0, 1, 2, 504, 505, 506, 1009, 1010, 1011], True, False)
+    eager = ts.parse_args(["--device", "cpu"])
+    assert ts.warmup_plan(eager, record) == ([0], True, True)
