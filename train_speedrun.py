@@ -2829,14 +2829,32 @@ def last_step_of(args: Hyperparameters, schedule: TrainingSchedule) -> int:
 
 
 def warmup_plan(args: Hyperparameters, schedule: TrainingSchedule) -> tuple:
-    """(steps to replay, validate at each?, final-window validation?). A --max_steps run compiles
-    only what it will run: its stages, and the eval graphs only if it validates at all."""
+    """(steps to replay, steps that also run a validation forward, final-window validation?).
+
+    From the record's warm-up steps (first steps, each stage change +-1) keep those that build
+    something new: the first step of each stage (its batch shape, windows), the first Adam step
+    while tied, the split step, and the first Adam step after it. A --max_steps run keeps only
+    the stages it reaches, and validates (compiling eval) only if it validates at all.
+    """
     last_step = last_step_of(args, schedule)
-    steps = [s for s in schedule.warmup_steps() if s < last_step]
+    steps, seen = [], set()
+    for step in schedule.warmup_steps():
+        if step >= last_step:
+            continue
+        adam = is_adam_step(step)
+        tying = "tied" if step < schedule.split_step else ("split" if step == schedule.split_step else "untied")
+        news = {("stage", schedule.stage_index(step))} | ({("adam", tying)} if adam else set())
+        if news - seen:
+            steps.append(step)
+            seen |= news
     if not args.compile:
         steps = steps[:1]     # eager: nothing to compile; one step still exercises the reset
     reaches_end = last_step == schedule.total_steps
-    return steps, args.val_loss_every > 0 or reaches_end, reaches_end
+    validates = args.val_loss_every > 0 or reaches_end
+    first_of_stage = {}
+    for step in steps:
+        first_of_stage.setdefault(schedule.stage_index(step), step)
+    return steps, sorted(first_of_stage.values()) if validates else [], reaches_end
 
 
 def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
@@ -2848,13 +2866,13 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     initial_optimizer = optimizer.state_dict()
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                               env.grad_accum_steps, env.rank, env.world_size, env.device)
-    steps, validates, final_window = warmup_plan(args, schedule)
-    log(f"warm-up: replaying steps {steps}{' with a validation forward each' if validates else ''} "
-        "to compile every shape this run uses")
+    steps, eval_steps, final_window = warmup_plan(args, schedule)
+    log(f"warm-up: replaying steps {steps} (validation forward at {eval_steps}"
+        f"{' and with the final window' if final_window else ''}) to compile every shape this run uses")
     for step in steps:
         t0 = time.perf_counter()
         stage.advance(step)
-        if validates:
+        if step in eval_steps:
             evaluate(model, args, env, stage, val_steps=1)
         train_step(model, loader, stage, env)
         optimizer_step(optimizer, schedule, step, args)

@@ -247,10 +247,26 @@ def test_parse_args_bad_values_are_one_line_errors(argv, message):
 def test_warmup_plan_compiles_only_what_the_run_uses():
     record = make_schedule(1515, 40)
     full = ts.parse_args([])
-    assert ts.warmup_plan(full, record) == (record.warmup_steps(), True, True)
+    # each stage's first step, the first tied Adam step, the split step, the first untied Adam step
+    assert ts.warmup_plan(full, record) == ([0, 1, 505, 1010, 1011, 1515], [0, 505, 1010, 1515], True)
     timing = ts.parse_args(["--max_steps", "560", "--val_loss_every", "0"])
-    assert ts.warmup_plan(timing, record) == ([0, 1, 2, 504, 505, 506], False, False)   # stages 1-2, no eval
+    assert ts.warmup_plan(timing, record) == ([0, 1, 505], [], False)             # stages 1-2, no eval
     periodic = ts.parse_args(["--max_steps", "1012"])
-    assert ts.warmup_plan(periodic, record) == ([0, 1, 2, 504, 505, 506, 1009, 1010, 1011], True, False)
+    assert ts.warmup_plan(periodic, record) == ([0, 1, 505, 1010, 1011], [0, 505, 1010], False)
     eager = ts.parse_args(["--device", "cpu"])
-    assert ts.warmup_plan(eager, record) == ([0], True, True)
+    assert ts.warmup_plan(eager, record) == ([0], [0], True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedules)
+def test_warmup_plan_covers_every_stage_and_optimizer_variant(sched):
+    s = make_schedule(*sched)
+    steps, eval_steps, final = ts.warmup_plan(ts.parse_args([]), s)
+    assert final and set(steps) <= set(s.warmup_steps()) and steps == sorted(steps)
+    stages_run = {s.stage_index(x) for x in range(s.total_steps)}     # no extension stage if 0 steps
+    assert {s.stage_index(x) for x in steps} == stages_run == {s.stage_index(x) for x in eval_steps}
+    odd = [x for x in steps if x % 2]
+    assert any(x < s.split_step for x in odd)
+    assert s.split_step in steps or s.split_step >= s.total_steps
+    if any(x > s.split_step and x % 2 for x in s.warmup_steps() if x < s.total_steps):
+        assert any(x > s.split_step for x in odd)                      # embed's own Adam update
