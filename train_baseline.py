@@ -95,7 +95,8 @@ class TrainConfig:
     compile: bool = opt(True, "torch.compile the model")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl, gloo")
     seed: int = opt(1337, "random seed (init, data order, dropout)")
-    gpu_type: str = opt("auto", "h100 | h200 | a100 | auto: sets the peak bf16 FLOP/s that MFU divides by")
+    gpu_type: str = opt("auto", "h100 | h200 | a100 | auto (from the device name): the peak bf16 FLOP/s "
+                                "MFU divides by; other names run without MFU")
     time_limit: float = opt(0.0, "stop training after this many seconds, then evaluate and save (0 = off)")
     # benchmark
     bench: bool = opt(False, "timed throughput run instead of training (no eval, no checkpoint)")
@@ -237,9 +238,7 @@ def validate_config(cfg):
             raise UsageError(f"--init_from {value!r} is not one of {', '.join(INIT_CHOICES)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {cfg.dtype!r}: use auto, float32, bfloat16 or float16")
-    cfg.gpu_type = cfg.gpu_type.lower()
-    if cfg.gpu_type not in ("auto", *PEAK_BF16_FLOPS):
-        raise UsageError(f"--gpu_type {cfg.gpu_type!r}: use auto, {', '.join(PEAK_BF16_FLOPS)}")
+    cfg.gpu_type = cfg.gpu_type.lower()  # other names are allowed: MFU is then not reported
     if cfg.bench_data not in ("auto", "real", "random"):
         raise UsageError(f"--bench_data {cfg.bench_data!r}: use auto, real or random")
     if cfg.backend not in ("auto", "nccl", "gloo"):
@@ -548,7 +547,7 @@ class TrainBatches:
         return self.state_before_draw
 
     def restore(self, state):
-        self.generator.set_state(state)
+        self.generator.set_state(state.cpu())
         self._draw_step()
         self.micro = 0
         self.current = self._load(0)
@@ -625,6 +624,13 @@ def peak_flops_for(gpu_type, device):
     return PEAK_BF16_FLOPS.get(gpu_type)
 
 
+def describe_peak(peak, gpu_type):
+    if peak:
+        return f"MFU against {peak / 1e12:.0f} TFLOP/s"
+    known = ", ".join(PEAK_BF16_FLOPS)
+    return f"no MFU (peak FLOP/s unknown for --gpu_type {gpu_type}; known: {known})"
+
+
 def leave_process_group(rt):
     """Tear down the process group cleanly; call once the DDP-wrapped model is no longer referenced.
 
@@ -686,9 +692,10 @@ def rng_state(device):
 
 
 def restore_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
+    # RNG states must be CPU byte tensors; loading with map_location may have moved them
+    torch.set_rng_state(state["cpu"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def gather_rng_states(rt):
@@ -750,11 +757,12 @@ def build_model(cfg, rt, meta):
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if init_from == "resume":
         if ckpt_path.exists():
-            print(f"resuming from {ckpt_path}")
             checkpoint = load_checkpoint(ckpt_path, rt.device)
         else:
             init_from = cfg.resume_fallback
-            print(f"note: --init_from resume but {ckpt_path} does not exist yet; starting from {init_from}")
+        if rt.master:
+            print(f"resuming from {ckpt_path}" if checkpoint else
+                  f"note: --init_from resume but {ckpt_path} does not exist yet; starting from {init_from}")
     if checkpoint is not None:
         # the architecture comes from the checkpoint; dropout may change between runs
         model_args = dict(checkpoint["model_args"], dropout=cfg.dropout)
@@ -912,7 +920,8 @@ class Trainer:
         if rt.master:
             print(f"{self.raw_model.num_params() / 1e6:.2f}M parameters; world size {rt.world_size}, "
                   f"{self.accumulation} micro-steps per rank; {self.step_tokens:,} tokens per step; "
-                  f"{rt.device}, {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}")
+                  f"{rt.device}, {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}; "
+                  f"{describe_peak(self.peak_flops, cfg.gpu_type)}")
 
     def _restore(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -953,8 +962,7 @@ class Trainer:
             if self.rt.master:
                 print(f"saved checkpoint to {self.ckpt_path}")
 
-    def log(self, loss_sum, grad_norm, lr, step_seconds):
-        loss = all_ranks_mean(loss_sum, self.accumulation, self.rt)  # .item(): a GPU sync
+    def log(self, loss, grad_norm, lr, step_seconds):
         tokens_per_s = self.step_tokens / step_seconds
         mfu = model_flops_utilization(self.flops_per_token, tokens_per_s / self.rt.world_size, self.peak_flops)
         if self.rt.master:
@@ -981,7 +989,8 @@ class Trainer:
             set_learning_rate(self.optimizer, lr)
             finished = self.iter_num >= cfg.max_iters or time_up or cfg.eval_only
             # a resumed run skips the eval its checkpoint was written at
-            if (self.iter_num % cfg.eval_interval == 0 or finished) and self.last_eval_iter != self.iter_num:
+            due = (self.iter_num % cfg.eval_interval == 0 or finished) and self.last_eval_iter != self.iter_num
+            if due or cfg.eval_only:
                 self.evaluate(lr)
                 window_start, window_iters = time.perf_counter(), 0  # eval time stays out of ms/iter
             if finished:
@@ -991,8 +1000,9 @@ class Trainer:
                                              self.accumulation, self.rt, cfg.grad_clip, want_log)
             window_iters += 1
             if want_log:
-                now = time.perf_counter()
-                self.log(loss_sum, grad_norm, lr, (now - window_start) / window_iters)
+                loss = all_ranks_mean(loss_sum, self.accumulation, self.rt)  # .item() waits for the GPU...
+                now = time.perf_counter()  # ...so the clock is read after the queued work is done
+                self.log(loss, grad_norm, lr, (now - window_start) / window_iters)
                 window_start, window_iters = now, 0
             self.iter_num += 1
             stop = self.stop_code(stop_signal, start_time)
@@ -1050,7 +1060,7 @@ def bench(cfg):
         "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.compile, "data": "real" if use_real else "random",
     }
     if rt.master:
-        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak; pass --gpu_type)"
+        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else f"n/a: {describe_peak(peak, cfg.gpu_type)}"
         print(f"bench: {result['ms_per_iter']:.2f} ms/iter, {tokens_per_s:,.0f} tok/s, mfu {mfu_text} "
               f"(warm-up {warmup_seconds:.1f} s)")
         print(json.dumps(result))
