@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import glob
 import json
-import math
 import os
 import platform
 import signal
@@ -39,7 +38,6 @@ from torch import Tensor, nn
 SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
 WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
 GPU_TYPES = ("auto", "h100", "h200", "a100", "other")
-FP8_GPU_TYPES = ("h100", "h200")   # cards where the FP8 lm_head path is used (auto: by capability)
 ATTN_CHOICES = ("auto", "fa3", "flash_attn", "flex")
 
 
@@ -52,8 +50,9 @@ class Hyperparameters:
     val_tokens: int = 10_485_760          # fixed, so val losses of different runs compare
     val_batch_size: int = 4 * 64 * 1024 * 8
     train_max_seq_len: int = 128 * 16     # longest document piece a training batch holds
-    # micro-batch size of each stage in max-length sequences (x train_max_seq_len x 8 = stage batch)
+    # stage batch = stage_seqs[i] x batch_seq_len x 8 tokens (8 micro-batches over all ranks)
     stage_seqs: tuple = (8, 16, 24)
+    batch_seq_len: int = 2048
     # schedule
     num_scheduled_iterations: int = 1515
     num_extension_iterations: int = 40
@@ -71,7 +70,7 @@ class Hyperparameters:
     gpu_type: str = "auto"
     attn: str = "auto"
     compile: bool = True
-    compile_mode: str = "blocks"          # "blocks": one compiled graph per layer kind, reused; "model": whole
+    compile_mode: str = "model"           # "model": whole forward as one graph (faster steps on H100); "blocks": per layer kind
     compile_cache: str = ""
     smoke: bool = False
 
@@ -83,6 +82,7 @@ SMOKE_OVERRIDES = dict(
     val_batch_size=8 * 256,
     train_max_seq_len=128,
     stage_seqs=(1, 2, 3),
+    batch_seq_len=128,
     num_scheduled_iterations=6,
     num_extension_iterations=2,
     muon_warmup_steps=3,
@@ -99,7 +99,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_files", help=f"glob of validation shards (default {defaults.val_files})")
     p.add_argument("--val_tokens", type=int, help=f"validation tokens (default {defaults.val_tokens})")
     p.add_argument("--val_batch_size", type=int,
-                   help=f"validation tokens per forward over all ranks (default {defaults.val_batch_size})")
+                   help=f"validation tokens per 8 micro-batch forwards over all ranks "
+                        f"(default {defaults.val_batch_size})")
     p.add_argument("--train_max_seq_len", type=int,
                    help=f"max document piece in a training batch (default {defaults.train_max_seq_len})")
     p.add_argument("--num_scheduled_iterations", type=int,
@@ -123,13 +124,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_id", help="name of the log file (default: a fresh uuid)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu (tiny/tests)")
     p.add_argument("--gpu_type", choices=GPU_TYPES,
-                   help="card; FP8 lm_head only on h100/h200 (auto: detected, by compute capability)")
+                   help="card family (auto: from the device name); FP8 lm_head wherever the card supports "
+                        "FP8 (compute capability >= 8.9), never with a100")
     p.add_argument("--attn", choices=ATTN_CHOICES, help="attention backend (default auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model and optimizer math (default on for cuda, off for cpu)")
     p.add_argument("--compile_mode", choices=("blocks", "model"),
-                   help="blocks (default): compile each kind of layer once and reuse it; model: the "
-                        "whole forward as one graph, like the record")
+                   help="model (default): the whole forward as one graph, like the record (H100: 320 ms vs "
+                        "540 ms per stage-1 step); blocks: compile each kind of layer once and reuse it")
     p.add_argument("--compile_cache", metavar="DIR",
                    help="persist Inductor/Triton caches here so the next run starts fast")
     p.add_argument("--smoke", action="store_true", default=None,
@@ -173,6 +175,8 @@ def validate_args(args: Hyperparameters) -> None:
         fail("--val_loss_every and --max_steps must be >= 0")
     if args.train_max_seq_len <= 0 or args.train_max_seq_len % 16:
         fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
+    if args.batch_seq_len <= 0 or args.batch_seq_len % 16:
+        fail(f"batch_seq_len {args.batch_seq_len} must be a positive multiple of 16")
     # every rank's micro-batch must hold a multiple of 16 tokens for all world sizes: 8 divides it
     if args.val_batch_size <= 0 or args.val_batch_size % (8 * 16):
         fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 128 "
@@ -2565,11 +2569,11 @@ class TrainingStage:
     duration: float | None = None    # fraction of the scheduled iterations; None = extension stage
 
 
-def reference_stages(train_max_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
-    """Record #68's stages: batch grows 8->16->24 sequences per micro-batch while windows widen
-    and multi-token prediction fades out; the extension stage widens the windows once more."""
+def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
+    """Record #68's stages: batch grows 8->16->24 x 2048 tokens per micro-batch while windows
+    widen and multi-token prediction fades out; the extension stage widens the windows once more."""
     seqs1, seqs2, seqs3 = stage_seqs
-    per_micro = train_max_seq_len * 8      # 8 micro-batches per step, whatever the world size
+    per_micro = batch_seq_len * 8          # 8 micro-batches per step, whatever the world size
     return [
         TrainingStage(1.00, seqs1 * per_micro, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 1 / 3),
         TrainingStage(1.52, seqs2 * per_micro, (3, 7), (1.0, 0.5), (1.0, 0.0), 1 / 3),  # (16/8)**0.6
@@ -2735,7 +2739,7 @@ def environment_report() -> str:
 def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend: str):
     """The record's model (or the smoke model), sized for this world size and these batches."""
     val_len = args.val_batch_size // (env.grad_accum_steps * env.world_size)   # tokens per rank per val forward
-    train_len = max(args.stage_seqs) * args.train_max_seq_len                   # largest training micro-batch
+    train_len = max(args.stage_seqs) * args.batch_seq_len                       # largest training micro-batch
     base = ModelConfig.smoke() if args.smoke else ModelConfig()
     return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
                                grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
@@ -3056,7 +3060,7 @@ def main(argv=None) -> dict:
         model = compile_model(raw_model, args.compile)
         optimizer = NorMuonAndAdam(raw_model.named_parameters(), world_size=env.world_size, rank=env.rank,
                                    compile=args.compile)
-        schedule = TrainingSchedule(reference_stages(args.train_max_seq_len, args.stage_seqs),
+        schedule = TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
                                     args.num_scheduled_iterations, args.num_extension_iterations)
         stage = StageState(schedule, raw_model, env.device)
         card = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"

@@ -12,7 +12,7 @@ schedules = st.tuples(st.integers(3, 4000), st.integers(0, 200))
 
 def make_schedule(scheduled, extension, args=None):
     args = args or ts.Hyperparameters()
-    return ts.TrainingSchedule(ts.reference_stages(args.train_max_seq_len, args.stage_seqs), scheduled, extension)
+    return ts.TrainingSchedule(ts.reference_stages(args.batch_seq_len, args.stage_seqs), scheduled, extension)
 
 
 # ---- the record's numbers ----
