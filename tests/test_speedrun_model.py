@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import train_speedrun as ts
 
@@ -44,8 +44,8 @@ def batch(T=256, docs=(100, 60, 96), seed=1, vocab=SMALL_VOCAB):
     return inputs, targets, cu
 
 
-def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25)):
-    return ts.ForwardScheduleConfig(torch.tensor(mtp), short, long)
+def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25), device="cpu"):
+    return ts.ForwardScheduleConfig(torch.tensor(mtp, device=device), short, long)
 
 
 # ---- structure ----------------------------------------------------------------------------------
@@ -367,6 +367,28 @@ def test_block_mask_from_bounds_equals_create_block_mask(case):
     assert torch.equal(dense, ts.window_mask_dense(cu, T, window))
 
 
+@settings(max_examples=15, deadline=None)
+@given(packed_docs())
+def test_block_mask_tables_trace_as_one_graph_and_match_the_library_transpose(case):
+    """On the GPU the tables are built by a fullgraph compile; the backward's q tables must be
+    what BlockMask.from_kv_blocks would derive from the kv tables."""
+    block, T, cu, window = case
+    window_t = torch.tensor(window)
+    eager = ts._window_block_tables(cu, window_t, T, block, True)
+    torch._dynamo.reset()
+    traced = torch.compile(ts._window_block_tables, backend="eager", fullgraph=True, dynamic=False)
+    compiled = traced(cu, window_t, T, block, True)
+    for a, b in zip((eager[0], *eager[1], *eager[2]), (compiled[0], *compiled[1], *compiled[2])):
+        assert torch.equal(a, b)
+    doc, kv, q = eager
+    library = BlockMask.from_kv_blocks(*kv, BLOCK_SIZE=block)
+    assert torch.equal(q[0], library.q_num_blocks) and torch.equal(q[2], library.full_q_num_blocks)
+    for ours, theirs, counts in ((q[1], library.q_indices, q[0]), (q[3], library.full_q_indices, q[2])):
+        for i in range(counts.shape[-1]):   # only the first counts[i] entries of a row are meaningful
+            n = int(counts[0, 0, i])
+            assert torch.equal(ours[0, 0, i, :n], theirs[0, 0, i, :n])
+
+
 def test_block_mask_rejects_ragged_length():
     with pytest.raises(ValueError, match="multiple of 128"):
         ts.sliding_window_block_mask(torch.tensor([0, 200], dtype=torch.int32), 200, 64)
@@ -541,7 +563,7 @@ def test_compiled_gpt_matches_eager_reference_on_gpu(mode):
         model = make_model(attn_backend=backend).cuda().cast_to_bf16()
         ts.compile_gpt(model, compile_mode)
         inputs, targets, cu = (t.cuda() for t in batch(T=512, docs=(100, 300, 112)))
-        loss = model(inputs, targets, cu, sched(128, 384))
+        loss = model(inputs, targets, cu, sched(128, 384, device="cuda"))   # the loss kernel reads them on the GPU
         loss.backward()
         losses[name] = loss.item()
         grads[name] = {n: p.grad.float() for n, p in model.named_parameters()}
