@@ -21,11 +21,18 @@ for step in "$@"; do
     smoke) python3 train_speedrun.py --smoke --attn flex --log_dir "$out" --run_id smoke 2>&1 | tail -25 ;;
     real)  python3 train_speedrun.py "${data[@]}" --max_steps ${REAL_STEPS:-560} --val_loss_every 0 \
                --log_dir "$out" --run_id real ${REAL_EXTRA:-} 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -40 ;;
-    short) for pass in cold warm; do
-             python3 train_speedrun.py "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
-                 --val_loss_every 100 --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
-                 --run_id "short_$pass" ${SHORT_EXTRA:-} 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
-             [ "${SHORT_ONLY_COLD:-0}" = 1 ] && break
-           done ;;
+    short) # cold: empty compile cache, the whole short schedule with every validation
+           rm -rf /tmp/speedrun_compile_cache
+           python3 ${TRAINER:-train_speedrun.py} "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
+               --val_loss_every ${SHORT_VAL_EVERY:-100} --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
+               --run_id short_cold 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
+           # warm: same command, cache filled; only the time to step 0 is wanted, so stop it there
+           python3 ${TRAINER:-train_speedrun.py} "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
+               --val_loss_every ${SHORT_VAL_EVERY:-100} --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
+               --run_id short_warm > "$out/short_warm.console" 2>&1 &
+           pid=$!
+           for _ in $(seq 300); do grep -q "warm-up done" "$out/short_warm.console" && break; sleep 1; done
+           kill $pid 2>/dev/null; wait $pid 2>/dev/null
+           grep -E "warm-up|graphs" "$out/short_warm.console" | tail -4 ;;
   esac
 done
