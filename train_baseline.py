@@ -868,8 +868,8 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
-def prepare_training(cfg):
-    """What train() and bench() share: runtime, (default) data, model, per-rank accumulation."""
+def start_run(cfg):
+    """What train() and bench() share: runtime, seed, per-rank accumulation, the data's vocabulary."""
     # checked before joining the process group, so a bad combination fails at once on every rank
     accumulation = accumulation_per_rank(cfg.gradient_accumulation_steps, int(os.environ.get("WORLD_SIZE", 1)))
     rt = setup_runtime(cfg)
@@ -877,8 +877,7 @@ def prepare_training(cfg):
     if cfg.preset == "default" and not cfg.data_dir:
         cfg.data_dir = ensure_default_corpus(cfg, rt)
     meta = read_meta(cfg.data_dir) if cfg.data_dir else None
-    model, checkpoint = build_model(cfg, rt, meta)
-    return rt, meta, model, checkpoint, accumulation
+    return rt, accumulation, meta
 
 
 def compile_and_wrap(model, cfg, rt):
@@ -896,12 +895,13 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        rt, self.meta, self.raw_model, checkpoint, self.accumulation = prepare_training(cfg)
+        rt, self.accumulation, self.meta = start_run(cfg)
         self.rt = rt
+        self.splits = {name: load_split(cfg.data_dir, name, cfg.block_size) for name in ("train", "val")}
+        self.raw_model, checkpoint = build_model(cfg, rt, self.meta)
         self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
         if rt.master:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        self.splits = {name: load_split(cfg.data_dir, name, cfg.block_size) for name in ("train", "val")}
         check_vocab(self.splits["train"], self.raw_model.config.vocab_size, Path(cfg.data_dir) / "train.bin")
         self.optimizer = configure_optimizer(self.raw_model, cfg, rt.device.type)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
@@ -1036,7 +1036,8 @@ def train(cfg):
 
 def bench(cfg):
     """nanoGPT bench.py's measurement with our training step: untimed warm-up, then timed steps."""
-    rt, _, raw_model, _, accumulation = prepare_training(cfg)
+    rt, accumulation, meta = start_run(cfg)
+    raw_model, _ = build_model(cfg, rt, meta)
     use_real = cfg.bench_data == "real" or (
         cfg.bench_data == "auto" and (Path(cfg.data_dir) / "train.bin").exists())
     if use_real:

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -392,6 +393,12 @@ def test_resume_matches_an_uninterrupted_run_exactly(char_data, tmp_path):
     assert [i for i, _ in split] == list(range(16))
     assert split == straight  # bit-for-bit: batches, dropout masks and optimizer state all restored
     assert result["iter"] == 16
+    # eval_only on that checkpoint evaluates even though the checkpoint was written by an eval at 16
+    before = (tmp_path / "split" / "ckpt.pt").stat().st_mtime_ns
+    again = tb.train(tb.parse_config(args + ["--out_dir", str(tmp_path / "split"), "--init_from", "resume",
+                                             "--eval_only"]))
+    assert again["iter"] == 16 and again["losses"] == result["losses"]
+    assert (tmp_path / "split" / "ckpt.pt").stat().st_mtime_ns == before
 
 
 def test_resume_without_checkpoint_starts_fresh(char_data, tmp_path, capsys):
@@ -531,3 +538,26 @@ def test_ddp_two_ranks_match_one_rank_and_stop_together(char_data, tmp_path):
     assert proc.wait(timeout=120) == 0, "".join(lines)
     assert sum(line.startswith("preempted: checkpoint saved at iter ") for line in lines) == 1, "".join(lines)
     assert (tmp_path / "stop" / "ckpt.pt").exists()
+
+
+def readme_baseline_commands():
+    """train_baseline.py command lines in the code blocks of the README's baseline section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("<!-- SECTION baseline (baseline helper) -->")[1].split("<!-- SECTION")[0]
+    code = "\n".join(section.split("```")[1::2]).replace("\\\n", " ")  # odd pieces are code blocks
+    commands = []
+    for line in code.splitlines():
+        words = shlex.split(line, comments=True)
+        if "train_baseline.py" in words and words[0] in ("python3", "torchrun"):
+            commands.append(words[words.index("train_baseline.py") + 1:])
+    return commands
+
+
+def test_readme_commands_parse():
+    commands = readme_baseline_commands()
+    assert len(commands) >= 10
+    for args in commands:
+        if args[:1] == ["sample"]:
+            tb.build_sample_parser().parse_args(args[1:])
+        else:
+            tb.parse_config(args)
