@@ -624,9 +624,11 @@ def peak_flops_for(gpu_type, device):
     return PEAK_BF16_FLOPS.get(gpu_type)
 
 
-def describe_peak(peak, gpu_type):
+def describe_peak(peak, gpu_type, device):
     if peak:
         return f"MFU against {peak / 1e12:.0f} TFLOP/s"
+    if device.type != "cuda" and gpu_type == "auto":
+        return "no MFU on CPU"
     known = ", ".join(PEAK_BF16_FLOPS)
     return f"no MFU (peak FLOP/s unknown for --gpu_type {gpu_type}; known: {known})"
 
@@ -921,7 +923,7 @@ class Trainer:
             print(f"{self.raw_model.num_params() / 1e6:.2f}M parameters; world size {rt.world_size}, "
                   f"{self.accumulation} micro-steps per rank; {self.step_tokens:,} tokens per step; "
                   f"{rt.device}, {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}; "
-                  f"{describe_peak(self.peak_flops, cfg.gpu_type)}")
+                  f"{describe_peak(self.peak_flops, cfg.gpu_type, rt.device)}")
 
     def _restore(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1061,7 +1063,7 @@ def bench(cfg):
         "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.compile, "data": "real" if use_real else "random",
     }
     if rt.master:
-        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else f"n/a: {describe_peak(peak, cfg.gpu_type)}"
+        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else f"n/a: {describe_peak(peak, cfg.gpu_type, rt.device)}"
         print(f"bench: {result['ms_per_iter']:.2f} ms/iter, {tokens_per_s:,.0f} tok/s, mfu {mfu_text} "
               f"(warm-up {warmup_seconds:.1f} s)")
         print(json.dumps(result))
