@@ -356,11 +356,14 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (batch, seq), re-reading the last block each time."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
+        """Append max_new_tokens sampled tokens to idx (batch, seq), re-reading the last block each time.
+
+        vocab_size: sample only ids below it (the rows padding 50257 up to 50304 are no tokens).
+        """
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float() / temperature
+            logits = logits[:, -1, :vocab_size].float() / temperature
             if top_k is not None:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits[logits < kth_best] = -float("inf")
@@ -1100,7 +1103,7 @@ def synchronize(device):
 # =============================================================================
 
 def make_codec(meta):
-    """(encode, decode) for a char vocabulary from meta.pkl, or GPT-2 BPE when meta is None."""
+    """(encode, decode, vocab_size) for a char vocabulary from meta.pkl, or GPT-2 BPE when meta is None."""
     if meta is not None:
         stoi, itos = meta["stoi"], meta["itos"]
 
@@ -1110,14 +1113,15 @@ def make_codec(meta):
                 raise UsageError(f"the prompt has characters outside the model's vocabulary: {unknown[:10]}")
             return [stoi[ch] for ch in text]
 
-        return encode, lambda ids: "".join(itos[i] for i in ids)
+        return encode, lambda ids: "".join(itos[i] for i in ids), len(itos)
     enc = prepare_data.gpt2_encoding()
-    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode
+    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, enc.n_vocab
 
 
-def generate_text(model, encode, decode, start, num_samples, max_new_tokens, temperature, top_k, seed,
-                  device, dtype=torch.float32):
+def generate_text(model, codec, start, num_samples, max_new_tokens, temperature, top_k, seed, device,
+                  dtype=torch.float32):
     """num_samples continuations of the prompt `start` (a list of strings, prompt included)."""
+    encode, decode, vocab_size = codec
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = encode(start)
@@ -1128,7 +1132,8 @@ def generate_text(model, encode, decode, start, num_samples, max_new_tokens, tem
     samples = []
     with autocast:
         for _ in range(num_samples):
-            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                                 vocab_size=vocab_size)
             samples.append(decode(out[0].tolist()))
     return samples
 
@@ -1171,11 +1176,8 @@ def sample_main(argv):
             start = Path(start[5:]).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"cannot read the prompt file {start[5:]}: {e.strerror}")
-    encode, decode = make_codec(meta)
-    torch.manual_seed(args.seed)
-    samples = generate_text(model.to(device), encode, decode, start, args.num_samples, args.max_new_tokens,
-                            args.temperature, args.top_k or None, args.seed, device,
-                            pick_dtype(args.dtype, device))
+    samples = generate_text(model.to(device), make_codec(meta), start, args.num_samples, args.max_new_tokens,
+                            args.temperature, args.top_k or None, args.seed, device, pick_dtype(args.dtype, device))
     for text in samples:
         print(text)
         print("---------------")
@@ -1202,10 +1204,9 @@ def ensure_default_corpus(cfg, rt):
 
 def print_default_sample(result, cfg):
     """The default run ends by showing what the model learned."""
-    encode, decode = make_codec(result["meta"])
     model = result["model"]
     device = next(model.parameters()).device
-    text = generate_text(model, encode, decode, "\n", num_samples=1, max_new_tokens=300, temperature=0.8,
+    text = generate_text(model, make_codec(result["meta"]), "\n", num_samples=1, max_new_tokens=300, temperature=0.8,
                          top_k=200, seed=cfg.seed, device=device)[0]
     print(f"sample from {cfg.out_dir}/ckpt.pt:\n{text}\n---------------")
     print(f"more: python train_baseline.py sample --out_dir {cfg.out_dir} --num_samples 3")

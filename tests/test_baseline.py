@@ -278,6 +278,22 @@ def test_attention_is_causal():
     assert torch.allclose(la[0, :5], lb[0, :5]) and not torch.allclose(la[0, 5:], lb[0, 5:])
 
 
+def test_generation_stays_inside_the_tokenizer_vocabulary():
+    torch.manual_seed(0)
+    model = tb.GPT(tb.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[10:] *= 50  # make the "padding" rows the likeliest
+    idx = torch.zeros(4, 1, dtype=torch.long)
+    out = model.generate(idx, 30, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab_size=10)
+    assert out.shape == (4, 31) and int(out.max()) < 10
+    assert int(model.generate(idx, 30, generator=torch.Generator().manual_seed(0)).max()) >= 10
+
+
+def test_gpt2_codec_round_trip():
+    encode, decode, vocab_size = tb.make_codec(None)
+    assert vocab_size == 50257 and decode(encode("Hello world<|endoftext|>")) == "Hello world<|endoftext|>"
+
+
 def test_optimizer_decays_only_matrices():
     model = tb.GPT(tb.GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, bias=True))
     opt = tb.configure_optimizer(model, tb.TrainConfig(), "cpu")
