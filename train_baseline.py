@@ -93,6 +93,8 @@ class TrainConfig:
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, "
                              "else fp16 + GradScaler; fp32 on CPU)")
     compile: bool = opt(True, "torch.compile the model")
+    compile_mode: str = opt("default", "torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | "
+                                       "reduce-overhead (the autotuning ones compile much longer)")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl, gloo")
     seed: int = opt(1337, "random seed (init, data order, dropout)")
     gpu_type: str = opt("auto", "h100 | h200 | a100 | auto (from the device name): the peak bf16 FLOP/s "
@@ -167,6 +169,7 @@ BENCH_DEFAULTS = dict(gradient_accumulation_steps=1, grad_clip=0.0)
 
 PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense, SXM
 INIT_CHOICES = ("scratch", "resume", *MODEL_SIZES)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 def parse_bool(text):
@@ -241,6 +244,8 @@ def validate_config(cfg):
     cfg.gpu_type = cfg.gpu_type.lower()  # other names are allowed: MFU is then not reported
     if cfg.bench_data not in ("auto", "real", "random"):
         raise UsageError(f"--bench_data {cfg.bench_data!r}: use auto, real or random")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise UsageError(f"--compile_mode {cfg.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
     if cfg.backend not in ("auto", "nccl", "gloo"):
         raise UsageError(f"--backend {cfg.backend!r}: use auto, nccl or gloo")
 
@@ -890,7 +895,7 @@ def compile_and_wrap(model, cfg, rt):
     if cfg.compile:
         if rt.master:
             print("compiling the model (about a minute on the first step)...")
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.ddp else model
     return train_model, model
 

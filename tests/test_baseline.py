@@ -370,6 +370,7 @@ def test_resume_falls_back_to_the_original_init():
     (["--min_lr", "1", "--learning_rate", "0.1"], "--min_lr (1.0) must lie between 0 and"),
     (["--init_from", "gpt3"], "--init_from 'gpt3' is not one of"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--compile_mode", "fast"], "--compile_mode 'fast': use default, max-autotune-no-cudagraphs"),
 ])
 def test_bad_config_is_rejected(args, message):
     with pytest.raises(tb.UsageError) as err:
@@ -457,6 +458,19 @@ def test_sigusr1_checkpoints_exits_zero_and_resumes_exactly(char_data, tmp_path)
     assert result.returncode == 0, result.stderr
     tb.train(tb.parse_config([*args, "--out_dir", str(tmp_path / "straight"), "--max_iters", str(end)]))
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_and_resumes(char_data, tmp_path):
+    args = ["--data_dir", str(char_data), *TINY_RUN, "--max_iters", "6", "--eval_interval", "3"]
+    tb.train(tb.parse_config(args + ["--out_dir", str(tmp_path / "eager")]))
+    result = run_cli(args + ["--out_dir", str(tmp_path / "compiled"), "--compile", "true", "--max_iters", "3"])
+    assert result.returncode == 0, result.stderr
+    result = run_cli(args + ["--out_dir", str(tmp_path / "compiled"), "--compile", "true", "--init_from", "resume"])
+    assert result.returncode == 0, result.stderr
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert [i for i, _ in compiled] == list(range(6))
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
