@@ -25,7 +25,7 @@ def main(argv):
     raw = T.build_model(cfg, env)
     model = T.compile_model(raw, args.compile)
     opt = T.NorMuonAndAdam(raw.named_parameters(), world_size=env.world_size, rank=env.rank, compile=args.compile)
-    sched = T.TrainingSchedule(T.reference_stages(args.train_max_seq_len, args.stage_seqs),
+    sched = T.TrainingSchedule(T.reference_stages(args.batch_seq_len, args.stage_seqs),
                                args.num_scheduled_iterations, args.num_extension_iterations)
     stage = T.StageState(sched, raw, env.device)
     loader = T.BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
