@@ -8,7 +8,7 @@ Run:  python train_speedrun.py --smoke --device cpu        (tiny, every code pat
 """
 
 # =============================================================================
-# SECTION: config  (owner: core helper)
+# SECTION: config
 # =============================================================================
 
 import argparse
@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import glob
 import json
+import math
 import os
 import platform
 import signal
@@ -29,11 +30,19 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import _transpose_ordered   # (private) kv tables -> q tables
+
+import prepare_data   # the shared data script: FineWeb shard reader/writer (same folder as this file)
 
 SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
 WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
@@ -244,7 +253,7 @@ class ModelConfig:
         return cls(**values)
 
 # =============================================================================
-# SECTION: setup  (owner: core helper)
+# SECTION: setup
 # =============================================================================
 
 @dataclass
@@ -354,16 +363,9 @@ def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
 
 
 # =============================================================================
-# SECTION: kernels  (owner: kernels helper)
+# SECTION: kernels
 # Triton kernels, each with a plain PyTorch reference used on CPU and in tests.
 # =============================================================================
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-import triton
-import triton.language as tl
 
 try:  # host-side TMA descriptors (triton >= 3.4); without them the portable MLP kernel runs
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1118,21 +1120,13 @@ def benchmark_kernels(tokens: int = 16384, print_fn=print) -> dict:
 
 
 # =============================================================================
-# SECTION: attention  (owner: model helper)
+# SECTION: attention
 # Packed variable-length causal attention with a sliding window, four interchangeable backends.
 # Every call sees ONE packed sequence (B = 1): documents laid end to end, described by cu_seqlens
 # (document start offsets, then the total length, possibly repeated as padding). A query at
 # position i sees the keys j of its own document with i - window <= j <= i: flash-attn's
 # causal=True, window_size=(window, 0).
 # =============================================================================
-
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch.nn.attention.flex_attention import _transpose_ordered   # (private) kv tables -> q tables
 
 FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
 
@@ -1399,22 +1393,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
 
 
 # =============================================================================
-# SECTION: model  (owner: model helper)
+# SECTION: model
 # The record's GPT: 11 layers over a 768-wide residual stream, weights held in banks the optimizer
 # shards, extra inputs at every layer (x0, hashed bigrams, value embeddings), gates everywhere.
 # The forward is split into small pure functions ("regions") so it can be compiled either as one
 # graph or region by region (compile_model), and so tests can check each piece.
 # =============================================================================
-
-import math
-import os
-from dataclasses import dataclass
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
 
 # ---- the record's layer layout (11 layers) ----
 NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
@@ -1964,7 +1948,7 @@ def _allow_many_graphs(limit: int = 64) -> None:
 
 
 # =============================================================================
-# SECTION: optimizer  (owner: core helper)
+# SECTION: optimizer
 # =============================================================================
 
 # Which optimizer, communication pattern and multipliers each labelled parameter gets.
@@ -2334,10 +2318,8 @@ class NorMuonAndAdam:
 
 
 # =============================================================================
-# SECTION: data  (owner: core helper)
+# SECTION: data
 # =============================================================================
-
-import prepare_data   # the shared FineWeb shard reader/writer (same folder as this file)
 
 BOS_ID = prepare_data.BOS_TOKEN
 QUICK_INDEX_TOKENS = 6_000_000   # BOS positions found up front; the rest of a shard is scanned in a thread
@@ -2580,7 +2562,7 @@ def write_synthetic_corpus(folder: Path, seed: int = 0, train_tokens: int = 300_
 
 
 # =============================================================================
-# SECTION: schedule  (owner: core helper)
+# SECTION: schedule
 # =============================================================================
 
 @dataclass(frozen=True)
@@ -2727,7 +2709,7 @@ class StageState:
 
 
 # =============================================================================
-# SECTION: loop  (owner: core helper)
+# SECTION: loop
 # =============================================================================
 
 class RunLog:
@@ -3054,7 +3036,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
 
 
 # =============================================================================
-# SECTION: main  (owner: core helper)
+# SECTION: main
 # =============================================================================
 
 def main(argv=None) -> dict:
