@@ -632,6 +632,10 @@ def peak_flops_for(gpu_type, device):
     return PEAK_BF16_FLOPS.get(gpu_type)
 
 
+def format_mfu(mfu):
+    return f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
+
+
 def describe_peak(peak, gpu_type, device):
     if peak:
         return f"MFU against {peak / 1e12:.0f} TFLOP/s"
@@ -890,6 +894,15 @@ def start_run(cfg):
     return rt, accumulation, meta
 
 
+def training_state(raw_model, tokens, cfg, rt):
+    """Optimizer, GradScaler (active only for fp16) and the training batch stream of a run."""
+    optimizer = configure_optimizer(raw_model, cfg, rt.device.type)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    batches = TrainBatches(tokens, cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
+                           rt.rank, rt.world_size, cfg.seed, rt.device)
+    return optimizer, scaler, batches
+
+
 def compile_and_wrap(model, cfg, rt):
     """(model for training, possibly DDP-wrapped; compiled model for evaluation)."""
     if cfg.compile:
@@ -913,10 +926,7 @@ class Trainer:
         if rt.master:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         check_vocab(self.splits["train"], self.raw_model.config.vocab_size, Path(cfg.data_dir) / "train.bin")
-        self.optimizer = configure_optimizer(self.raw_model, cfg, rt.device.type)
-        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-        self.batches = TrainBatches(self.splits["train"], cfg.block_size, cfg.batch_size,
-                                    cfg.gradient_accumulation_steps, rt.rank, rt.world_size, cfg.seed, rt.device)
+        self.optimizer, self.scaler, self.batches = training_state(self.raw_model, self.splits["train"], cfg, rt)
         self.iter_num, self.best_val_loss, self.last_eval_iter = 0, float("inf"), None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -976,9 +986,8 @@ class Trainer:
         tokens_per_s = self.step_tokens / step_seconds
         mfu = model_flops_utilization(self.flops_per_token, tokens_per_s / self.rt.world_size, self.peak_flops)
         if self.rt.master:
-            mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
             print(f"iter {self.iter_num}: loss {loss:.4f}, lr {lr:.3e}, {step_seconds * 1000:.2f} ms/iter, "
-                  f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
+                  f"{tokens_per_s:,.0f} tok/s, mfu {format_mfu(mfu)}")
         self.metrics.write(iter=self.iter_num, loss=loss, lr=lr, ms_per_iter=step_seconds * 1000,
                            tokens_per_s=tokens_per_s, mfu=mfu,
                            grad_norm=grad_norm.item() if grad_norm is not None else None)
@@ -1071,9 +1080,8 @@ def bench(cfg):
         "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.compile, "data": "real" if use_real else "random",
     }
     if rt.master:
-        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else f"n/a: {describe_peak(peak, cfg.gpu_type, rt.device)}"
-        print(f"bench: {result['ms_per_iter']:.2f} ms/iter, {tokens_per_s:,.0f} tok/s, mfu {mfu_text} "
-              f"(warm-up {warmup_seconds:.1f} s)")
+        print(f"bench: {result['ms_per_iter']:.2f} ms/iter, {tokens_per_s:,.0f} tok/s, mfu {format_mfu(mfu)} "
+              f"({describe_peak(peak, cfg.gpu_type, rt.device)}; warm-up {warmup_seconds:.1f} s)")
         print(json.dumps(result))
     leave_process_group(rt)
     return result
@@ -1081,11 +1089,8 @@ def bench(cfg):
 
 def time_training_steps(cfg, rt, raw_model, tokens, accumulation):
     """Seconds for bench_warmup untimed-purpose steps (compilation happens here), then for bench_iters."""
-    optimizer = configure_optimizer(raw_model, cfg, rt.device.type)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    optimizer, scaler, batches = training_state(raw_model, tokens, cfg, rt)
     set_learning_rate(optimizer, cfg.learning_rate)
-    batches = TrainBatches(tokens, cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
-                           rt.rank, rt.world_size, cfg.seed, rt.device)
     model, _ = compile_and_wrap(raw_model, cfg, rt)
     durations = []
     for steps in (cfg.bench_warmup, cfg.bench_iters):
@@ -1194,11 +1199,13 @@ def sample_main(argv):
 
 def ensure_default_corpus(cfg, rt):
     """data/shakespeare_char if it is prepared, else a char corpus of stdlib sources (prepared once)."""
-    shakespeare = Path("data/shakespeare_char")
-    if all((shakespeare / name).exists() for name in ("train.bin", "val.bin", "meta.pkl")):
+    def prepared(folder):
+        return all((folder / name).exists() for name in ("train.bin", "val.bin", "meta.pkl"))
+
+    shakespeare, stdlib = Path("data/shakespeare_char"), Path("data/stdlib_char")
+    if prepared(shakespeare):
         return str(shakespeare)
-    stdlib = Path("data/stdlib_char")
-    if rt.master and not all((stdlib / name).exists() for name in ("train.bin", "val.bin", "meta.pkl")):
+    if rt.master and not prepared(stdlib):
         print(f"preparing a character-level corpus from the Python standard library in {stdlib} (once)")
         prepare_data.prepare_text(prepare_data.python_stdlib_files(max_bytes=cfg.corpus_bytes), stdlib,
                                   tokenizer="char")
