@@ -817,7 +817,10 @@ class Metrics:
         """Drop records a crashed or preempted run wrote past its checkpoint, so the file reads as one run."""
         kept = []
         for line in self.path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash mid-write
             at_resume_eval = record["iter"] == resume_iter and "val_loss" in record and keep_eval_at_resume
             if record["iter"] < resume_iter or at_resume_eval:
                 kept.append(line)

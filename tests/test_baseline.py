@@ -428,7 +428,7 @@ def test_resume_without_checkpoint_starts_fresh(char_data, tmp_path, capsys):
 def test_metrics_trim_on_resume(tmp_path):
     lines = [{"iter": 0, "val_loss": 4.0}, {"iter": 0, "loss": 4.1}, {"iter": 1, "loss": 4.0},
              {"iter": 2, "val_loss": 3.9}, {"iter": 2, "loss": 3.8}, {"iter": 3, "loss": 3.7}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"iter": 4, "lo')
     tb.Metrics(tmp_path, True, resume_iter=2, resume_evaluated=True)
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:4]
