@@ -657,6 +657,9 @@ def leave_process_group(rt):
         dist.destroy_process_group()
 
 
+STOP_POLL_EVERY = 10  # DDP: ranks agree on a stop signal / time limit every this many iterations
+
+
 def all_ranks_max(value, rt):
     """The largest int any rank holds (every rank must call this at the same point)."""
     if not rt.ddp:
@@ -1016,6 +1019,8 @@ class Trainer:
                 self.evaluate(lr)
                 window_start, window_iters = time.perf_counter(), 0  # eval time stays out of ms/iter
             if finished:
+                if time_up:  # a time-limited run stays resumable whatever its val loss did
+                    self.save()
                 return False
             want_log = self.iter_num % cfg.log_interval == 0
             loss_sum, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.batches,
@@ -1027,6 +1032,8 @@ class Trainer:
                 self.log(loss, grad_norm, lr, (now - window_start) / window_iters)
                 window_start, window_iters = now, 0
             self.iter_num += 1
+            if self.rt.ddp and self.iter_num % STOP_POLL_EVERY:
+                continue  # under DDP the poll is a collective + host sync: not on every step
             stop = self.stop_code(stop_signal, start_time)
             if stop == 2:
                 self.save()

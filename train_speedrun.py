@@ -128,7 +128,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int,
                    help="stop training after N steps (timing runs; the final validation is skipped)")
     p.add_argument("--save_checkpoint", action="store_true", default=None,
-                   help="save model + optimizer state at the end (and on SIGTERM)")
+                   help="save model + optimizer state at the end (and on SIGTERM or SIGUSR1)")
     p.add_argument("--log_dir", help=f"where the run log goes (default {defaults.log_dir})")
     p.add_argument("--run_id", help="name of the log file (default: a fresh uuid)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu (tiny/tests)")
@@ -186,10 +186,11 @@ def validate_args(args: Hyperparameters) -> None:
         fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
     if args.batch_seq_len <= 0 or args.batch_seq_len % 16:
         fail(f"batch_seq_len {args.batch_seq_len} must be a positive multiple of 16")
-    # every rank's micro-batch must hold a multiple of 16 tokens for all world sizes: 8 divides it
-    if args.val_batch_size <= 0 or args.val_batch_size % (8 * 16):
-        fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 128 "
-             "(8 micro-batches x 16-token alignment)")
+    # every rank's validation micro-batch (val_batch_size / 8 for all world sizes) must be a
+    # multiple of FlexAttention's 128-token tile, the strictest backend (flex is the fallback)
+    if args.val_batch_size <= 0 or args.val_batch_size % (8 * 128):
+        fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 1024 "
+             "(8 micro-batches x 128-token attention tiles)")
     if args.val_tokens <= 0 or args.val_tokens % args.val_batch_size:
         fail(f"--val_tokens {args.val_tokens} must be a positive multiple of "
              f"--val_batch_size {args.val_batch_size}")
@@ -1946,7 +1947,6 @@ def _allow_many_graphs(limit: int = 64) -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-
 # =============================================================================
 # SECTION: optimizer
 # =============================================================================
@@ -2091,9 +2091,7 @@ class NorMuonAndAdam:
         self._lr = torch.zeros((), dtype=torch.float32)
         maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
         if compile:   # one graph per shape: 3 Adam (embeddings, lm_head), 2 x 2 NorMuon; stay clear of the limit
-            config = torch._dynamo.config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), 64))
+            _allow_many_graphs()
         # Adam on the gates/scalars is a few microseconds eager; compiling it would add a graph per
         # shape to the start-up, so only the embedding-sized tensors get the fused, compiled update.
         self._adam_update_big = maybe_compile(adam_update_)
@@ -2582,9 +2580,9 @@ def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
     per_micro = batch_seq_len * 8          # 8 micro-batches per step, whatever the world size
     return [
         TrainingStage(1.00, seqs1 * per_micro, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 1 / 3),
-        TrainingStage(1.52, seqs2 * per_micro, (3, 7), (1.0, 0.5), (1.0, 0.0), 1 / 3),  # (16/8)**0.6
-        TrainingStage(1.73, seqs3 * per_micro, (5, 11), (1.0,), (1.0,), 1 / 3),        # (24/8)**0.5
-        TrainingStage(1.00, seqs3 * per_micro, (6, 13), (1.0,), (1.0,), None),  # lr_mul unused here
+        TrainingStage(1.52, seqs2 * per_micro, (3, 7), (1.0, 0.5), (1.0, 0.0), 1 / 3),  # 1.52 ~ batch ratio 2 to the 0.6
+        TrainingStage(1.73, seqs3 * per_micro, (5, 11), (1.0,), (1.0,), 1 / 3),        # 1.73 ~ batch ratio 3 to the 0.5
+        TrainingStage(1.00, seqs3 * per_micro, (6, 13), (1.0,), (1.0,), None),  # extension: the lr blend ends at 0.1
     ]
 
 
@@ -2919,23 +2917,28 @@ def save_checkpoint(raw_model: nn.Module, optimizer: NorMuonAndAdam, args: Hyper
 
 
 class StopFlag:
-    """Set by SIGTERM (e.g. Slurm's time limit): the loop ends after the current step."""
+    """Set by SIGTERM or SIGUSR1 (Slurm's time-limit warning, which run.sbatch passes on to the
+    workers): the loop ends after the current step instead of the process dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
+        self.signal_name = "SIGTERM"     # what the log reports; ranks that got no signal say this too
 
     def install(self):
-        """Returns the handler it replaced (None off the main thread, where signals cannot be set)."""
+        """Returns the handlers it replaced (None off the main thread, where signals cannot be set)."""
         if threading.current_thread() is not threading.main_thread():
             return None
-        return signal.signal(signal.SIGTERM, self._handle)
+        return {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def uninstall(self, previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def agreed(self, step: int, env: DistEnv) -> bool:
         """Whether to stop before this step. Ranks must stop at the same step (or the others hang
@@ -3001,7 +3004,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
             stopped_by = "max_steps"
             break
         if stop.agreed(step, env):
-            stopped_by = "SIGTERM"
+            stopped_by = stop.signal_name
             break
         loss = train_step(model, loader, stage, env)
         optimizer_step(optimizer, schedule, step, args)
@@ -3071,7 +3074,7 @@ def main(argv=None) -> dict:
         stage = StageState(schedule, raw_model, env.device)
         card = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         log(f"world_size {env.world_size} x grad_accum {env.grad_accum_steps} on {card} ({gpu_type}); "
-            f"attention {backend}; fp8 {use_fp8}; compile {args.compile}; "
+            f"attention {attention_backend_source(backend)}; fp8 {use_fp8}; compile {args.compile}; "
             f"schedule {schedule.boundaries}, split step {schedule.split_step}")
 
         warm_start = time.perf_counter()

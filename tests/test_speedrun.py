@@ -107,7 +107,8 @@ def test_max_steps_stops_early_and_saves_a_checkpoint(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])   # USR1: Slurm's warning via run.sbatch
+def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, sig):
     train_glob, val_glob = corpus
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--log_dir", str(tmp_path),
                              "--run_id", "t", "--train_files", train_glob, "--val_files", val_glob,
@@ -118,15 +119,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     for line in proc.stdout:
         out.append(line)
         if line.startswith("step:1/"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
         assert time.time() < deadline, "".join(out)
     rest, err = proc.communicate(timeout=300)
     text = "".join(out) + rest
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped by SIGTERM" in text
+    assert f"stopped by {sig.name}" in text
     summary = summary_of(text)
-    assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["steps"] < 62
+    assert summary["stopped_by"] == sig.name and 1 <= summary["steps"] < 62
     assert (tmp_path / "t" / f"state_step{summary['steps']:06d}.pt").exists()
 
 

@@ -234,7 +234,8 @@ def test_parse_args_smoke_and_explicit_flags_win():
 @pytest.mark.parametrize("argv, message", [
     (["--num_scheduled_iterations", "2"], "at least 3"),
     (["--val_tokens", "1000"], "multiple of"),
-    (["--val_batch_size", "100"], "multiple of 128"),
+    (["--val_batch_size", "100"], "multiple of 1024"),
+    (["--val_batch_size", "1536"], "multiple of 1024"),   # 16-aligned, but flex needs 128 per rank
     (["--train_max_seq_len", "100"], "multiple of 16"),
     (["--max_steps", "-1"], ">= 0"),
 ])
