@@ -960,13 +960,7 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, targets, mtp_weights, w_t, x_s, w_s, grad_s, use_fp8):
         if use_fp8:
-            x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-            w_f8 = w_t.div(w_s).to(torch.float8_e4m3fn)
-            # _scaled_mm wants its second operand column-major: copy W^T's rows, view back
-            logits = torch._scaled_mm(x_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
-                                      scale_a=_fp8_scale(x, x_s), scale_b=_fp8_scale(x, w_s),
-                                      use_fast_accum=True)
-            lhs, rhs = x_f8, w_f8
+            logits, lhs, rhs = _fp8_lm_head_forward(x, w_t, x_s, w_s)   # and the e4m3 operands
         else:
             logits = x @ w_t.type_as(x)
             lhs, rhs = x, w_t
@@ -1004,8 +998,10 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
 # ---- FP8 lm_head as a custom op: opaque to torch.compile, fake kernels give the shapes -----------
 
 def _fp8_lm_head_forward(x, w_t, x_s, w_s):
+    """bf16 logits of the e4m3-rounded operands, and those operands (kept for the backward)."""
     x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
     w_f8 = w_t.div(w_s).to(torch.float8_e4m3fn)
+    # _scaled_mm wants its second operand column-major: copy W^T's rows, view back
     out = torch._scaled_mm(x_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
                            scale_a=_fp8_scale(x, x_s), scale_b=_fp8_scale(x, w_s),
                            use_fast_accum=True)
