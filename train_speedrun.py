@@ -1128,27 +1128,15 @@ def benchmark_kernels(tokens: int = 16384, print_fn=print) -> dict:
 FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
 
 
-def _document_ids_impl(cu_seqlens: Tensor, length: int) -> Tensor:
+def document_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """(length,) int32: which document each packed position belongs to (ids rise monotonically).
+
+    Plain tensor code: the FlexAttention mask_mod reads these ids as an input of the model's graph
+    (they come out of the separately compiled block-mask tables), never as a tensor computed
+    inside that graph, which is what failed to lower in compiled no-grad graphs (GPU-NOTES)."""
     positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     # index of the last document start <= position; repeated offsets (empty documents) are skipped
     return (torch.searchsorted(cu_seqlens, positions, right=True) - 1).clamp_min(0).to(torch.int32)
-
-
-def _document_ids_fake(cu_seqlens: Tensor, length: int) -> Tensor:
-    return cu_seqlens.new_empty(length, dtype=torch.int32)
-
-
-# A custom op, not plain tensor code: a FlexAttention mask_mod that reads a tensor computed inside
-# a compiled no-grad graph failed to lower (GPU-NOTES); an opaque op output is a plain buffer.
-# Guarded so importing this file twice in one process (tests, runpy) does not register it twice.
-if not hasattr(torch.ops.speedrun_model, "document_ids"):
-    torch.library.custom_op("speedrun_model::document_ids", _document_ids_impl,
-                            mutates_args=()).register_fake(_document_ids_fake)
-
-
-def document_ids(cu_seqlens: Tensor, length: int) -> Tensor:
-    """(length,) int32: which document each packed position belongs to (ids rise monotonically)."""
-    return torch.ops.speedrun_model.document_ids(cu_seqlens, length)
 
 
 def window_mask_dense(cu_seqlens: Tensor, length: int, window: int) -> Tensor:
@@ -1173,7 +1161,7 @@ def _window_block_tables(cu_seqlens: Tensor, window: Tensor, length: int, block_
     mask_mod) and kv/full_kv (and, with_backward, q/full_q) block counts and indices.
     """
     device = cu_seqlens.device
-    doc = _document_ids_impl(cu_seqlens, length)
+    doc = document_ids(cu_seqlens, length)
     doc_start = cu_seqlens.long()[doc.long()]                # first position of each one's document
     n = length // block_size
     tile = torch.arange(n, device=device)

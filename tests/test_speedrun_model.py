@@ -394,7 +394,7 @@ def test_block_mask_rejects_ragged_length():
         ts.sliding_window_block_mask(torch.tensor([0, 200], dtype=torch.int32), 200, 64)
 
 
-def test_document_ids_custom_op():
+def test_document_ids():
     cu = torch.tensor([0, 0, 3, 5, 8, 8], dtype=torch.int32)
     assert ts.document_ids(cu, 8).tolist() == [1, 1, 1, 2, 2, 3, 3, 3]
 
