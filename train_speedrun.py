@@ -2766,6 +2766,35 @@ def compile_model(model: nn.Module, enabled: bool):
     return model.compiled() if enabled else model
 
 
+@dataclass
+class TrainingRun:
+    """What one run trains with (built by build_training_run)."""
+    cfg: "ModelConfig"
+    gpu_type: str
+    raw_model: nn.Module
+    model: Callable            # raw_model, or its compiled forward
+    optimizer: "NorMuonAndAdam"
+    schedule: "TrainingSchedule"
+    stage: "StageState"
+
+
+def build_training_run(args: Hyperparameters, env: DistEnv) -> TrainingRun:
+    """Seed, pick card features and attention backend, build model, optimizer and schedule, as
+    main does before its warm-up (benchmarks/speedrun_step_profile.py reuses it)."""
+    seed_everything(args.seed)
+    gpu_type = detect_gpu_type(args.gpu_type, env.device)
+    backend = resolve_attention_backend(args.attn, env.device)
+    cfg = model_config_for(args, env, use_fp8_for(gpu_type, env.device), backend)
+    raw_model = build_model(cfg, env)
+    model = compile_model(raw_model, args.compile)
+    optimizer = NorMuonAndAdam(raw_model.named_parameters(), world_size=env.world_size, rank=env.rank,
+                               compile=args.compile)
+    schedule = TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
+                                args.num_scheduled_iterations, args.num_extension_iterations)
+    return TrainingRun(cfg, gpu_type, raw_model, model, optimizer, schedule,
+                       StageState(schedule, raw_model, env.device))
+
+
 def compiled_graph_count() -> int:
     """Distinct graphs Dynamo has built in this process (logged: fewer graphs, faster start)."""
     from torch._dynamo.utils import counters
@@ -3044,18 +3073,10 @@ def main(argv=None) -> dict:
 
         ensure_smoke_data(args, env, log)
         find_shards(args.train_files, "train"), find_shards(args.val_files, "val")   # fail before building
-        seed_everything(args.seed)
-        gpu_type = detect_gpu_type(args.gpu_type, env.device)
-        use_fp8 = use_fp8_for(gpu_type, env.device)
-        backend = resolve_attention_backend(args.attn, env.device)
-        cfg = model_config_for(args, env, use_fp8, backend)
-        raw_model = build_model(cfg, env)
-        model = compile_model(raw_model, args.compile)
-        optimizer = NorMuonAndAdam(raw_model.named_parameters(), world_size=env.world_size, rank=env.rank,
-                                   compile=args.compile)
-        schedule = TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
-                                    args.num_scheduled_iterations, args.num_extension_iterations)
-        stage = StageState(schedule, raw_model, env.device)
+        run = build_training_run(args, env)
+        raw_model, model, optimizer, schedule, stage = (run.raw_model, run.model, run.optimizer,
+                                                        run.schedule, run.stage)
+        gpu_type, backend, use_fp8 = run.gpu_type, run.cfg.attn_backend, run.cfg.use_fp8
         card = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         log(f"world_size {env.world_size} x grad_accum {env.grad_accum_steps} on {card} ({gpu_type}); "
             f"attention {attention_backend_source(backend)}; fp8 {use_fp8}; compile {args.compile}; "

@@ -18,16 +18,8 @@ import train_speedrun as T  # noqa: E402
 def main(argv):
     args = T.parse_args(argv)
     env = T.init_distributed(args.device)
-    T.seed_everything(args.seed)
-    gpu_type = T.detect_gpu_type(args.gpu_type, env.device)
-    backend = T.resolve_attention_backend(args.attn, env.device)
-    cfg = T.model_config_for(args, env, T.use_fp8_for(gpu_type, env.device), backend)
-    raw = T.build_model(cfg, env)
-    model = T.compile_model(raw, args.compile)
-    opt = T.NorMuonAndAdam(raw.named_parameters(), world_size=env.world_size, rank=env.rank, compile=args.compile)
-    sched = T.TrainingSchedule(T.reference_stages(args.batch_seq_len, args.stage_seqs),
-                               args.num_scheduled_iterations, args.num_extension_iterations)
-    stage = T.StageState(sched, raw, env.device)
+    run = T.build_training_run(args, env)
+    cfg, model, opt, sched, stage = run.cfg, run.model, run.optimizer, run.schedule, run.stage
     loader = T.BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                                 env.grad_accum_steps, env.rank, env.world_size, env.device)
     cuda = env.device.type == "cuda"
@@ -46,7 +38,7 @@ def main(argv):
         T.train_step(model, loader, stage, env)
         T.optimizer_step(opt, sched, step, args)
 
-    print(f"compile mode {cfg.compile_mode}, attention {backend}, fp8 {cfg.use_fp8}")
+    print(f"compile mode {cfg.compile_mode}, attention {cfg.attn_backend}, fp8 {cfg.use_fp8}")
     print(f"first 3 steps (compile): {timed(lambda: [one_step(s) for s in range(3)]) / 1e3:.1f} s, "
           f"{T.compiled_graph_count()} graphs")
     for step in range(3, 9):
