@@ -14,6 +14,11 @@ site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 python3 prepare_data.py text "$site" --format fineweb --max_doc_tokens 2048 --out_dir "$corpus" \
     --name_prefix fineweb 2>&1 | tail -2
 data=(--train_files "$corpus/fineweb_train_*.bin" --val_files "$corpus/fineweb_val_*.bin")
+short_run() {  # the short full schedule (300 + 10) with a persistent compile cache; $1 = run id
+  # exec: both callers run this in a subshell (a pipeline, a background job), so $! is python's pid
+  exec python3 ${TRAINER:-train_speedrun.py} "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
+      --val_loss_every ${SHORT_VAL_EVERY:-100} --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" --run_id "$1"
+}
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case $step in
@@ -23,13 +28,9 @@ for step in "$@"; do
                --log_dir "$out" --run_id real ${REAL_EXTRA:-} 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -40 ;;
     short) # cold: empty compile cache, the whole short schedule with every validation
            rm -rf /tmp/speedrun_compile_cache
-           python3 ${TRAINER:-train_speedrun.py} "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
-               --val_loss_every ${SHORT_VAL_EVERY:-100} --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
-               --run_id short_cold 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
+           short_run short_cold 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
            # warm: same command, cache filled; only the time to step 0 is wanted, so stop it there
-           python3 ${TRAINER:-train_speedrun.py} "${data[@]}" --num_scheduled_iterations 300 --num_extension_iterations 10 \
-               --val_loss_every ${SHORT_VAL_EVERY:-100} --compile_cache /tmp/speedrun_compile_cache --log_dir "$out" \
-               --run_id short_warm > "$out/short_warm.console" 2>&1 &
+           short_run short_warm > "$out/short_warm.console" 2>&1 &
            pid=$!
            for _ in $(seq 300); do grep -q "warm-up done" "$out/short_warm.console" && break; sleep 1; done
            kill $pid 2>/dev/null; wait $pid 2>/dev/null
