@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch._functorch.config   # AOTAutograd cache settings (configure_compile_cache)
 import torch.distributed as dist
 import torch.nn.functional as F
 import triton
@@ -81,6 +82,7 @@ class Hyperparameters:
     compile: bool = True
     compile_mode: str = "model"           # "model": whole forward as one graph (faster steps on H100); "blocks": per layer kind
     compile_cache: str = ""
+    parallel_compile: bool = True         # one GPU, cold start: later stages compile in helper processes
     smoke: bool = False
 
 
@@ -143,6 +145,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "540 ms per stage-1 step); blocks: compile each kind of layer once and reuse it")
     p.add_argument("--compile_cache", metavar="DIR",
                    help="persist Inductor/Triton caches here so the next run starts fast")
+    p.add_argument("--parallel_compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU: compile the later stages' and the validation graphs in helper processes "
+                        "while this one compiles stage 1 (default on; H100 cold warm-up: see README)")
     p.add_argument("--smoke", action="store_true", default=None,
                    help="tiny model and schedule that runs every code path in about a minute")
     return p
@@ -327,10 +332,22 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_compile_cache(cache_dir: str) -> None:
-    """Point Inductor's and Triton's on-disk caches at cache_dir so a second run reuses them.
+    """Make compiled graphs reusable across processes: a second run on the same machine, and the
+    helper processes of a cold start (see CompileHelpers), load graphs instead of compiling.
+    With cache_dir, Inductor's and Triton's on-disk caches live there (default: /tmp, ~/.triton).
 
-    Must run before the first compile: both read these variables when they first need a cache.
+    Must run before the first compile: the caches read these settings when first needed.
     """
+    # AOTAutograd's cache skips tracing the joint forward+backward graph (~13 s per train graph
+    # on a warm start), but by default it refuses graphs holding a custom autograd.Function,
+    # and our fused MLP and loss kernels are two of them; their forward and backward are traced
+    # into the graph, so the cache key covers their code.
+    if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):
+        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    # compile the backward graph together with the forward (instead of at the first backward),
+    # so a process that only runs a forward (a compile helper) caches both
+    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+        torch._functorch.config.force_non_lazy_backward_lowering = True
     if not cache_dir:
         return
     root = Path(cache_dir).expanduser().resolve()
@@ -2623,6 +2640,11 @@ class TrainingSchedule:
         return self.stages.index(stage)
 
 
+def training_schedule(args: Hyperparameters) -> TrainingSchedule:
+    return TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
+                            args.num_scheduled_iterations, args.num_extension_iterations)
+
+
 def muon_momentum(step: int, total_steps: int, warmup_steps: int = 300, cooldown_steps: int = 50,
                   low: float = 0.85, high: float = 0.95) -> float:
     """NorMuon momentum: ramps low->high over warmup_steps, back to low over the last cooldown_steps."""
@@ -2789,8 +2811,7 @@ def build_training_run(args: Hyperparameters, env: DistEnv) -> TrainingRun:
     model = compile_model(raw_model, args.compile)
     optimizer = NorMuonAndAdam(raw_model.named_parameters(), world_size=env.world_size, rank=env.rank,
                                compile=args.compile)
-    schedule = TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
-                                args.num_scheduled_iterations, args.num_extension_iterations)
+    schedule = training_schedule(args)
     return TrainingRun(cfg, gpu_type, raw_model, model, optimizer, schedule,
                        StageState(schedule, raw_model, env.device))
 
@@ -2799,6 +2820,31 @@ def compiled_graph_count() -> int:
     """Distinct graphs Dynamo has built in this process (logged: fewer graphs, faster start)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
+
+
+# (label, Dynamo's timer names): where compile time goes, summed over every graph built so far
+COMPILE_PHASES = (
+    ("dynamo trace", ("bytecode_tracing",)),
+    ("aot joint trace + partition", ("aot_trace_joint_graph", "min_cut_rematerialization_partition")),
+    ("inductor lowering + codegen", ("GraphLowering.run", "GraphLowering.codegen")),
+    ("kernel compile wait", ("async_compile.wait",)),
+    ("inductor fwd total", ("compile_fx.<locals>.fw_compiler_base",)),
+    ("inductor bwd total", ("compile_fx.<locals>.bw_compiler",)),
+)
+
+
+def compile_time_breakdown() -> str:
+    """One log line: seconds per compile phase and per graph (slowest first), from Dynamo's timers."""
+    from torch._dynamo.utils import compilation_time_metrics as timers, counters
+    phases = ", ".join(f"{label} {sum(sum(timers.get(n, [])) for n in names):.1f}s"
+                       for label, names in COMPILE_PHASES)
+    per_graph = sorted(timers.get("compile_attempt_0", []), reverse=True)
+    aot, inductor = counters["aot_autograd"], counters["inductor"]
+    caches = (f"AOTAutograd cache hit {aot['autograd_cache_hit']} miss {aot['autograd_cache_miss']} "
+              f"bypass {aot['autograd_cache_bypass']}, FX graph cache hit {inductor['fxgraph_cache_hit']} "
+              f"miss {inductor['fxgraph_cache_miss']}")
+    return (f"compile time: {phases}; {caches}; "
+            f"per graph (s): {' '.join(f'{t:.1f}' for t in per_graph)}")
 
 
 def optimizer_step(optimizer: NorMuonAndAdam, schedule: TrainingSchedule, step: int,
@@ -2878,11 +2924,136 @@ def warmup_plan(args: Hyperparameters, schedule: TrainingSchedule) -> tuple:
     return steps, sorted(first_of_stage.values()) if validates else [], reaches_end
 
 
+# ---- cold start: compile the later stages in helper processes ----------------------------------
+# Every (stage batch shape, train/eval) pair is its own graph, ~1 minute of compile each on an
+# H100, and one process compiles them one after another. With one GPU, helper processes compile
+# the later stages' and the validation graphs while this process compiles stage 1. They share
+# the on-disk caches (configure_compile_cache), so the warm-up then loads those graphs in seconds.
+
+COMPILE_JOB_ENV = "SPEEDRUN_COMPILE_JOB"     # in a helper's environment: "train:STEP" or "eval:STEP"
+HELPER_MEMORY_MARGIN = 1 << 30               # bytes a helper may allocate beyond its model
+
+
+def helper_compile_jobs(args: Hyperparameters, schedule: TrainingSchedule) -> list:
+    """(kind, step) for each graph the warm-up would compile after stage 1's training graph:
+    ("train", first step of each later stage with a new batch size) and ("eval", step) once."""
+    steps, eval_steps, final_window = warmup_plan(args, schedule)
+    if not steps:
+        return []
+    jobs, batch_sizes = [], {schedule.lookup(steps[0])[0].batch_size}
+    for step in steps:
+        batch_size = schedule.lookup(step)[0].batch_size
+        if batch_size not in batch_sizes:
+            jobs.append(("train", step))
+            batch_sizes.add(batch_size)
+    if eval_steps or final_window:
+        jobs.append(("eval", eval_steps[0] if eval_steps else schedule.total_steps))
+    return jobs
+
+
+def use_compile_helpers(args: Hyperparameters, env: DistEnv) -> bool:
+    # several ranks already compile side by side, one per GPU; helpers are for the one-GPU case
+    return args.parallel_compile and args.compile and env.world_size == 1
+
+
+def run_compile_helper(args: Hyperparameters, job: str) -> None:
+    """A helper process: build the same model, compile the graph of one (kind, step), exit.
+
+    The forward that follows the compile is not wanted (several helpers running full forwards at
+    once would not fit in GPU memory): GPU memory is capped at what the model holds plus
+    HELPER_MEMORY_MARGIN, so the forward stops at an early activation with an out-of-memory
+    error after the graph was compiled and cached. The backward graph is compiled and cached
+    together with the forward (configure_compile_cache)."""
+    kind, step = job.split(":")
+    step = int(step)
+    env = init_distributed(args.device)
+    run = build_training_run(args, env)
+    # the stage changes the warm-up makes before this step, in its order: YaRN rescales the rotary
+    # tables at each, so the tables (and a backend's float softmax scale) match the main process
+    for earlier in [s for s in warmup_plan(args, run.schedule)[0] if s < step] + [step]:
+        run.stage.advance(earlier)
+    if env.device.type == "cuda":
+        total = torch.cuda.get_device_properties(env.device).total_memory
+        cap = torch.cuda.memory_reserved(env.device) + HELPER_MEMORY_MARGIN
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), env.device)
+    started = time.perf_counter()
+    outcome = "ran to the end"
+    try:
+        if kind == "eval":
+            if step >= run.schedule.total_steps:
+                run.stage.use_final_window()
+            evaluate(run.model, args, env, run.stage, val_steps=1)
+        else:
+            loader = BosAlignedLoader(args.train_files, run.stage.batch_size, args.train_max_seq_len,
+                                      env.grad_accum_steps, env.rank, env.world_size, env.device)
+            inputs, targets, cu_seqlens = loader.next_batch(run.stage.batch_size)
+            run.model(inputs, targets, cu_seqlens, run.stage.forward_config())
+    except torch.OutOfMemoryError:
+        outcome = "forward stopped at the helper's memory cap, as intended"
+    print(f"compile helper {job}: compiled in {time.perf_counter() - started:.1f}s "
+          f"({compiled_graph_count()} graphs); {outcome}", flush=True)
+
+
+class CompileHelpers:
+    """The running helper processes of a cold start, one per (kind, step) job; wait() blocks
+    until the job's graph is in the cache (or its helper failed: the caller then compiles it)."""
+
+    def __init__(self, jobs: list, argv: list, args: Hyperparameters, log: Callable):
+        self.log = log
+        self.running = {}
+        # this run's command line, with the data it resolved (--smoke may have made a corpus)
+        argv = [*argv, "--train_files", args.train_files, "--val_files", args.val_files]
+        for kind, step in jobs:
+            output = Path(args.log_dir) / f"{args.run_id}.compile_{kind}_{step}.txt"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w") as out:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
+                                        env={**os.environ, COMPILE_JOB_ENV: f"{kind}:{step}"},
+                                        stdout=out, stderr=subprocess.STDOUT)
+            self.running[(kind, step)] = (proc, output)
+        if jobs:
+            log(f"compile helpers: {len(jobs)} processes compile {', '.join(f'{k} {s}' for k, s in jobs)} "
+                f"(output in {Path(args.log_dir) / args.run_id}.compile_*.txt)")
+
+    def wait(self, kind: str, step: int | None = None) -> None:
+        """Wait for the helper of (kind, step); step None: any helper of that kind."""
+        for key in [k for k in self.running if k[0] == kind and (step is None or k[1] == step)]:
+            proc, output = self.running.pop(key)
+            t0 = time.perf_counter()
+            code = proc.wait()
+            lines = output.read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            waited = f"waited {time.perf_counter() - t0:.1f}s"
+            if code == 0:
+                self.log(f"{lines[-1]} [{waited}]")
+            else:
+                self.log(f"warning: compile helper {key[0]}:{key[1]} failed (exit {code}): {lines[-1]} "
+                         f"[{waited}; full output in {output}]; this process compiles that graph itself")
+
+    def close(self) -> None:
+        """Stop helpers still running (the run ended early, e.g. a SIGTERM during the warm-up)."""
+        for proc, _ in self.running.values():
+            proc.terminate()
+        for proc, _ in self.running.values():
+            proc.wait()
+        self.running.clear()
+
+
+class NoCompileHelpers:
+    def wait(self, kind: str, step: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
-            stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog) -> None:
+            stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog,
+            helpers=None) -> None:
     """Untimed: run the schedule's warm-up steps (first steps, every stage change +-1, so every
     train and eval shape is compiled), one final-window validation forward, then put model,
-    optimizer and schedule back to their initial state so the timed run starts fresh."""
+    optimizer and schedule back to their initial state so the timed run starts fresh.
+    helpers (CompileHelpers): graphs compiled elsewhere; each is waited for before first use."""
+    helpers = helpers or NoCompileHelpers()
     initial_model = copy.deepcopy(raw_model.state_dict())
     initial_optimizer = optimizer.state_dict()
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
@@ -2893,10 +3064,12 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     for step in steps:
         t0 = time.perf_counter()
         stage.advance(step)
-        if step in eval_steps:
-            evaluate(model, args, env, stage, val_steps=1)
+        helpers.wait("train", step)
         train_step(model, loader, stage, env)
         optimizer_step(optimizer, schedule, step, args)
+        if step in eval_steps:     # after the step: stage 1 compiles here while a helper does eval
+            helpers.wait("eval")
+            evaluate(model, args, env, stage, val_steps=1)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         log(f"warm-up step {step} (stage {schedule.stage_index(step) + 1}): "
@@ -2904,6 +3077,7 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     if final_window:
         stage.advance(schedule.total_steps)
         stage.use_final_window()
+        helpers.wait("eval")
         evaluate(model, args, env, stage, val_steps=1)
     del loader
     model.zero_grad(set_to_none=True)
@@ -3055,14 +3229,18 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
 # SECTION: main
 # =============================================================================
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     configure_compile_cache(args.compile_cache)          # before anything compiles
+    if os.environ.get(COMPILE_JOB_ENV):                  # a helper process of a cold start
+        return run_compile_helper(args, os.environ[COMPILE_JOB_ENV])
     env = init_distributed(args.device)
     log = RunLog(env, args.log_dir, args.run_id)
     stop = StopFlag()
     previous_handler = stop.install()
     started = time.perf_counter()
+    helpers = NoCompileHelpers()
     try:
         log(f"log: {log.path}")
         log(Path(__file__).read_text(), console=False)   # the exact code of this run
@@ -3073,6 +3251,8 @@ def main(argv=None) -> dict:
 
         ensure_smoke_data(args, env, log)
         find_shards(args.train_files, "train"), find_shards(args.val_files, "val")   # fail before building
+        if use_compile_helpers(args, env):   # started first: their start-up overlaps ours
+            helpers = CompileHelpers(helper_compile_jobs(args, training_schedule(args)), argv, args, log)
         run = build_training_run(args, env)
         raw_model, model, optimizer, schedule, stage = (run.raw_model, run.model, run.optimizer,
                                                         run.schedule, run.stage)
@@ -3083,12 +3263,15 @@ def main(argv=None) -> dict:
             f"schedule {schedule.boundaries}, split step {schedule.split_step}")
 
         warm_start = time.perf_counter()
-        warm_up(model, raw_model, optimizer, schedule, stage, args, env, log)
+        warm_up(model, raw_model, optimizer, schedule, stage, args, env, log, helpers)
+        helpers.close()
         sync(env)
         warmup_s = time.perf_counter() - warm_start
         graphs = compiled_graph_count()
         log(f"warm-up done in {warmup_s:.1f}s ({time.perf_counter() - started:.1f}s since start), "
             f"{graphs} graphs compiled")
+        if args.compile:
+            log(compile_time_breakdown())
         gc.collect()
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
@@ -3113,6 +3296,7 @@ def main(argv=None) -> dict:
         log("summary: " + json.dumps(summary))
         return summary
     finally:
+        helpers.close()
         stop.uninstall(previous_handler)
         if env.distributed:
             dist.destroy_process_group()

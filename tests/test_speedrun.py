@@ -156,6 +156,37 @@ def test_two_gloo_ranks_under_torchrun_follow_the_single_process_run(tmp_path, c
 
 # ---- clear errors ----
 
+# ---- cold start: compile helper processes (the GPU run measures what they save) ----
+
+def test_compile_helpers_run_their_job_and_report_failures(tmp_path, corpus):
+    train_glob, val_glob = corpus
+    argv = ["--smoke", "--device", "cpu", "--no-compile", "--log_dir", str(tmp_path), "--run_id", "h"]
+    args = ts.parse_args(argv + ["--train_files", train_glob, "--val_files", val_glob])
+    lines = []
+    helpers = ts.CompileHelpers([("train", 2), ("eval", 0)], argv, args, lines.append)
+    helpers.wait("train", 2)
+    helpers.wait("eval")
+    assert "compile helpers: 2 processes" in lines[0]
+    assert lines[1].startswith("compile helper train:2: compiled in") and "ran to the end" in lines[1]
+    assert lines[2].startswith("compile helper eval:0: compiled in")
+    assert (tmp_path / "h.compile_train_2.txt").exists() and not helpers.running
+    # a helper that fails leaves a warning: the main process then compiles that graph itself
+    broken = ts.parse_args(argv + ["--train_files", str(tmp_path / "none_*.bin"), "--val_files", val_glob])
+    helpers = ts.CompileHelpers([("train", 2)], argv, broken, lines.append)
+    helpers.wait("train")
+    assert lines[-1].startswith("warning: compile helper train:2 failed (exit 1)") and "no train shards match" in lines[-1]
+
+
+def test_compile_helpers_are_stopped_when_the_run_ends_early(tmp_path, corpus):
+    train_glob, val_glob = corpus
+    argv = ["--smoke", "--device", "cpu", "--no-compile", "--log_dir", str(tmp_path), "--run_id", "h"]
+    args = ts.parse_args(argv + ["--train_files", train_glob, "--val_files", val_glob])
+    helpers = ts.CompileHelpers([("train", 2)], argv, args, lambda line: None)
+    (proc, _), = helpers.running.values()
+    helpers.close()
+    assert proc.poll() is not None and not helpers.running
+
+
 def test_world_size_3_is_a_one_line_error(tmp_path):
     result = run_cli(["--smoke", "--device", "cpu", "--log_dir", str(tmp_path)],
                      env_extra=dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"), timeout=120)
@@ -176,3 +207,15 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
     result = run_cli(["--smoke", "--log_dir", str(tmp_path)], timeout=120)
     assert result.returncode != 0
     assert "error: --device cuda but no CUDA GPU" in result.stderr.strip().splitlines()[-1]
+
+
+def test_compile_time_breakdown_names_phases_caches_and_graphs():
+    before = ts.compiled_graph_count()
+    fn = torch.compile(lambda x: (x * 3).cos().sum(), fullgraph=True)
+    fn(torch.randn(8))
+    line = ts.compile_time_breakdown()
+    assert ts.compiled_graph_count() == before + 1
+    assert line.startswith("compile time: dynamo trace ") and "AOTAutograd cache hit" in line
+    per_graph = line.split("per graph (s): ")[1].split()
+    assert len(per_graph) >= 1 and all(float(t) >= 0 for t in per_graph)
+    assert [float(t) for t in per_graph] == sorted((float(t) for t in per_graph), reverse=True)

@@ -271,3 +271,39 @@ def test_warmup_plan_covers_every_stage_and_optimizer_variant(sched):
     assert s.split_step in steps or s.split_step >= s.total_steps
     if any(x > s.split_step and x % 2 for x in s.warmup_steps() if x < s.total_steps):
         assert any(x > s.split_step for x in odd)                      # embed's own Adam update
+
+
+# ---- cold start: which graphs the compile helpers take ----
+
+def test_helper_jobs_for_the_record_and_shorter_runs():
+    record = make_schedule(1515, 40)
+    # stages 2 and 3 (new batch sizes; the extension reuses stage 3's) and one validation graph
+    assert ts.helper_compile_jobs(ts.parse_args([]), record) == [("train", 505), ("train", 1010), ("eval", 0)]
+    timing = ts.parse_args(["--max_steps", "560", "--val_loss_every", "0"])
+    assert ts.helper_compile_jobs(timing, record) == [("train", 505)]
+    stage1_only = ts.parse_args(["--max_steps", "100", "--val_loss_every", "0"])
+    assert ts.helper_compile_jobs(stage1_only, record) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedules)
+def test_helper_jobs_cover_every_graph_but_stage_1_training_once(sched):
+    s = make_schedule(*sched)
+    args = ts.parse_args([])
+    steps, eval_steps, final = ts.warmup_plan(args, s)
+    jobs = ts.helper_compile_jobs(args, s)
+    train_batches = [s.lookup(step)[0].batch_size for kind, step in jobs if kind == "train"]
+    first_batch = s.lookup(steps[0])[0].batch_size
+    # each later batch shape the warm-up meets has exactly one helper; stage 1's has none
+    assert sorted(train_batches) == sorted({s.lookup(x)[0].batch_size for x in steps} - {first_batch})
+    assert all(step in steps for kind, step in jobs if kind == "train")
+    assert [kind for kind, _ in jobs].count("eval") == (1 if eval_steps or final else 0)
+
+
+def test_helpers_only_for_one_compiled_process():
+    env1 = ts.DistEnv(rank=0, local_rank=0, world_size=1, device=ts.torch.device("cpu"))
+    env2 = ts.DistEnv(rank=0, local_rank=0, world_size=2, device=ts.torch.device("cpu"))
+    assert ts.use_compile_helpers(ts.parse_args([]), env1)
+    assert not ts.use_compile_helpers(ts.parse_args([]), env2)          # ranks compile side by side
+    assert not ts.use_compile_helpers(ts.parse_args(["--no-parallel_compile"]), env1)
+    assert not ts.use_compile_helpers(ts.parse_args(["--no-compile"]), env1)
