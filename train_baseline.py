@@ -26,6 +26,8 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ class TrainConfig:
     eval_iters: int = opt(200, "batches per split in each evaluation")
     eval_only: bool = opt(False, "evaluate once and exit")
     always_save_checkpoint: bool = opt(True, "checkpoint at every eval, not only when val loss improves")
+    overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its ckpt.pt is replaced at the "
+                                 "first checkpoint); without it that is refused")
     init_from: str = opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
     # data
     data_dir: str = opt("data/openwebtext", "folder with train.bin, val.bin (+ meta.pkl for char vocab)")
@@ -184,9 +188,10 @@ def parse_bool(text):
 def build_train_parser():
     parser = argparse.ArgumentParser(
         prog="train_baseline.py", description=__doc__.split("\n\n")[0].strip(),
-        epilog="Subcommand: `train_baseline.py sample --help`. No arguments at all = --preset default.",
+        epilog="Subcommand: `train_baseline.py sample --help`. Without --preset the default preset applies "
+               "(a tiny CPU demo); --preset gpt2 is nanoGPT's GPT-2 124M.",
         argument_default=argparse.SUPPRESS)  # only options actually given land in the namespace
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from this configuration")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from this configuration (default: default)")
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("internal"):
             continue
@@ -203,10 +208,13 @@ def build_train_parser():
 
 
 def parse_config(argv):
-    """Defaults, then the preset, then the options given. No arguments at all selects the default preset."""
-    given = vars(build_train_parser().parse_args(argv or ["--preset", "default"]))
-    preset = given.pop("preset", "")
-    values = dict(PRESETS[preset]) if preset else {}
+    """Defaults, then the preset (`default` unless --preset names another), then the options given.
+
+    So `--device cpu` or `--max_iters 50` alone still run the default demo, on its data.
+    """
+    given = vars(build_train_parser().parse_args(argv))
+    preset = given.pop("preset", "default")
+    values = dict(PRESETS[preset])
     if given.get("bench"):
         values.update(BENCH_DEFAULTS)
     # A requeued job re-runs its command plus `--init_from resume`; if no checkpoint exists yet it
@@ -225,8 +233,24 @@ def validate_config(cfg):
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.max_iters < 0 or cfg.bench_warmup < 0 or cfg.warmup_iters < 0:
-        raise UsageError("--max_iters, --warmup_iters and --bench_warmup cannot be negative")
+    if cfg.bench_warmup < 0 or cfg.warmup_iters < 0:
+        raise UsageError("--warmup_iters and --bench_warmup cannot be negative")
+    if cfg.max_iters < 1 and not (cfg.eval_only or cfg.bench):
+        raise UsageError(f"--max_iters must be at least 1 (got {cfg.max_iters}); to only evaluate use --eval_only")
+    for f in dataclasses.fields(cfg):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            raise UsageError(f"--{f.name} must be a finite number (got {getattr(cfg, f.name)})")
+    if cfg.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
+        raise UsageError(f"--beta1 and --beta2 must lie in [0, 1) (got {cfg.beta1}, {cfg.beta2})")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise UsageError(f"--weight_decay and --grad_clip cannot be negative (got {cfg.weight_decay}, "
+                         f"{cfg.grad_clip}); --grad_clip 0 turns clipping off")
+    if cfg.corpus_bytes < 1:
+        raise UsageError(f"--corpus_bytes must be positive (got {cfg.corpus_bytes})")
+    if cfg.time_limit < 0:
+        raise UsageError(f"--time_limit cannot be negative (got {cfg.time_limit}); 0 turns it off")
     if cfg.n_embd % cfg.n_head:
         raise UsageError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -449,8 +473,10 @@ def learning_rate_at(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
     weight = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    # nanoGPT's min_lr + weight * (lr - min_lr), written so both ends come out exact
-    return weight * cfg.learning_rate + (1.0 - weight) * cfg.min_lr
+    if weight == 1.0:  # the peak exactly, whatever rounding would make of the formula below
+        return cfg.learning_rate
+    # nanoGPT's formula; monotone in `it` since weight is, clamped so rounding never leaves the range
+    return min(cfg.learning_rate, max(cfg.min_lr, cfg.min_lr + weight * (cfg.learning_rate - cfg.min_lr)))
 
 
 def accumulation_per_rank(total_accumulation, world_size):
@@ -693,8 +719,35 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+# What load_checkpoint needs: sampling reads the model; resuming needs the training state too.
+SAMPLE_KEYS = ("model", "model_args")
+RESUME_KEYS = SAMPLE_KEYS + ("optimizer", "scaler", "config", "iter_num", "best_val_loss", "last_eval_iter",
+                             "batch_generator", "rng_states")
+
+
+def load_checkpoint(path, device, required=RESUME_KEYS):
+    """A checkpoint of this trainer (or nanoGPT's), checked; anything else is one UsageError line.
+
+    weights_only=True always: a checkpoint is a file someone handed you, and unpickling arbitrary
+    objects runs arbitrary code.
+    """
+    path = Path(path)
+    how_to_fix = "delete it to start over, or pass the --out_dir of another run"
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path} is empty (a crash while it was copied?); {how_to_fix}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types here, with multi-line texts
+        raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated "
+                         f"(torch.load: {type(exc).__name__}); {how_to_fix}") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} holds a {type(checkpoint).__name__}, not a train_baseline.py checkpoint; {how_to_fix}")
+    if "model_args" not in checkpoint and {"step", "args"} <= checkpoint.keys():
+        raise UsageError(f"{path} is a train_speedrun.py checkpoint; train_baseline.py cannot load it")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path} is not a complete train_baseline.py checkpoint (missing {', '.join(missing)}); "
+                         f"{how_to_fix}")
     # checkpoints of a compiled model (e.g. nanoGPT's) carry this prefix on every key
     prefix = "_orig_mod."
     checkpoint["model"] = {k.removeprefix(prefix): v for k, v in checkpoint["model"].items()}
@@ -731,35 +784,60 @@ def gather_rng_states(rt):
 # =============================================================================
 
 class StopSignal:
-    """Notices SIGTERM / SIGUSR1 (Slurm preemption or time limit) so the loop can stop cleanly.
+    """SIGTERM / SIGUSR1 (Slurm preemption or time limit) and SIGINT (Ctrl-C): stop cleanly.
 
     The signals are blocked in the main thread before torch.distributed starts its C++ threads,
-    which inherit the block: an asynchronous signal landing in a gloo or NCCL thread interrupts
-    its socket calls and can abort the process. Blocked signals stay pending until the loop polls
-    for them once per iteration. The handler covers threads that existed before (they never block).
+    which inherit the block: an asynchronous signal landing in a gloo or NCCL thread interrupts its
+    socket calls and can abort the process. A watcher thread (blocked too) takes them with
+    sigtimedwait. Until the first training step is done (`interruptible`: setup, data, compile, the
+    first eval) there is nothing to lose, so the process ends at once with one line: a compile of
+    many minutes does not delay the stop. (Raising into the main thread instead was tried: an
+    exception unwinding through torch.compile aborted the process.) After that the loop polls
+    `received` once per iteration and checkpoints. Checkpoints are written atomically, so an exit
+    mid-write leaves the previous one whole.
     """
 
-    SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+    SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
 
-    def __init__(self):
+    def __init__(self, stopped_early="before the first training step: nothing to save"):
         self._received = None
+        self.interruptible = True
+        self.stopped_early = stopped_early
         self.previous_handlers = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         self.previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="stop-signal-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self):
+        while not self._closing.is_set():
+            info = signal.sigtimedwait(self.SIGNALS, 0.2)
+            if info is not None:
+                self._note(info.si_signo)
 
     def _handle(self, signum, frame):
-        self._received = signal.Signals(signum).name
+        """A signal delivered to a thread that never blocked it (one started before this object)."""
+        self._note(signum)
+
+    def _note(self, signum):
+        name = signal.Signals(signum).name
+        if self.interruptible or (name == "SIGINT" and self._received is not None):
+            if int(os.environ.get("RANK", 0)) == 0:
+                what = self.stopped_early if self.interruptible else "second Ctrl-C: exiting without waiting"
+                print(f"stopped by {name} {what}", flush=True)
+            sys.stdout.flush()
+            os._exit(0 if self.interruptible else 130)
+        self._received = self._received or name
 
     @property
     def received(self):
-        """Name of the first stop signal seen (pending or handled), else None."""
-        if self._received is None:
-            pending = signal.sigpending() & self.SIGNALS
-            if pending:
-                self._received = min(pending).name
+        """Name of the first stop signal seen, else None."""
         return self._received
 
     def uninstall(self):
-        """Consume what is pending (it was acted on), then restore the mask and handlers."""
+        """Stop the watcher, drop what is pending (it was acted on), restore the mask and handlers."""
+        self._closing.set()
+        self._watcher.join()
         while signal.sigpending() & self.SIGNALS:
             signal.sigtimedwait(self.SIGNALS, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.previous_mask)
@@ -781,10 +859,8 @@ def build_model(cfg, rt, meta):
             print(f"resuming from {ckpt_path}" if checkpoint else
                   f"note: --init_from resume but {ckpt_path} does not exist yet; starting from {init_from}")
     if checkpoint is not None:
-        # the architecture comes from the checkpoint; dropout may change between runs
-        model_args = dict(checkpoint["model_args"], dropout=cfg.dropout)
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(checkpoint["model"])
+        check_resume_matches(cfg, checkpoint, ckpt_path, rt)
+        model = model_from_checkpoint(checkpoint, ckpt_path, dropout=cfg.dropout)
     elif init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
@@ -799,6 +875,40 @@ def build_model(cfg, rt, meta):
     return model.to(rt.device), checkpoint
 
 
+def model_from_checkpoint(checkpoint, path, dropout):
+    """The checkpoint's model (its architecture, with this run's dropout); bad contents are one line."""
+    try:
+        model = GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=dropout)))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError, AttributeError) as exc:
+        first_line = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path}: its model does not load ({first_line}); delete it to start over") from None
+    return model
+
+
+# Resuming keeps the checkpoint's architecture; these options must then agree with it.
+ARCHITECTURE_OPTIONS = ("n_layer", "n_head", "n_embd", "bias", "block_size")
+# These may change on resume (e.g. a longer max_iters); the run says which did.
+RESUMABLE_CHANGES = ("data_dir", "gradient_accumulation_steps", "batch_size", "learning_rate", "max_iters",
+                     "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters",
+                     "min_lr", "seed", "dropout", "eval_interval", "eval_iters", "always_save_checkpoint")
+
+
+def check_resume_matches(cfg, checkpoint, path, rt):
+    """Refuse a resume whose command asks for another model; say which training settings changed."""
+    model_args = checkpoint["model_args"]
+    clashes = [f"--{name} {getattr(cfg, name)} (checkpoint: {model_args[name]})" for name in ARCHITECTURE_OPTIONS
+               if name in model_args and getattr(cfg, name) != model_args[name]]
+    if clashes:
+        raise UsageError(f"--init_from resume: {path} holds another model than the command asks for: "
+                         f"{', '.join(clashes)}; drop those options to resume it, or use a new --out_dir")
+    saved = checkpoint["config"]
+    changed = [f"{name} {saved[name]} -> {getattr(cfg, name)}" for name in RESUMABLE_CHANGES
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if changed and rt.master:
+        print(f"note: resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
+
+
 def check_vocab(tokens, vocab_size, path):
     """A token id >= vocab_size would crash deep inside CUDA; check a prefix of the data up front."""
     largest = int(tokens[: 1 << 20].max())
@@ -810,11 +920,13 @@ def check_vocab(tokens, vocab_size, path):
 class Metrics:
     """out_dir/metrics.jsonl: one JSON object per log line (rank 0 only)."""
 
-    def __init__(self, out_dir, enabled, resume_iter=None, resume_evaluated=False):
+    def __init__(self, out_dir, enabled, resume_iter=None, resume_evaluated=False, fresh=False):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         if enabled and resume_iter is not None and self.path.exists():
             self._trim(resume_iter, resume_evaluated)
+        elif enabled and fresh and self.path.exists():
+            self.path.write_text("")  # a run started over: its records must not follow the old run's
 
     def _trim(self, resume_iter, keep_eval_at_resume):
         """Drop records a crashed or preempted run wrote past its checkpoint, so the file reads as one run."""
@@ -888,6 +1000,24 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
+def prepare_out_dir(cfg):
+    """Before any work: out_dir must take a checkpoint, and starting must not silently replace one."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for the checkpoint")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out_dir {out_dir} is not writable ({exc.strerror}); pass a folder you can write to")
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt_path.exists() and cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only:
+        raise UsageError(f"{ckpt_path} already holds a run; continue it with --init_from resume, or start over "
+                         f"with --overwrite (it is replaced at the first checkpoint) or another --out_dir")
+
+
 def start_run(cfg):
     """What train() and bench() share: runtime, seed, per-rank accumulation, the data's vocabulary."""
     # checked before joining the process group, so a bad combination fails at once on every rank
@@ -897,7 +1027,37 @@ def start_run(cfg):
     if cfg.preset == "default" and not cfg.data_dir:
         cfg.data_dir = ensure_default_corpus(cfg, rt)
     meta = read_meta(cfg.data_dir) if cfg.data_dir else None
+    warning = cpu_time_warning(cfg, rt, meta["vocab_size"] if meta else 50304)
+    if warning and rt.master:
+        print(warning, file=sys.stderr, flush=True)
     return rt, accumulation, meta
+
+
+CPU_FLOPS = 100e9  # training FLOP/s of this file's CPU runs, measured on 2 cores (README's CPU recipe)
+CPU_RECIPE = ("python3 train_baseline.py --preset shakespeare_char --device cpu --compile false --eval_iters 20 "
+              "--block_size 64 --batch_size 12 --n_layer 4 --n_head 4 --n_embd 128 --max_iters 2000 "
+              "--lr_decay_iters 2000 --dropout 0.0 --out_dir out/shakespeare_char_cpu")
+
+
+def cpu_time_warning(cfg, rt, vocab_size):
+    """One line when a run on the CPU is GPU-sized (hours) or compiles first (minutes); else None."""
+    if rt.device.type != "cpu":
+        return None
+    model = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_embd=cfg.n_embd)
+    params = 12 * cfg.n_layer * cfg.n_embd ** 2 + vocab_size * cfg.n_embd  # blocks + tied embedding
+    steps = cfg.bench_warmup + cfg.bench_iters if cfg.bench else cfg.max_iters
+    total_flops = flops_per_token(model, params) * tokens_per_step(
+        cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) * steps
+    hours = total_flops / CPU_FLOPS / 3600
+    compiling = "; torch.compile alone takes minutes on a CPU before the first step" if cfg.compile else ""
+    if hours > 0.5:
+        return (f"warning: this run is sized for a GPU: about {hours:,.1f} h on a CPU at ~{CPU_FLOPS / 1e9:.0f} "
+                f"GFLOP/s{compiling}. A CPU-sized run (under 2 min): {CPU_RECIPE}")
+    if cfg.compile:
+        return ("warning: torch.compile on a CPU takes minutes before the first step and gains little for "
+                "small models; --compile false skips it")
+    return None
 
 
 def training_state(raw_model, tokens, cfg, rt):
@@ -924,6 +1084,7 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        prepare_out_dir(cfg)
         rt, self.accumulation, self.meta = start_run(cfg)
         self.rt = rt
         self.splits = {name: load_split(cfg.data_dir, name, cfg.block_size) for name in ("train", "val")}
@@ -937,7 +1098,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.metrics = Metrics(cfg.out_dir, rt.master, self.iter_num if checkpoint else None,
-                               self.last_eval_iter == self.iter_num)
+                               self.last_eval_iter == self.iter_num, fresh=checkpoint is None and not cfg.eval_only)
         self.model, self.eval_model = compile_and_wrap(self.raw_model, cfg, rt)
         self.step_tokens = tokens_per_step(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps)
         self.flops_per_token = flops_per_token(self.raw_model.config, self.raw_model.num_params())
@@ -1025,6 +1186,7 @@ class Trainer:
             want_log = self.iter_num % cfg.log_interval == 0
             loss_sum, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.batches,
                                              self.accumulation, self.rt, cfg.grad_clip, want_log)
+            stop_signal.interruptible = False  # from here on a stop signal saves a checkpoint first
             window_iters += 1
             if want_log:
                 loss = all_ranks_mean(loss_sum, self.accumulation, self.rt)  # .item() waits for the GPU...
@@ -1184,9 +1346,8 @@ def sample_main(argv):
         ckpt_path = Path(args.out_dir) / "ckpt.pt"
         if not ckpt_path.exists():
             raise UsageError(f"{ckpt_path} not found; train first or pass --out_dir of a finished run")
-        checkpoint = load_checkpoint(ckpt_path, device)
-        model = GPT(GPTConfig(**dict(checkpoint["model_args"], dropout=0.0)))
-        model.load_state_dict(checkpoint["model"])
+        checkpoint = load_checkpoint(ckpt_path, device, required=SAMPLE_KEYS)
+        model = model_from_checkpoint(checkpoint, ckpt_path, dropout=0.0)
         meta = checkpoint.get("meta") or read_meta(args.out_dir)
     else:
         model, meta = gpt_from_pretrained(args.init_from), None
@@ -1245,7 +1406,11 @@ def main(argv):
             return
         cfg = parse_config(argv)
         if cfg.bench:
-            bench(cfg)
+            stop_signal = StopSignal(stopped_early="before the bench finished")  # nothing to save: ends at once
+            try:
+                bench(cfg)
+            finally:
+                stop_signal.uninstall()
             return
         result = train(cfg)
         if cfg.preset == "default" and not result["preempted"] and int(os.environ.get("RANK", 0)) == 0:

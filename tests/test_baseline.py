@@ -1,6 +1,7 @@
 """train_baseline.py: config, model, schedule, batch math, data, training, resume, preemption, sampling."""
 
 import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -124,14 +125,28 @@ def test_lr_schedule_properties(cfg, data):
     # cosine ends at min_lr and stays there
     assert lr(cfg.lr_decay_iters) == cfg.min_lr
     assert lr(cfg.lr_decay_iters + data.draw(st.integers(1, 10**6))) == cfg.min_lr
-    # never above the peak; never below min_lr once warmup is over (warmup starts near 0, like nanoGPT)
+    # never above the peak; never below min_lr once warmup is over (warmup starts near 0, like nanoGPT);
+    # positive until the decay ends, after which it is min_lr, which may be 0 (a decay to zero)
     it = data.draw(st.integers(0, cfg.lr_decay_iters + 1000))
-    assert 0 < lr(it) <= cfg.learning_rate
+    assert 0 <= lr(it) <= cfg.learning_rate
     if it >= cfg.warmup_iters:
         assert lr(it) >= cfg.min_lr
+    if it < cfg.lr_decay_iters:
+        assert lr(it) > 0
     # and decays monotonically in between
     a, b = sorted(data.draw(st.lists(st.integers(cfg.warmup_iters, cfg.lr_decay_iters), min_size=2, max_size=2)))
     assert lr(a) >= lr(b)
+
+
+@pytest.mark.parametrize("min_frac, warmup, span", [(0.0, 0, 1), (1.0, 0, 1), (0.0, 3, 1), (1.0, 7, 5), (0.5, 0, 2)])
+def test_lr_schedule_edges(min_frac, warmup, span):
+    """The edges hypothesis finds: a decay to zero, equal bounds, no warmup, a one-step decay."""
+    cfg = tb.TrainConfig(learning_rate=1e-3, min_lr=1e-3 * min_frac, warmup_iters=warmup,
+                         lr_decay_iters=warmup + span)
+    values = [tb.learning_rate_at(it, cfg) for it in range(warmup + span + 3)]
+    assert values[warmup] == cfg.learning_rate and values[warmup + span:] == [cfg.min_lr] * 3
+    assert all(0 < v for v in values[:warmup + span])
+    assert all(a >= b for a, b in zip(values[warmup:], values[warmup + 1:]))
 
 
 def test_constant_lr_without_decay():
@@ -338,9 +353,14 @@ def test_preset_then_explicit_options():
     assert (cfg.warmup_iters, cfg.max_iters, cfg.lr_decay_iters) == (100, 5000, 5000)
     assert (cfg.eval_interval, cfg.eval_iters, cfg.gradient_accumulation_steps) == (250, 200, 1)
     assert cfg.batch_size == 8 and cfg.compile is False and cfg.bias is True and cfg.eval_only is True
+    # without --preset, small overrides keep the default demo (its data, out_dir and sizes)
     plain = tb.parse_config(["--batch_size", "3"])
-    assert (plain.learning_rate, plain.warmup_iters, plain.gradient_accumulation_steps, plain.compile) == \
-        (6e-4, 2000, 40, True)
+    default = tb.parse_config([])
+    assert plain.batch_size == 3 and plain.preset == "default"
+    assert dataclasses.replace(plain, batch_size=default.batch_size) == default
+    for args in (["--device", "cpu"], ["--max_iters", "50"]):
+        cfg = tb.parse_config(args)
+        assert (cfg.preset, cfg.data_dir, cfg.out_dir, cfg.n_layer) == ("default", "", "out/default", 4)
 
 
 def test_no_arguments_is_the_default_preset():
