@@ -168,6 +168,9 @@ def parse_args(argv=None) -> Hyperparameters:
         values["train_files"] = os.path.join(os.environ["DATA_PATH"], values["train_files"])
     if "val_files" not in given and "DATA_PATH" in os.environ:
         values["val_files"] = os.path.join(os.environ["DATA_PATH"], values["val_files"])
+    if given.get("max_steps") == 0:
+        raise SystemExit("error: --max_steps 0 would train no step; give N >= 1, or leave it out to run "
+                         "the whole schedule")
     args = Hyperparameters(**values)
     if not args.run_id:
         args.run_id = str(uuid.uuid4())
@@ -196,9 +199,40 @@ def validate_args(args: Hyperparameters) -> None:
     if args.val_batch_size <= 0 or args.val_batch_size % (8 * 128):
         fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 1024 "
              "(8 micro-batches x 128-token attention tiles)")
+    if args.seed < 0:
+        fail(f"--seed must be >= 0 (got {args.seed})")
+    if not args.run_id or "/" in args.run_id or args.run_id in (".", ".."):
+        fail(f"--run_id {args.run_id!r} must be a plain file name (no '/'), the log goes to --log_dir")
+    for option, folder in (("--log_dir", args.log_dir), ("--compile_cache", args.compile_cache)):
+        if folder:
+            check_writable_folder(option, folder)
     if args.val_tokens <= 0 or args.val_tokens % args.val_batch_size:
         fail(f"--val_tokens {args.val_tokens} must be a positive multiple of "
              f"--val_batch_size {args.val_batch_size}")
+
+
+def check_writable_folder(option: str, folder: str) -> None:
+    """Before any work: the folder exists or can be made, and takes a file (one-line error if not)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"error: {option} {folder} is a file, not a folder; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"error: {option} {folder} is not writable ({exc.strerror}); "
+                         "pass a folder you can write to") from None
+
+
+def environment_int(name: str, default: int) -> int:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK as a number, or a one-line error."""
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise SystemExit(f"error: environment variable {name}={text!r} is not a whole number "
+                         "(torchrun sets it; unset it for a single-process run)")
+    return int(text)
 
 
 # ---- end of core config (ModelConfig below belongs to the model helper) ----
@@ -294,10 +328,13 @@ def grad_accum_steps_for(world_size: int) -> int:
 
 def init_distributed(device_kind: str) -> DistEnv:
     """Read torchrun's environment (or none: world size 1), pick the device, start the process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = environment_int("WORLD_SIZE", 1)
+    rank = environment_int("RANK", 0)
+    local_rank = environment_int("LOCAL_RANK", 0)
     grad_accum_steps_for(world_size)   # fail early on 3, 5, 6, 7 ... processes
+    if world_size > 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
+        raise SystemExit(f"error: WORLD_SIZE={world_size} but RANK/MASTER_ADDR are not set: start several "
+                         f"processes with torchrun --nproc_per_node {world_size} (or unset WORLD_SIZE)")
     if device_kind == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
