@@ -261,6 +261,75 @@ def test_usr1_before_the_run_starts_skips_it(fake_tools):
     assert "USR1 arrived before the run started" in out and "nothing to requeue" in out
 
 
+STOPPING_TRAINER = (
+    "import signal, time\n"
+    "stop = []\n"
+    "signal.signal(signal.SIGUSR1, lambda n, f: stop.append(n))\n"
+    "print('ready', flush=True)\n"
+    "while not stop: time.sleep(0.05)\n"
+    "print('stopped on USR1', flush=True)\n")
+
+RECORDING_SCONTROL = """#!/bin/bash
+# Answers 'show job' as for a batch job and records every call, so a test can see a requeue.
+echo "$*" >> "$SCONTROL_CALLS"
+if [ "$1 $2" = "show job" ]; then echo "JobId=$3 BatchFlag=1 Restarts=0"; fi
+"""
+
+
+@pytest.mark.parametrize("script, requeued", [("train_baseline.py", True), ("train_speedrun.py", False)])
+def test_usr1_in_a_batch_job_requeues_only_a_resumable_trainer(tmp_path, script, requeued):
+    """The baseline resumes from its checkpoint, so it is requeued; the speedrun would start again
+    at step 0 and meet the same limit, so it is stopped and the log says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(RECORDING_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    (tmp_path / script).write_text(STOPPING_TRAINER)
+    calls = tmp_path / "scontrol_calls"
+    env = clean_env(PYTHON=sys.executable, PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_CALLS=calls,
+                    **slurm_vars(nodes=1, gpus=0))
+    proc = subprocess.Popen(["bash", str(WRAPPER), script], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    status = proc.wait(timeout=30)
+    recorded = calls.read_text() if calls.exists() else ""
+    assert "stopped on USR1" in rest
+    if requeued:
+        assert status == 0 and "requeue 4242" in recorded, rest
+    else:
+        assert status == RESUMABLE_EXIT and "requeue" not in recorded, rest
+        assert "cannot resume, so the job is not requeued" in rest
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MAX_RESTARTS", "-1", "MAX_RESTARTS='-1' must be a whole number"),
+    ("MAX_RESTARTS", "08", "MAX_RESTARTS='08' must be a whole number"),
+    ("SLURM_RESTART_COUNT", "x", "SLURM_RESTART_COUNT='x' is not a whole number"),
+    ("NUM_GPUS", "two", "NUM_GPUS='two' must be a whole number"),
+    ("NUM_GPUS", "010", "NUM_GPUS='010' must be a whole number"),
+    ("NODES", "0", "NODES='0' must be a positive whole number"),
+    ("GPU_TYPE", "h300", "GPU_TYPE='h300' is not one the trainers know"),
+    ("OMP_NUM_THREADS", "0", "OMP_NUM_THREADS='0' must be a positive whole number"),
+    ("USE_SRUN", "yes", "USE_SRUN='yes' must be auto, 0 or 1"),
+])
+def test_bad_environment_is_a_one_line_error(fake_tools, variable, value, message):
+    result = dry_run(fake_tools, "train_baseline.py", **{variable: value})
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "command: " not in result.stdout
+
+
+def test_dry_run_takes_only_0_or_1(fake_tools):
+    env = clean_env(DRY_RUN="yes", FAKE_VISIBLE_GPUS=0, PATH=f"{fake_tools / 'bin'}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(WRAPPER), "train_baseline.py"], cwd=fake_tools, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "DRY_RUN='yes' must be 0 or 1" in result.stderr
+
+
 # =============================================================================
 # real Slurm: one single-node cluster per test module (and per xdist worker)
 # =============================================================================
