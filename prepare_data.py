@@ -7,7 +7,7 @@ Two on-disk formats are produced and read here:
   * FineWeb shard (llm.c / modded-nanogpt): 256 little-endian int32 header
     [magic 20240520, version 1, num_tokens, 0, ...] followed by num_tokens uint16 tokens.
 
-Subcommands (python prepare_data.py <sub> --out_dir DIR ...):
+Subcommands (python3 prepare_data.py <sub> --out_dir DIR ...):
   shakespeare_char, shakespeare   tiny corpus, char-level or GPT-2 BPE, 90/10 split
   openwebtext                     nanoGPT's recipe through Hugging Face `datasets`
   fineweb10B, fineweb100B, finewebedu10B
@@ -20,6 +20,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -109,16 +110,35 @@ def write_bin(path, tokens):
     _atomic_write(path, [_as_uint16(tokens).astype("<u2").tobytes()])
 
 
+# First int32 of the headered token files we know of (llm.c's formats): what each one is.
+SHARD_MAGICS = {
+    FINEWEB_MAGIC: "a FineWeb shard (256-int32 header + GPT-2 tokens: train_speedrun.py's format)",
+    20240801: "an llm.c Llama-3 shard (256-int32 header + uint32 tokens)",
+}
+MAKE_SHARDS = ("build FineWeb shards with `python3 prepare_data.py text FILES --format fineweb --out_dir DIR` "
+               "or download them with `python3 prepare_data.py fineweb10B`")
+MAKE_BIN = "build train.bin/val.bin with `python3 prepare_data.py text FILES --out_dir DIR` (--format bin)"
+
+
+def read_magic(path):
+    """The first little-endian int32 of a file, or None when it is shorter than 4 bytes."""
+    with open(path, "rb") as f:
+        first = f.read(4)
+    return int.from_bytes(first, "little", signed=True) if len(first) == 4 else None
+
+
 def read_fineweb_header(path):
     """(version, num_tokens) of a FineWeb shard; ValueError if the file is not one."""
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
+    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
+    if len(header) and header[0] != FINEWEB_MAGIC:
+        what = SHARD_MAGICS.get(int(header[0]), "a raw token file (a nanoGPT .bin?) or something else")
+        raise ValueError(f"{path}: magic number {header[0]} is not {FINEWEB_MAGIC}, so it is not a FineWeb shard "
+                         f"but {what}; {MAKE_SHARDS}")
     if len(raw) < HEADER_BYTES:
         raise ValueError(f"{path}: {len(raw)} bytes is shorter than the {HEADER_BYTES}-byte FineWeb "
                          "header; delete it and re-run prepare_data.py")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != FINEWEB_MAGIC:
-        raise ValueError(f"{path}: magic number {header[0]} is not {FINEWEB_MAGIC}; not a FineWeb shard")
     return int(header[1]), int(header[2])
 
 
@@ -134,19 +154,23 @@ def check_fineweb_file(path):
     return num_tokens
 
 
-def load_tokens(path):
-    """Memory-mapped uint16 tokens of a FineWeb shard or a raw nanoGPT .bin (detected by the magic).
+def load_tokens(path, fmt=None):
+    """Memory-mapped uint16 tokens of a FineWeb shard or a raw nanoGPT .bin.
 
-    A raw GPT-2 .bin cannot start with the magic: as uint16 pairs it reads 54856, 308, and 54856 is
-    outside GPT-2's 50257-token vocabulary.
+    fmt None: detected by the magic. A raw GPT-2 .bin cannot start with it: as uint16 pairs it
+    reads 54856, 308, and 54856 is outside GPT-2's 50257-token vocabulary. fmt "bin": only a raw
+    .bin (a file that starts with a known shard magic is refused, never read as tokens); fmt
+    "fineweb": only a FineWeb shard.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such token file; run prepare_data.py first")
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        first = f.read(4)
-    if len(first) == 4 and int.from_bytes(first, "little") == FINEWEB_MAGIC:
+    magic = read_magic(path)
+    if fmt == "bin" and magic in SHARD_MAGICS:
+        raise ValueError(f"{path} is {SHARD_MAGICS[magic]}, not a nanoGPT .bin of raw uint16 tokens; "
+                         f"train_baseline.py reads .bin files: {MAKE_BIN}")
+    if fmt == "fineweb" or magic == FINEWEB_MAGIC:
         num_tokens = check_fineweb_file(path)
         if num_tokens == 0:
             return np.zeros(0, dtype=np.uint16)
@@ -484,12 +508,12 @@ def prepare_text(inputs, out_dir, *, tokenizer="gpt2", fmt="bin", val_fraction=0
             return dict(old["summary"], reused=True)
 
     docs, skipped, vocab = tokenize_files(files, tokenizer, workers, progress)
+    if not docs:  # one error line, naming the first file and why, instead of a warning per file
+        raise ValueError(f"none of the {len(files)} input files is readable UTF-8 text ({skipped[0]})")
     for reason in skipped[:5]:
         print(f"warning: skipped {reason}", file=sys.stderr)
     if len(skipped) > 5:
         print(f"warning: skipped {len(skipped) - 5} more unreadable or non-UTF-8 files", file=sys.stderr)
-    if not docs:
-        raise ValueError(f"none of the {len(files)} input files is readable UTF-8 text")
 
     docs.sort(key=lambda d: (d[0], d[1]))  # content-hash order: deterministic and mixes folders
     train_docs, val_docs = split_train_val([d[2] for d in docs], val_fraction)
@@ -602,11 +626,11 @@ def download_file(url, dest, *, validate=None, retries=5, timeout=30.0, backoff=
         except (_Retryable, requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as exc:
             last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            if progress:
-                print(f"\n{dest.name}: attempt {attempt + 1} failed ({last_error}); "
-                      f"{'retrying' if attempt < retries else 'giving up'}", file=sys.stderr)
+            if progress and attempt < retries:  # the last failure is the DownloadError's one line
+                print(f"\nwarning: {dest.name}: attempt {attempt + 1} failed ({last_error}); retrying",
+                      file=sys.stderr)
     else:
-        raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error}); "
+        raise DownloadError(f"{url}: failed after {retries + 1} attempt{'s' if retries else ''} ({last_error}); "
                             f"re-run to resume from {part}")
     if validate is not None:
         try:
@@ -732,19 +756,43 @@ def prepare_openwebtext(out_dir, workers=None, force=False):
 # command line
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line on stderr (exit 2), like ours."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def output_folder_problem(folder):
+    """Why `folder` cannot take output files (a file, under a file, not writable), else None.
+
+    Creates nothing: a command that fails later must not leave empty folders behind.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        return f"{folder} is a file, not a folder"
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{folder} cannot be created: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{folder} is not writable (no write permission on {existing}, or a read-only file system)"
+    return None
+
+
 def _shakespeare(args, tokenizer):
     out_dir = Path(args.out_dir)
     if args.input:
         source = Path(args.input)
-        if not source.is_file():
-            raise SystemExit(f"error: --input {source} does not exist; pass a tinyshakespeare text file")
     else:
         source = download_file(args.url, out_dir / "input.txt", retries=args.retries, timeout=args.timeout)
     return prepare_text([source], out_dir, tokenizer=tokenizer, val_fraction=0.1, force=args.force)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Prepare token files for train_baseline.py / train_speedrun.py")
+    parser = OneLineErrorParser(prog="prepare_data.py",
+                                description="Prepare token files for train_baseline.py / train_speedrun.py")
     subs = parser.add_subparsers(dest="command", required=True)
 
     def add(name, help_text, default_out):
@@ -753,12 +801,15 @@ def build_parser():
         sub.add_argument("--force", action="store_true", help="rebuild even if outputs are up to date")
         return sub
 
+    def add_download_options(sub):
+        sub.add_argument("--retries", type=int, default=5, help="attempts after the first one (default 5)")
+        sub.add_argument("--timeout", type=float, default=30.0, help="seconds per connection attempt (default 30)")
+
     for name, tok in (("shakespeare_char", "character-level"), ("shakespeare", "GPT-2 BPE")):
         sub = add(name, f"tinyshakespeare, {tok}, 90/10 split -> train.bin/val.bin", f"data/{name}")
-        sub.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text from")
+        sub.add_argument("--url", help=f"where to download the text from (default {SHAKESPEARE_URL})")
         sub.add_argument("--input", help="use this local copy instead of downloading")
-        sub.add_argument("--retries", type=int, default=5)
-        sub.add_argument("--timeout", type=float, default=30.0)
+        add_download_options(sub)
 
     sub = add("openwebtext", "OpenWebText via Hugging Face datasets (~54 GB cache, 17 GB train.bin)",
               "data/openwebtext")
@@ -768,29 +819,82 @@ def build_parser():
         sub = add(name, f"download pre-tokenized shards of {repo} (100M tokens each)", f"data/{name}")
         sub.add_argument("--chunks", type=int, default=9, help=f"train shards to fetch, 1..{available} (default 9)")
         sub.add_argument("--base_url", default=None, help=f"default {HF_DATASETS}/{repo}/resolve/main")
-        sub.add_argument("--retries", type=int, default=5)
-        sub.add_argument("--timeout", type=float, default=30.0)
+        add_download_options(sub)
 
     sub = add("text", "tokenize your own files, folders or globs", None)
     sub.add_argument("inputs", nargs="+", help="files, folders (recursive) or quoted globs")
     sub.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
     sub.add_argument("--format", dest="fmt", choices=["bin", "fineweb"], default="bin",
                      help="bin: train.bin/val.bin (baseline); fineweb: headered shards (speedrun)")
-    sub.add_argument("--shard_tokens", type=int, default=100_000_000)
+    sub.add_argument("--shard_tokens", type=int, default=None,
+                     help="--format fineweb: tokens per shard (default 100000000)")
     sub.add_argument("--max_doc_tokens", type=int, default=None,
                      help="cut documents into BOS-led pieces of at most N tokens (2048 for the speedrun)")
     sub.add_argument("--min_doc_tokens", type=int, default=None,
                      help="join shorter consecutive documents (default max_doc_tokens // 8)")
     sub.add_argument("--val_fraction", type=float, default=0.1)
     sub.add_argument("--workers", type=int, default=None)
-    sub.add_argument("--name_prefix", default="text", help="fineweb shard names: PREFIX_train_000001.bin")
+    sub.add_argument("--name_prefix", default=None, help="--format fineweb: shard names PREFIX_train_000001.bin "
+                                                         "(default text)")
     return parser
+
+
+def check_args(args):
+    """Every option's range and combination, before any work: a one-line SystemExit otherwise."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.command == "text" and args.out_dir is None:
+        fail("text needs --out_dir DIR (where train/val files go)")
+    problem = output_folder_problem(args.out_dir)
+    if problem:
+        fail(f"--out_dir {problem}; pass a folder you can write to")
+    if getattr(args, "retries", 0) < 0:
+        fail(f"--retries must be >= 0 (got {args.retries})")
+    if hasattr(args, "timeout") and not (math.isfinite(args.timeout) and args.timeout > 0):
+        fail(f"--timeout must be a positive number of seconds (got {args.timeout})")
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        fail(f"--workers must be at least 1 (got {args.workers}); leave it out for one per CPU core")
+    for option in ("url", "base_url"):
+        url = getattr(args, option, None)
+        if url is not None and not url.startswith(("http://", "https://")):
+            fail(f"--{option} {url!r} is not an http:// or https:// URL")
+    if getattr(args, "input", None):
+        if args.url is not None:
+            fail("--input and --url exclude each other: --input reads a local copy, --url downloads one")
+        if not Path(args.input).is_file():
+            fail(f"--input {args.input} " + ("is a folder" if Path(args.input).is_dir() else "does not exist")
+                 + "; pass a tinyshakespeare text file")
+    elif hasattr(args, "url") and args.url is None:
+        args.url = SHAKESPEARE_URL
+    if args.command != "text":
+        return
+    if not (math.isfinite(args.val_fraction) and 0.0 <= args.val_fraction < 1.0):
+        fail(f"--val_fraction must lie in [0, 1) (got {args.val_fraction})")
+    if args.fmt == "bin":
+        given = [name for name in ("shard_tokens", "name_prefix") if getattr(args, name) is not None]
+        if given:
+            fail(f"--{given[0]} applies to --format fineweb only (--format bin writes train.bin and val.bin)")
+    else:
+        if args.tokenizer == "char":
+            fail("--format fineweb needs --tokenizer gpt2: train_speedrun.py reads BOS-delimited GPT-2 tokens")
+        if args.shard_tokens is not None and args.shard_tokens < 1:
+            fail(f"--shard_tokens must be at least 1 (got {args.shard_tokens})")
+        if args.name_prefix is not None and (not args.name_prefix or any(c in args.name_prefix for c in "/\\*?[")):
+            fail(f"--name_prefix {args.name_prefix!r} must be a plain file name part (no '/' or glob characters)")
+    if args.tokenizer == "char" and (args.max_doc_tokens is not None or args.min_doc_tokens is not None):
+        fail("--max_doc_tokens/--min_doc_tokens need BOS-delimited documents: use --tokenizer gpt2")
+    if args.max_doc_tokens is not None and args.max_doc_tokens < 2:
+        fail(f"--max_doc_tokens must be at least 2 (BOS plus one token; got {args.max_doc_tokens})")
+    if args.min_doc_tokens is not None and args.min_doc_tokens < 0:
+        fail(f"--min_doc_tokens cannot be negative (got {args.min_doc_tokens})")
+    args.shard_tokens = 100_000_000 if args.shard_tokens is None else args.shard_tokens
+    args.name_prefix = "text" if args.name_prefix is None else args.name_prefix
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "text" and args.out_dir is None:
-        raise SystemExit("error: text needs --out_dir DIR (where train/val files go)")
+    check_args(args)
     try:
         if args.command == "shakespeare_char":
             summary = _shakespeare(args, "char")
@@ -810,7 +914,11 @@ def main(argv=None):
                                    max_doc_tokens=args.max_doc_tokens, min_doc_tokens=args.min_doc_tokens,
                                    workers=args.workers, name_prefix=args.name_prefix, force=args.force)
     except (ValueError, OSError, RuntimeError) as exc:  # DownloadError is a RuntimeError
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
+            from None
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted (Ctrl-C); outputs are written atomically, so re-running the same "
+                         "command continues from what is complete") from None
     return summary
 
 

@@ -5,15 +5,15 @@ Read top to bottom in data-flow order:
 config -> model -> optimizer and schedule -> data -> distributed setup -> checkpoints -> training
 -> benchmark -> sampling -> default run -> command line.
 
-  python train_baseline.py                                # tiny offline demo on CPU (a few minutes)
-  python train_baseline.py --preset shakespeare_char      # nanoGPT's baby GPT, 1 GPU
+  python3 train_baseline.py                               # tiny offline demo on CPU (a few minutes)
+  python3 train_baseline.py --preset shakespeare_char     # nanoGPT's baby GPT, 1 GPU
   torchrun --standalone --nproc_per_node 8 train_baseline.py --preset gpt2   # GPT-2 124M
-  python train_baseline.py --preset gpt2 --bench          # timed throughput run: ms/iter, tok/s, MFU
-  python train_baseline.py sample --out_dir out/shakespeare_char
+  python3 train_baseline.py --preset gpt2 --bench         # timed throughput run: ms/iter, tok/s, MFU
+  python3 train_baseline.py sample --out_dir out/shakespeare_char
 
 Every config field is an option (--batch_size 8, --compile false); a preset is applied first and
-explicit options override it. On SIGUSR1/SIGTERM the run checkpoints and exits 0; the same command
-plus --init_from resume continues it exactly.
+explicit options override it. On SIGUSR1/SIGTERM/SIGINT the run checkpoints and exits 0; the same
+command plus --init_from resume continues it exactly.
 """
 
 import argparse
@@ -24,9 +24,9 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -156,7 +156,7 @@ PRESETS = {
         batch_size=1, gradient_accumulation_steps=32, max_iters=20,
         learning_rate=3e-5, decay_lr=False,
     ),
-    # What `python train_baseline.py` runs: a tiny char model on 2 CPU cores in under ~4 minutes.
+    # What `python3 train_baseline.py` runs: a tiny char model on 2 CPU cores in under ~4 minutes.
     # data_dir "" means: data/shakespeare_char if prepared, else the stdlib corpus (prepared once).
     "default": dict(
         out_dir="out/default", data_dir="", eval_interval=100, eval_iters=20, log_interval=10,
@@ -172,6 +172,9 @@ PRESETS = {
 BENCH_DEFAULTS = dict(gradient_accumulation_steps=1, grad_clip=0.0)
 
 PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense, SXM
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+MAX_SEED = 2**62  # torch and numpy take seeds up to 2**64 - 1; the run adds ranks and splits to it
+MIN_CORPUS_BYTES = 100_000
 INIT_CHOICES = ("scratch", "resume", *MODEL_SIZES)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
@@ -186,7 +189,7 @@ def parse_bool(text):
 
 
 def build_train_parser():
-    parser = argparse.ArgumentParser(
+    parser = prepare_data.OneLineErrorParser(
         prog="train_baseline.py", description=__doc__.split("\n\n")[0].strip(),
         epilog="Subcommand: `train_baseline.py sample --help`. Without --preset the default preset applies "
                "(a tiny CPU demo); --preset gpt2 is nanoGPT's GPT-2 124M.",
@@ -224,7 +227,39 @@ def parse_config(argv):
     cfg = TrainConfig(**values, init_from=init_history[-1], preset=preset,
                       resume_fallback=next((v for v in reversed(init_history) if v != "resume"), "scratch"))
     validate_config(cfg)
+    check_given_options(cfg, set(given))
     return cfg
+
+
+# --bench times bench_warmup + bench_iters training steps at the constant --learning_rate: no eval, no
+# checkpoint, no schedule. These options would be ignored there.
+TRAINING_ONLY = ("max_iters", "eval_interval", "eval_iters", "log_interval", "always_save_checkpoint", "overwrite",
+                 "time_limit", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr")
+
+
+def check_given_options(cfg, given):
+    """Options typed on the command line that this run would silently ignore: refused."""
+    ignored_without_bench = sorted(name for name in given if name.startswith("bench_"))
+    if ignored_without_bench and not cfg.bench:
+        raise UsageError(f"--{ignored_without_bench[0]} only applies with --bench")
+    ignored_by_bench = [name for name in TRAINING_ONLY if name in given]
+    if ignored_by_bench and cfg.bench:
+        raise UsageError(f"--{ignored_by_bench[0]} does not apply to --bench (it times --bench_warmup + "
+                         "--bench_iters steps at the constant --learning_rate: no eval, no checkpoint, no schedule)")
+    if "compile_mode" in given and not cfg.compile:
+        raise UsageError(f"--compile_mode {cfg.compile_mode} has no effect with --compile false; "
+                         "add --compile true or drop it")
+    if "corpus_bytes" in given and (cfg.preset != "default" or cfg.data_dir):
+        raise UsageError("--corpus_bytes sizes the default preset's stdlib corpus, which this run does not use "
+                         "(it has --preset or --data_dir)")
+    if cfg.resume_fallback in MODEL_SIZES:  # the architecture comes with OpenAI's weights
+        pretrained = dict(MODEL_SIZES[cfg.resume_fallback], bias=True)
+        clashes = [f"--{name} {getattr(cfg, name)}" for name in pretrained
+                   if name in given and getattr(cfg, name) != pretrained[name]]
+        if clashes:
+            raise UsageError(f"--init_from {cfg.resume_fallback} loads OpenAI's {cfg.resume_fallback} "
+                             f"({', '.join(f'{k} {v}' for k, v in pretrained.items())}), which {', '.join(clashes)} "
+                             "contradicts; drop it, or train from scratch")
 
 
 def validate_config(cfg):
@@ -247,8 +282,6 @@ def validate_config(cfg):
     if cfg.weight_decay < 0 or cfg.grad_clip < 0:
         raise UsageError(f"--weight_decay and --grad_clip cannot be negative (got {cfg.weight_decay}, "
                          f"{cfg.grad_clip}); --grad_clip 0 turns clipping off")
-    if cfg.corpus_bytes < 1:
-        raise UsageError(f"--corpus_bytes must be positive (got {cfg.corpus_bytes})")
     if cfg.time_limit < 0:
         raise UsageError(f"--time_limit cannot be negative (got {cfg.time_limit}); 0 turns it off")
     if cfg.n_embd % cfg.n_head:
@@ -272,6 +305,20 @@ def validate_config(cfg):
         raise UsageError(f"--compile_mode {cfg.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
     if cfg.backend not in ("auto", "nccl", "gloo"):
         raise UsageError(f"--backend {cfg.backend!r}: use auto, nccl or gloo")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise UsageError(f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if cfg.backend == "nccl" and cfg.device == "cpu":
+        raise UsageError("--backend nccl needs CUDA GPUs; with --device cpu use --backend gloo (or auto)")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UsageError(f"--seed must lie in [0, 2**62] (got {cfg.seed})")
+    if cfg.corpus_bytes < MIN_CORPUS_BYTES:
+        raise UsageError(f"--corpus_bytes must be at least {MIN_CORPUS_BYTES:,} (got {cfg.corpus_bytes:,}): "
+                         "the corpus needs a few files and a validation split longer than a block")
+    if cfg.bench and cfg.eval_only:
+        raise UsageError("--bench and --eval_only exclude each other: --bench times training steps, it never evaluates")
+    if cfg.resume_fallback in MODEL_SIZES and cfg.block_size > 1024:
+        raise UsageError(f"--block_size {cfg.block_size} exceeds the 1024-token context of OpenAI's "
+                         f"{cfg.resume_fallback} (--init_from); use at most 1024")
 
 
 # =============================================================================
@@ -496,13 +543,30 @@ def tokens_per_step(batch_size, block_size, total_accumulation):
 # data: random block_size windows of a uint16 token file
 # =============================================================================
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: loading a meta.pkl someone handed you must
+    not run code (a pickle can name any importable function), just as checkpoints load weights_only."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and only plain data is loaded")
+
+
 def read_meta(data_dir):
     """meta.pkl of a char-level dataset ({vocab_size, itos, stoi}), or None for GPT-2 BPE data."""
     path = Path(data_dir) / "meta.pkl"
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    how_to_fix = "re-create it with `python3 prepare_data.py text FILES --tokenizer char --out_dir DIR`"
+    try:
+        with open(path, "rb") as f:
+            meta = _PlainDataUnpickler(f).load()
+    except Exception as exc:  # corrupt, truncated, or not plain data: pickle raises many types
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path} is not a readable vocabulary file ({reason}); {how_to_fix}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("vocab_size"), int) and meta["vocab_size"] > 0
+            and isinstance(meta.get("itos"), dict) and isinstance(meta.get("stoi"), dict)):
+        raise UsageError(f"{path} is not a char vocabulary ({{vocab_size, itos, stoi}}); {how_to_fix}")
+    return meta
 
 
 _PREPARE_RECIPES = ("shakespeare_char", "shakespeare", "openwebtext")  # prepare_data.py subcommands
@@ -511,11 +575,11 @@ _PREPARE_RECIPES = ("shakespeare_char", "shakespeare", "openwebtext")  # prepare
 def load_split(data_dir, split, block_size):
     path = Path(data_dir) / f"{split}.bin"
     try:
-        tokens = prepare_data.load_tokens(path)
+        tokens = prepare_data.load_tokens(path, fmt="bin")  # a headered shard is refused, never read as tokens
     except FileNotFoundError:
         recipe = Path(data_dir).name if Path(data_dir).name in _PREPARE_RECIPES else "text YOUR_FILES"
         raise UsageError(f"{path} not found; prepare it with "
-                         f"`python prepare_data.py {recipe} --out_dir {data_dir}` or pass --data_dir")
+                         f"`python3 prepare_data.py {recipe} --out_dir {data_dir}` or pass --data_dir")
     except ValueError as e:
         raise UsageError(str(e))
     if len(tokens) <= block_size:
@@ -611,6 +675,8 @@ class Runtime:
 
 
 def pick_device(requested, local_rank, ddp):
+    if not DEVICE_PATTERN.fullmatch(requested):
+        raise UsageError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
@@ -620,6 +686,8 @@ def pick_device(requested, local_rank, ddp):
             requested = f"cuda:{local_rank}"
         elif requested == "cuda":  # torch.cuda.set_device needs an explicit index
             requested = "cuda:0"
+        if int(requested.split(":")[1]) >= torch.cuda.device_count():
+            raise UsageError(f"{requested} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     return torch.device(requested)
 
 
@@ -631,13 +699,37 @@ def pick_dtype(requested, device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def torchrun_environment():
+    """(ddp, rank, local_rank, world_size) from torchrun's variables, checked: one line if they are off."""
+    values = {}
+    for name, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        text = os.environ.get(name, default)
+        if not text.isdigit():
+            raise UsageError(f"environment variable {name}={text!r} is not a whole number (torchrun sets it; "
+                             "unset it for a single-process run)")
+        values[name] = int(text)
+    ddp, rank, world_size = "RANK" in os.environ, values["RANK"], values["WORLD_SIZE"]
+    if world_size < 1 or rank >= world_size:
+        raise UsageError(f"RANK={rank} and WORLD_SIZE={world_size} do not fit together (0 <= RANK < WORLD_SIZE); "
+                         "start the processes with torchrun")
+    if world_size > 1 and not ddp:
+        raise UsageError(f"WORLD_SIZE={world_size} but RANK is not set: start {world_size} processes with "
+                         f"torchrun --nproc_per_node {world_size} (or unset WORLD_SIZE)")
+    if ddp and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise UsageError("RANK is set but MASTER_ADDR/MASTER_PORT are not: start the processes with torchrun "
+                         "(or unset RANK for a single-process run)")
+    return ddp, rank, values["LOCAL_RANK"], world_size
+
+
 def setup_runtime(cfg):
     """Join the torchrun process group if there is one; pick device and precision."""
-    ddp = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ddp, rank, local_rank, world_size = torchrun_environment()
     device = pick_device(cfg.device, local_rank, ddp)
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise UsageError("--backend nccl needs CUDA GPUs; on the CPU use --backend gloo (or auto)")
+    if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bfloat16 but {torch.cuda.get_device_name(device)} has no bf16; "
+                         "use --dtype float16 (or auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # only affects fp32 matmuls
@@ -738,6 +830,11 @@ def load_checkpoint(path, device, required=RESUME_KEYS):
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several types here, with multi-line texts
+        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(exc))  # what weights_only refused to import
+        if unsafe:
+            raise UsageError(f"{path} holds Python objects besides tensors and plain data ({unsafe.group(1)}); "
+                             f"they are not loaded, since unpickling them could run code: not a train_baseline.py "
+                             f"checkpoint; {how_to_fix}") from None
         raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated "
                          f"(torch.load: {type(exc).__name__}); {how_to_fix}") from None
     if not isinstance(checkpoint, dict):
@@ -859,7 +956,7 @@ def build_model(cfg, rt, meta):
             print(f"resuming from {ckpt_path}" if checkpoint else
                   f"note: --init_from resume but {ckpt_path} does not exist yet; starting from {init_from}")
     if checkpoint is not None:
-        check_resume_matches(cfg, checkpoint, ckpt_path, rt)
+        check_resume_matches(cfg, checkpoint, ckpt_path, rt, meta)
         model = model_from_checkpoint(checkpoint, ckpt_path, dropout=cfg.dropout)
     elif init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
@@ -891,22 +988,35 @@ ARCHITECTURE_OPTIONS = ("n_layer", "n_head", "n_embd", "bias", "block_size")
 # These may change on resume (e.g. a longer max_iters); the run says which did.
 RESUMABLE_CHANGES = ("data_dir", "gradient_accumulation_steps", "batch_size", "learning_rate", "max_iters",
                      "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters",
-                     "min_lr", "seed", "dropout", "eval_interval", "eval_iters", "always_save_checkpoint")
+                     "min_lr", "seed", "dropout", "eval_interval", "eval_iters", "always_save_checkpoint", "dtype")
 
 
-def check_resume_matches(cfg, checkpoint, path, rt):
-    """Refuse a resume whose command asks for another model; say which training settings changed."""
+def check_resume_matches(cfg, checkpoint, path, rt, meta=None):
+    """Refuse a resume whose command asks for another model or vocabulary; say which training
+    settings changed, and when there is nothing left to train."""
     model_args = checkpoint["model_args"]
-    clashes = [f"--{name} {getattr(cfg, name)} (checkpoint: {model_args[name]})" for name in ARCHITECTURE_OPTIONS
-               if name in model_args and getattr(cfg, name) != model_args[name]]
+    # what the command would build without the checkpoint: OpenAI's sizes when it starts from them
+    wanted = {name: getattr(cfg, name) for name in ARCHITECTURE_OPTIONS}
+    if cfg.resume_fallback in MODEL_SIZES:
+        wanted.update(MODEL_SIZES[cfg.resume_fallback], bias=True)
+    clashes = [f"--{name} {wanted[name]} (checkpoint: {model_args[name]})" for name in ARCHITECTURE_OPTIONS
+               if name in model_args and wanted[name] != model_args[name]]
     if clashes:
         raise UsageError(f"--init_from resume: {path} holds another model than the command asks for: "
                          f"{', '.join(clashes)}; drop those options to resume it, or use a new --out_dir")
+    if "meta" in checkpoint and checkpoint["meta"] != meta:
+        saved = f"a char vocabulary of {checkpoint['meta']['vocab_size']}" if checkpoint["meta"] else "GPT-2 tokens"
+        now = f"a char vocabulary of {meta['vocab_size']}" if meta else "GPT-2 tokens"
+        raise UsageError(f"--init_from resume: {path} was trained on {saved}, but --data_dir {cfg.data_dir} holds "
+                         f"{now}; resume with the checkpoint's --data_dir, or use a new --out_dir")
     saved = checkpoint["config"]
     changed = [f"{name} {saved[name]} -> {getattr(cfg, name)}" for name in RESUMABLE_CHANGES
                if name in saved and saved[name] != getattr(cfg, name)]
     if changed and rt.master:
         print(f"note: resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
+    if checkpoint["iter_num"] >= cfg.max_iters and not (cfg.eval_only or cfg.bench) and rt.master:
+        print(f"note: {path} is at iter {checkpoint['iter_num']}, not below --max_iters {cfg.max_iters}: "
+              "nothing left to train; raise --max_iters to continue")
 
 
 def check_vocab(tokens, vocab_size, path):
@@ -1001,36 +1111,40 @@ def set_learning_rate(optimizer, lr):
 
 
 def prepare_out_dir(cfg):
-    """Before any work: out_dir must take a checkpoint, and starting must not silently replace one."""
+    """Before any work: out_dir must take a checkpoint, and starting must not silently replace one.
+
+    Creates nothing (the first checkpoint makes the folder): a run that fails later leaves no trace.
+    """
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for the checkpoint")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(f"--out_dir {out_dir} is not writable ({exc.strerror}); pass a folder you can write to")
+    problem = prepare_data.output_folder_problem(out_dir)
+    if problem:
+        raise UsageError(f"--out_dir {problem}; pass a folder for the checkpoint that you can write to")
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.exists() and cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only:
         raise UsageError(f"{ckpt_path} already holds a run; continue it with --init_from resume, or start over "
                          f"with --overwrite (it is replaced at the first checkpoint) or another --out_dir")
+    if ckpt_path.exists() and cfg.eval_only and cfg.init_from == "scratch":
+        raise UsageError(f"--eval_only would evaluate a freshly initialized model, not {ckpt_path}; add "
+                         "--init_from resume to evaluate the checkpoint")
 
 
 def start_run(cfg):
     """What train() and bench() share: runtime, seed, per-rank accumulation, the data's vocabulary."""
     # checked before joining the process group, so a bad combination fails at once on every rank
-    accumulation = accumulation_per_rank(cfg.gradient_accumulation_steps, int(os.environ.get("WORLD_SIZE", 1)))
+    accumulation = accumulation_per_rank(cfg.gradient_accumulation_steps, torchrun_environment()[3])
     rt = setup_runtime(cfg)
     torch.manual_seed(cfg.seed + rt.rank)  # rank 0's init wins (DDP broadcasts it); dropout differs per rank
     if cfg.preset == "default" and not cfg.data_dir:
         cfg.data_dir = ensure_default_corpus(cfg, rt)
     meta = read_meta(cfg.data_dir) if cfg.data_dir else None
+    return rt, accumulation, meta
+
+
+def warn_if_slow_on_cpu(cfg, rt, meta):
+    """Printed once the data is known to be there, before the model is built and compiled."""
     warning = cpu_time_warning(cfg, rt, meta["vocab_size"] if meta else 50304)
     if warning and rt.master:
         print(warning, file=sys.stderr, flush=True)
-    return rt, accumulation, meta
 
 
 CPU_FLOPS = 100e9  # training FLOP/s of this file's CPU runs, measured on 2 cores (README's CPU recipe)
@@ -1088,6 +1202,7 @@ class Trainer:
         rt, self.accumulation, self.meta = start_run(cfg)
         self.rt = rt
         self.splits = {name: load_split(cfg.data_dir, name, cfg.block_size) for name in ("train", "val")}
+        warn_if_slow_on_cpu(cfg, rt, self.meta)
         self.raw_model, checkpoint = build_model(cfg, rt, self.meta)
         self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
         if rt.master:
@@ -1112,7 +1227,8 @@ class Trainer:
 
     def _restore(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"] and self.scaler.is_enabled():  # an fp16 run's loss scale (not bf16/fp32's)
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.iter_num, self.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         self.last_eval_iter = checkpoint["last_eval_iter"]
         self.batches.restore(checkpoint["batch_generator"])
@@ -1228,11 +1344,13 @@ def train(cfg):
 def bench(cfg):
     """nanoGPT bench.py's measurement with our training step: untimed warm-up, then timed steps."""
     rt, accumulation, meta = start_run(cfg)
-    raw_model, _ = build_model(cfg, rt, meta)
     use_real = cfg.bench_data == "real" or (
         cfg.bench_data == "auto" and (Path(cfg.data_dir) / "train.bin").exists())
+    tokens = load_split(cfg.data_dir, "train", cfg.block_size) if use_real else None
+    warn_if_slow_on_cpu(cfg, rt, meta)
+    raw_model, _ = build_model(cfg, rt, meta)
     if use_real:
-        tokens = load_split(cfg.data_dir, "train", cfg.block_size)
+        check_vocab(tokens, raw_model.config.vocab_size, Path(cfg.data_dir) / "train.bin")
     else:  # random tokens through the same loading path, so host-to-device copies are still timed
         tokens = np.random.default_rng(cfg.seed).integers(0, raw_model.config.vocab_size, 1 << 20,
                                                           dtype=np.uint16)
@@ -1296,7 +1414,10 @@ def make_codec(meta):
             return [stoi[ch] for ch in text]
 
         return encode, lambda ids: "".join(itos[i] for i in ids), len(itos)
-    enc = prepare_data.gpt2_encoding()
+    try:
+        enc = prepare_data.gpt2_encoding()
+    except (RuntimeError, OSError) as exc:  # offline without GPT2_TIKTOKEN_FILE, or it names no file
+        raise UsageError(str(exc)) from None
     return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, enc.n_vocab
 
 
@@ -1321,8 +1442,8 @@ def generate_text(model, codec, start, num_samples, max_new_tokens, temperature,
 
 
 def build_sample_parser():
-    parser = argparse.ArgumentParser(prog="train_baseline.py sample",
-                                     description="Generate text from a checkpoint (or OpenAI's GPT-2 weights).")
+    parser = prepare_data.OneLineErrorParser(
+        prog="train_baseline.py sample", description="Generate text from a checkpoint (or OpenAI's GPT-2 weights).")
     parser.add_argument("--out_dir", default="out/default", help="folder holding ckpt.pt (default out/default)")
     parser.add_argument("--init_from", default="resume", choices=["resume", *MODEL_SIZES],
                         help="resume = out_dir/ckpt.pt; gpt2* = OpenAI weights (needs transformers)")
@@ -1339,8 +1460,20 @@ def build_sample_parser():
 
 def sample_main(argv):
     args = build_sample_parser().parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature <= 0:
-        raise UsageError("--num_samples and --max_new_tokens must be >= 1 and --temperature > 0")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UsageError("--num_samples and --max_new_tokens must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature must be a positive number (got {args.temperature})")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0 (got {args.top_k}); 0 samples among all tokens")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must lie in [0, 2**62] (got {args.seed})")
+    start = args.start
+    if start.startswith("FILE:"):  # read before the model loads: a typo fails at once
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e.reason}")
     device = pick_device(args.device, 0, ddp=False)
     if args.init_from == "resume":
         ckpt_path = Path(args.out_dir) / "ckpt.pt"
@@ -1351,12 +1484,6 @@ def sample_main(argv):
         meta = checkpoint.get("meta") or read_meta(args.out_dir)
     else:
         model, meta = gpt_from_pretrained(args.init_from), None
-    start = args.start
-    if start.startswith("FILE:"):
-        try:
-            start = Path(start[5:]).read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read the prompt file {start[5:]}: {e.strerror}")
     samples = generate_text(model.to(device), make_codec(meta), start, args.num_samples, args.max_new_tokens,
                             args.temperature, args.top_k or None, args.seed, device, pick_dtype(args.dtype, device))
     for text in samples:
@@ -1376,10 +1503,19 @@ def ensure_default_corpus(cfg, rt):
     shakespeare, stdlib = Path("data/shakespeare_char"), Path("data/stdlib_char")
     if prepared(shakespeare):
         return str(shakespeare)
-    if rt.master and not prepared(stdlib):
-        print(f"preparing a character-level corpus from the Python standard library in {stdlib} (once)")
-        prepare_data.prepare_text(prepare_data.python_stdlib_files(max_bytes=cfg.corpus_bytes), stdlib,
-                                  tokenizer="char")
+    if rt.master:
+        problem = prepare_data.output_folder_problem(stdlib)
+        if problem:
+            raise UsageError(f"the default corpus folder {problem}; run from a folder you can write to, "
+                             "or pass --data_dir")
+        # a no-op when it is up to date; rebuilt when --corpus_bytes (or the stdlib) changed
+        fresh = not prepared(stdlib)
+        if fresh:
+            print(f"preparing a character-level corpus from the Python standard library in {stdlib} (once)")
+        summary = prepare_data.prepare_text(prepare_data.python_stdlib_files(max_bytes=cfg.corpus_bytes), stdlib,
+                                            tokenizer="char", progress=fresh)
+        if not fresh and not summary["reused"]:
+            print(f"rebuilt the corpus in {stdlib} for --corpus_bytes {cfg.corpus_bytes:,}")
     if rt.ddp:
         dist.barrier()
     return str(stdlib)
@@ -1392,7 +1528,7 @@ def print_default_sample(result, cfg):
     text = generate_text(model, make_codec(result["meta"]), "\n", num_samples=1, max_new_tokens=300, temperature=0.8,
                          top_k=200, seed=cfg.seed, device=device)[0]
     print(f"sample from {cfg.out_dir}/ckpt.pt:\n{text}\n---------------")
-    print(f"more: python train_baseline.py sample --out_dir {cfg.out_dir} --num_samples 3")
+    print(f"more: python3 train_baseline.py sample --out_dir {cfg.out_dir} --num_samples 3")
 
 
 # =============================================================================
@@ -1405,6 +1541,7 @@ def main(argv):
             sample_main(argv[1:])
             return
         cfg = parse_config(argv)
+        torchrun_environment()  # checked before anything starts
         if cfg.bench:
             stop_signal = StopSignal(stopped_early="before the bench finished")  # nothing to save: ends at once
             try:
@@ -1417,6 +1554,9 @@ def main(argv):
             print_default_sample(result, cfg)
     except UsageError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (sampling, start-up): nothing to save
+        print("stopped by SIGINT", flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

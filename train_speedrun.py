@@ -3,7 +3,7 @@
 One file, read top to bottom in data-flow order:
 config -> setup -> kernels -> attention -> model -> optimizer -> data -> schedule -> loop -> main.
 
-Run:  python train_speedrun.py --smoke --device cpu        (tiny, every code path, CPU)
+Run:  python3 train_speedrun.py --smoke --device cpu       (tiny, every code path, CPU)
       torchrun --nproc_per_node 8 train_speedrun.py         (the record configuration)
 """
 
@@ -104,8 +104,8 @@ SMOKE_OVERRIDES = dict(
 
 def build_arg_parser() -> argparse.ArgumentParser:
     defaults = Hyperparameters()
-    p = argparse.ArgumentParser(
-        description="modded-nanogpt record #68, our implementation (see README: speedrun)")
+    p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
+        prog="train_speedrun.py", description="modded-nanogpt record #68, our implementation (see README: speedrun)")
     p.add_argument("--train_files", help=f"glob of training shards (default {defaults.train_files})")
     p.add_argument("--val_files", help=f"glob of validation shards (default {defaults.val_files})")
     p.add_argument("--val_tokens", type=int, help=f"validation tokens (default {defaults.val_tokens})")
@@ -171,6 +171,15 @@ def parse_args(argv=None) -> Hyperparameters:
     if given.get("max_steps") == 0:
         raise SystemExit("error: --max_steps 0 would train no step; give N >= 1, or leave it out to run "
                          "the whole schedule")
+    if values["device"] == "cpu":   # options that only act on a GPU: refused rather than ignored
+        for option in ("gpu_type", "attn"):
+            if given.get(option, "auto") != "auto":
+                raise SystemExit(f"error: --{option} {given[option]} needs a CUDA GPU; with --device cpu "
+                                 f"leave it out ({'attention runs sdpa' if option == 'attn' else 'no FP8, no MFU'})")
+    if "compile_mode" in given and not values["compile"]:
+        raise SystemExit(f"error: --compile_mode {given['compile_mode']} has no effect without --compile "
+                         f"({'off by default with --device cpu' if values['device'] == 'cpu' else 'it is off'}); "
+                         "add --compile or drop it")
     args = Hyperparameters(**values)
     if not args.run_id:
         args.run_id = str(uuid.uuid4())
@@ -189,7 +198,9 @@ def validate_args(args: Hyperparameters) -> None:
     if args.muon_warmup_steps < 0 or args.muon_cooldown_steps < 0:
         fail("--muon_warmup_steps and --muon_cooldown_steps must be >= 0")
     if args.val_loss_every < 0 or args.max_steps < 0:
-        fail("--val_loss_every and --max_steps must be >= 0")
+        fail(f"--val_loss_every and --max_steps must be >= 0 (got {args.val_loss_every}, {args.max_steps}); "
+             "--val_loss_every 0 validates only at the end, --max_steps takes N >= 1 (leave it out for the "
+             "whole schedule)")
     if args.train_max_seq_len <= 0 or args.train_max_seq_len % 16:
         fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
     if args.batch_seq_len <= 0 or args.batch_seq_len % 16:
@@ -199,10 +210,11 @@ def validate_args(args: Hyperparameters) -> None:
     if args.val_batch_size <= 0 or args.val_batch_size % (8 * 128):
         fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 1024 "
              "(8 micro-batches x 128-token attention tiles)")
-    if args.seed < 0:
-        fail(f"--seed must be >= 0 (got {args.seed})")
-    if not args.run_id or "/" in args.run_id or args.run_id in (".", ".."):
-        fail(f"--run_id {args.run_id!r} must be a plain file name (no '/'), the log goes to --log_dir")
+    if not 0 <= args.seed <= 2**62:
+        fail(f"--seed must lie in [0, 2**62] (got {args.seed})")
+    if not args.run_id or "/" in args.run_id or args.run_id in (".", "..") or len(args.run_id) > 200:
+        fail(f"--run_id {args.run_id!r} must be a plain file name (no '/', at most 200 characters), "
+             "the log goes to --log_dir")
     for option, folder in (("--log_dir", args.log_dir), ("--compile_cache", args.compile_cache)):
         if folder:
             check_writable_folder(option, folder)
@@ -212,18 +224,11 @@ def validate_args(args: Hyperparameters) -> None:
 
 
 def check_writable_folder(option: str, folder: str) -> None:
-    """Before any work: the folder exists or can be made, and takes a file (one-line error if not)."""
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise SystemExit(f"error: {option} {folder} is a file, not a folder; pass a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise SystemExit(f"error: {option} {folder} is not writable ({exc.strerror}); "
-                         "pass a folder you can write to") from None
+    """Before any work: the folder exists or can be made, and takes a file (one-line error if not).
+    Creates nothing (the run makes it): parsing the arguments leaves no empty folder behind."""
+    problem = prepare_data.output_folder_problem(folder)
+    if problem:
+        raise SystemExit(f"error: {option} {problem}; pass a folder you can write to")
 
 
 def environment_int(name: str, default: int) -> int:
@@ -335,6 +340,9 @@ def init_distributed(device_kind: str) -> DistEnv:
     if world_size > 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
         raise SystemExit(f"error: WORLD_SIZE={world_size} but RANK/MASTER_ADDR are not set: start several "
                          f"processes with torchrun --nproc_per_node {world_size} (or unset WORLD_SIZE)")
+    if rank >= world_size or local_rank >= world_size:
+        raise SystemExit(f"error: RANK={rank}, LOCAL_RANK={local_rank} but WORLD_SIZE={world_size} (one node: "
+                         "0 <= LOCAL_RANK = RANK < WORLD_SIZE); start the processes with torchrun")
     if device_kind == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
@@ -2365,7 +2373,7 @@ def find_shards(pattern: str, what: str) -> list:
     files = sorted(glob.glob(pattern))
     if not files:
         raise SystemExit(f"error: no {what} shards match {pattern!r}; build them with "
-                         f"`python prepare_data.py ...` or pass --{what}_files")
+                         f"`python3 prepare_data.py ...` or pass --{what}_files")
     return [Path(f) for f in files]
 
 
@@ -2771,6 +2779,13 @@ class RunLog:
             print(message, flush=True)
 
 
+def write_summary_json(path: Path, summary: dict) -> None:
+    """Atomic (temp file + rename): a run killed while writing never leaves half a summary."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def environment_report() -> str:
     import triton
     lines = [f"Python {sys.version}",
@@ -3142,13 +3157,18 @@ def save_checkpoint(raw_model: nn.Module, optimizer: NorMuonAndAdam, args: Hyper
 
 class StopFlag:
     """Set by SIGTERM or SIGUSR1 (Slurm's time-limit warning, which run.sbatch passes on to the
-    workers): the loop ends after the current step instead of the process dying mid-step."""
+    workers) or SIGINT (Ctrl-C): the loop ends after the current step instead of the process dying
+    mid-step. Before training starts (data, compile, warm-up: minutes on a cold cache) there is
+    nothing to keep, so `exit_before_training` ends the process at once instead of after the
+    warm-up. A second Ctrl-C during training exits without waiting for the step (status 130)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, exit_before_training: Callable[[str], None] | None = None):
         self.requested = False
         self.signal_name = "SIGTERM"     # what the log reports; ranks that got no signal say this too
+        self.training = False            # set by main once the warm-up is over
+        self.exit_before_training = exit_before_training
 
     def install(self):
         """Returns the handlers it replaced (None off the main thread, where signals cannot be set)."""
@@ -3161,8 +3181,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.training and self.exit_before_training is not None:
+            self.exit_before_training(name)
+        if self.requested and name == "SIGINT":
+            print("second Ctrl-C: exiting without waiting for the step", flush=True)
+            os._exit(130)
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = name
 
     def agreed(self, step: int, env: DistEnv) -> bool:
         """Whether to stop before this step. Ranks must stop at the same step (or the others hang
@@ -3266,6 +3292,37 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
 # SECTION: main
 # =============================================================================
 
+def check_data(args: Hyperparameters, world_size: int) -> None:
+    """Before the log, the model or a compile: every shard's header is whole (magic, version, size),
+    and the validation shards hold the --val_tokens the final validation reads. One line if not."""
+    train, val = find_shards(args.train_files, "train"), find_shards(args.val_files, "val")
+    sizes = {path: len(open_shard(path)) for path in train + val}   # header checks; memmaps read nothing
+    micro = args.val_batch_size // grad_accum_steps_for(world_size)  # tokens of one validation micro-batch
+    needed = args.val_tokens // micro
+    usable = sum(max(0, (sizes[path] - 2) // micro) for path in val)   # SequentialLoader drops shard tails
+    if usable < needed:
+        raise SystemExit(f"error: the validation shards {args.val_files!r} hold {usable * micro:,} usable tokens, "
+                         f"fewer than --val_tokens {args.val_tokens:,}; lower --val_tokens or add validation data")
+
+
+def smoke_data_pending(args: Hyperparameters) -> bool:
+    """--smoke without shards at the default path: ensure_smoke_data writes a synthetic corpus."""
+    return (args.smoke and args.train_files.endswith(Hyperparameters.train_files)
+            and not glob.glob(args.train_files))
+
+
+def cpu_warning(args: Hyperparameters) -> str | None:
+    """A line for a CPU run that would take hours (the record's sizes) or compile for minutes."""
+    if args.device != "cpu":
+        return None
+    if not args.smoke:
+        return ("warning: --device cpu with the record's model and batches is sized for 8 GPUs: days on a CPU; "
+                "the CPU run is `python3 train_speedrun.py --smoke --device cpu` (about 2 minutes)")
+    if args.compile:
+        return "warning: --compile on a CPU spends minutes compiling before the first step; the smoke run is eager"
+    return None
+
+
 def main(argv=None) -> dict | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -3273,11 +3330,24 @@ def main(argv=None) -> dict | None:
     if os.environ.get(COMPILE_JOB_ENV):                  # a helper process of a cold start
         return run_compile_helper(args, os.environ[COMPILE_JOB_ENV])
     env = init_distributed(args.device)
+    if not smoke_data_pending(args):
+        check_data(args, env.world_size)                 # bad data fails before the log and the model
+    if args.attn != "auto":
+        resolve_attention_backend(args.attn, env.device)  # a backend asked for by name: its error comes now
+    if env.master and cpu_warning(args):
+        print(cpu_warning(args), file=sys.stderr, flush=True)
     log = RunLog(env, args.log_dir, args.run_id)
-    stop = StopFlag()
+    helpers = NoCompileHelpers()
+
+    def exit_before_training(signal_name: str) -> None:
+        # os._exit: unwinding an exception through a running torch.compile can abort the process
+        helpers.close()
+        log(f"stopped by {signal_name} before the first training step: nothing to save")
+        os._exit(0)
+
+    stop = StopFlag(exit_before_training)
     previous_handler = stop.install()
     started = time.perf_counter()
-    helpers = NoCompileHelpers()
     try:
         log(f"log: {log.path}")
         log(Path(__file__).read_text(), console=False)   # the exact code of this run
@@ -3287,7 +3357,7 @@ def main(argv=None) -> dict | None:
         log("=" * 100, console=False)
 
         ensure_smoke_data(args, env, log)
-        find_shards(args.train_files, "train"), find_shards(args.val_files, "val")   # fail before building
+        check_data(args, env.world_size)                 # again: the smoke corpus may be new
         if use_compile_helpers(args, env):   # started first: their start-up overlaps ours
             helpers = CompileHelpers(helper_compile_jobs(args, training_schedule(args)), argv, args, log)
         run = build_training_run(args, env)
@@ -3313,6 +3383,7 @@ def main(argv=None) -> dict | None:
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
 
+        stop.training = True
         result = train(model, raw_model, optimizer, schedule, stage, args, env, log, stop)
 
         new_graphs = compiled_graph_count() - graphs
@@ -3331,6 +3402,8 @@ def main(argv=None) -> dict | None:
                        card=card, gpu_type=gpu_type, fp8=use_fp8, compile=args.compile,
                        peak_memory_mib=peak["allocated"], run_id=args.run_id)
         log("summary: " + json.dumps(summary))
+        if env.master:   # <run_id>.json beside the log: what record_stats.py and run.sbatch's attempts read
+            write_summary_json(log.path.with_suffix(".json"), summary)
         return summary
     finally:
         helpers.close()
@@ -3340,4 +3413,8 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # Ctrl-C while the stop handler is not installed (start-up, the end)
+        print("stopped by SIGINT", flush=True)
+        raise SystemExit(130) from None

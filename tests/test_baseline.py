@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_tokens_per_step_of_gpt2_preset():
 
 
 def test_non_dividing_world_size_is_a_one_line_cli_error(char_data):
-    env = dict(subprocess_env(), WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
+    env = dict(subprocess_env(), WORLD_SIZE="3", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     result = subprocess.run([sys.executable, SCRIPT, "--data_dir", str(char_data), *TINY_MODEL,
                              "--gradient_accumulation_steps", "4"], env=env, capture_output=True, text=True,
                             timeout=60)
@@ -178,11 +179,18 @@ def test_windows_stay_in_bounds_and_targets_are_shifted(num_tokens, block, batch
     assert torch.equal(x[:, 0], starts)
 
 
-@pytest.mark.parametrize("fmt", ["bin", "fineweb"])
-def test_both_token_file_formats_load(tmp_path, fmt):
+def test_a_fineweb_shard_named_train_bin_is_refused_never_read_as_tokens(tmp_path):
+    """Its 1024-byte header would otherwise be trained on as 512 tokens (and the speedrun's format
+    is another program's input): one error line that names the format and what to do."""
+    prepare_data.write_fineweb_shard(tmp_path / "train.bin", np.arange(5000) % 50257)
+    with pytest.raises(tb.UsageError, match=r"train.bin is a FineWeb shard .*train_baseline.py reads .bin files: "
+                                            r"build train.bin/val.bin with `python3 prepare_data.py text"):
+        tb.load_split(tmp_path, "train", block_size=64)
+
+
+def test_raw_token_file_loads(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50257, 5000, dtype=np.uint16)
-    write = prepare_data.write_bin if fmt == "bin" else prepare_data.write_fineweb_shard
-    write(tmp_path / "train.bin", tokens)
+    prepare_data.write_bin(tmp_path / "train.bin", tokens)
     loaded = tb.load_split(tmp_path, "train", block_size=64)
     assert np.array_equal(loaded, tokens)
     batches = tb.TrainBatches(loaded, 64, 4, 1, 0, 1, seed=0, device=torch.device("cpu"))
@@ -193,7 +201,7 @@ def test_both_token_file_formats_load(tmp_path, fmt):
 
 
 def test_data_errors_are_clear(tmp_path):
-    with pytest.raises(tb.UsageError, match="train.bin not found; prepare it with `python prepare_data.py"):
+    with pytest.raises(tb.UsageError, match="train.bin not found; prepare it with `python3 prepare_data.py"):
         tb.load_split(tmp_path, "train", 8)
     prepare_data.write_bin(tmp_path / "train.bin", np.arange(8, dtype=np.uint16))
     with pytest.raises(tb.UsageError, match="holds 8 tokens, not enough for one window of block_size 8"):
@@ -304,7 +312,7 @@ def test_generation_stays_inside_the_tokenizer_vocabulary():
     assert int(model.generate(idx, 30, generator=torch.Generator().manual_seed(0)).max()) >= 10
 
 
-def test_gpt2_codec_round_trip():
+def test_gpt2_codec_round_trip(gpt2_vocab):
     encode, decode, vocab_size = tb.make_codec(None)
     assert vocab_size == 50257 and decode(encode("Hello world<|endoftext|>")) == "Hello world<|endoftext|>"
 
@@ -403,6 +411,52 @@ def test_bad_boolean_is_an_argparse_error():
         tb.parse_config(["--compile", "maybe"])
 
 
+CPU = tb.Runtime(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_gpu_sized_runs_on_cpu_warn_with_the_time_and_the_cpu_recipe():
+    for args in (["--preset", "shakespeare_char"], ["--preset", "gpt2", "--bench"], ["--preset", "gpt2"]):
+        warning = tb.cpu_time_warning(tb.parse_config(args), CPU, 50304)
+        assert warning.startswith("warning: this run is sized for a GPU: about ") and " h on a CPU" in warning
+        assert "torch.compile alone takes minutes" in warning and warning.endswith(tb.CPU_RECIPE)
+    recipe = tb.parse_config(shlex.split(tb.CPU_RECIPE)[2:])  # the recipe itself is CPU-sized
+    assert tb.cpu_time_warning(recipe, CPU, 65) is None
+    assert tb.cpu_time_warning(tb.parse_config([]), CPU, 100) is None  # the default demo
+    assert "--compile false skips it" in tb.cpu_time_warning(tb.parse_config(["--compile", "true"]), CPU, 100)
+    gpu = dataclasses.replace(CPU, device=torch.device("cuda", 0))
+    assert tb.cpu_time_warning(tb.parse_config(["--preset", "gpt2"]), gpu, 50304) is None
+
+
+def test_resume_of_a_run_started_from_openai_weights_keeps_their_architecture(capsys):
+    """finetune_shakespeare starts from gpt2-xl; its requeued command (+ --init_from resume) must
+    resume the 48-layer checkpoint, not compare it with the 12-layer defaults of the options."""
+    cfg = tb.parse_config(["--preset", "finetune_shakespeare", "--init_from", "resume"])
+    checkpoint = {"model_args": dict(block_size=1024, vocab_size=50257, dropout=0.0, bias=True,
+                                     **tb.MODEL_SIZES["gpt2-xl"]),
+                  "config": dataclasses.asdict(cfg), "iter_num": 5, "meta": None}
+    tb.check_resume_matches(cfg, checkpoint, Path("ckpt.pt"), CPU, meta=None)
+    assert capsys.readouterr().out == ""
+    smaller = dict(checkpoint, model_args=dict(checkpoint["model_args"], **tb.MODEL_SIZES["gpt2"]))
+    with pytest.raises(tb.UsageError, match=r"holds another model .*--n_layer 48 \(checkpoint: 12\)"):
+        tb.check_resume_matches(cfg, smaller, Path("ckpt.pt"), CPU, meta=None)
+    # a checkpoint already at max_iters: said, not silently done nothing
+    tb.check_resume_matches(cfg, dict(checkpoint, iter_num=20), Path("ckpt.pt"), CPU, meta=None)
+    assert "ckpt.pt is at iter 20, not below --max_iters 20: nothing left to train" in capsys.readouterr().out
+
+
+def test_default_corpus_follows_corpus_bytes(tmp_path, monkeypatch, capsys):
+    """A changed --corpus_bytes rebuilds the prepared stdlib corpus instead of being ignored."""
+    monkeypatch.chdir(tmp_path)
+    folder = tb.ensure_default_corpus(tb.parse_config(["--corpus_bytes", "100000"]), CPU)
+    small = len(prepare_data.load_tokens(Path(folder) / "train.bin"))
+    tb.ensure_default_corpus(tb.parse_config(["--corpus_bytes", "400000"]), CPU)
+    large = len(prepare_data.load_tokens(Path(folder) / "train.bin"))
+    assert small < large <= 400000
+    assert "rebuilt the corpus in data/stdlib_char for --corpus_bytes 400,000" in capsys.readouterr().out
+    tb.ensure_default_corpus(tb.parse_config(["--corpus_bytes", "400000"]), CPU)  # up to date: nothing said
+    assert capsys.readouterr().out == ""
+
+
 # -----------------------------------------------------------------------------
 # training, checkpoints, resume (in-process: no interpreter start-up per run)
 
@@ -445,6 +499,16 @@ def test_resume_without_checkpoint_starts_fresh(char_data, tmp_path, capsys):
     assert f"{tmp_path / 'ckpt.pt'} does not exist yet; starting from scratch" in capsys.readouterr().out
 
 
+def test_resume_in_another_precision(char_data, tmp_path, capsys):
+    """A float32 (or bf16) checkpoint has no loss scale; resuming it in float16 starts a fresh one
+    instead of failing on the empty GradScaler state."""
+    args = ["--data_dir", str(char_data), "--out_dir", str(tmp_path), *TINY_RUN]
+    tb.train(tb.parse_config(args + ["--max_iters", "2", "--dtype", "float32"]))
+    result = tb.train(tb.parse_config(args + ["--max_iters", "4", "--dtype", "float16", "--init_from", "resume"]))
+    assert result["iter"] == 4 and math.isfinite(result["losses"]["val"])
+    assert "dtype float32 -> float16" in capsys.readouterr().out
+
+
 def test_metrics_trim_on_resume(tmp_path):
     lines = [{"iter": 0, "val_loss": 4.0}, {"iter": 0, "loss": 4.1}, {"iter": 1, "loss": 4.0},
              {"iter": 2, "val_loss": 3.9}, {"iter": 2, "loss": 3.8}, {"iter": 3, "loss": 3.7}]
@@ -478,6 +542,68 @@ def test_sigusr1_checkpoints_exits_zero_and_resumes_exactly(char_data, tmp_path)
     assert result.returncode == 0, result.stderr
     tb.train(tb.parse_config([*args, "--out_dir", str(tmp_path / "straight"), "--max_iters", str(end)]))
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "straight")
+
+
+def test_rerunning_a_command_refuses_to_replace_its_checkpoint(char_data, tmp_path):
+    args = ["--data_dir", str(char_data), "--out_dir", str(tmp_path), *TINY_RUN, "--max_iters", "10"]
+    tb.train(tb.parse_config(args))
+    ckpt, metrics = tmp_path / "ckpt.pt", tmp_path / "metrics.jsonl"
+    saved, records = ckpt.read_bytes(), metrics.read_text()
+    result = run_cli(args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {ckpt} already holds a run; continue it with --init_from resume, or start over with --overwrite "
+        "(it is replaced at the first checkpoint) or another --out_dir"]
+    assert ckpt.read_bytes() == saved and metrics.read_text() == records
+    # on purpose: --overwrite starts over, and the metrics are the new run's only
+    assert tb.train(tb.parse_config(args + ["--overwrite", "--max_iters", "4"]))["iter"] == 4
+    assert torch.load(ckpt, weights_only=True)["iter_num"] == 4
+    assert [i for i, _ in train_losses(tmp_path)] == list(range(4))
+
+
+def test_ctrl_c_checkpoints_and_exits_zero(char_data, tmp_path):
+    """SIGINT (Ctrl-C) after training started: like SIGTERM/SIGUSR1, save, one line, exit 0."""
+    args = ["--data_dir", str(char_data), "--out_dir", str(tmp_path), *TINY_RUN, "--max_iters", "100000"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 3:"):
+            proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err + "".join(lines) and err == ""
+    preempted = [line for line in lines if line.startswith("preempted:")]
+    assert len(preempted) == 1, "".join(lines)
+    stopped_at = int(preempted[0].split()[5])
+    assert preempted[0].strip() == f"preempted: checkpoint saved at iter {stopped_at} to {tmp_path / 'ckpt.pt'}"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at >= 4
+
+
+def test_gpu_preset_on_cpu_warns_up_front_and_sigterm_ends_the_compile_at_once(char_data, tmp_path):
+    """The tester's case: --preset shakespeare_char on a CPU compiled for 14+ minutes with no word,
+    and a SIGTERM during that compile was not acted on. Now: a warning before the model is built,
+    and a stop signal before the first step ends the process within seconds."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--preset", "shakespeare_char", "--device", "cpu",
+                             "--data_dir", str(char_data), "--out_dir", str(tmp_path / "run")],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("compiling the model"):
+            break
+    time.sleep(3)  # inside torch.compile now (it runs at the first forward)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 0, err
+    text = "".join(out) + rest
+    assert "stopped by SIGTERM before the first training step: nothing to save" in text
+    assert "Traceback" not in text + err
+    assert err.splitlines()[0].startswith("warning: this run is sized for a GPU: about ")
+    assert tb.CPU_RECIPE in err and not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """prepare_data.py: token file formats, text pipeline, downloads (local HTTP server), CLI errors."""
 
 import http.server
+import os
 import pickle
 import subprocess
 import sys
@@ -76,6 +77,19 @@ def test_token_count_mismatch_rejected(tmp_path, actual):
     path = _shard_with_header(tmp_path / "m.bin", claimed=10, actual=actual)
     with pytest.raises(ValueError, match=f"header says 10 tokens but file holds {actual}.*re-run"):
         pd.load_tokens(path)
+
+
+def test_a_format_can_be_required(tmp_path):
+    """The baseline asks for a raw .bin: a headered shard is refused by name, never read as tokens."""
+    pd.write_fineweb_shard(tmp_path / "s.bin", np.arange(10))
+    pd.write_bin(tmp_path / "r.bin", np.arange(600))
+    assert pd.load_tokens(tmp_path / "r.bin", fmt="bin").tolist() == list(range(600))
+    with pytest.raises(ValueError, match=r"s.bin is a FineWeb shard .* build train.bin/val.bin with `python3 "):
+        pd.load_tokens(tmp_path / "s.bin", fmt="bin")
+    assert pd.load_tokens(tmp_path / "s.bin", fmt="fineweb").tolist() == list(range(10))
+    with pytest.raises(ValueError, match=r"magic number 65536 is not 20240520, so it is not a FineWeb shard but a "
+                                         r"raw token file .*`python3 prepare_data.py text FILES --format fineweb"):
+        pd.load_tokens(tmp_path / "r.bin", fmt="fineweb")
 
 
 def test_truncated_files_rejected(tmp_path):
@@ -162,7 +176,8 @@ TEXTS = {
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def corpus(tmp_path, gpt2_vocab):
+    """A small text tree; the tests using it tokenize with GPT-2 BPE (skipped without the vocabulary)."""
     root = tmp_path / "corpus"
     for name, text in TEXTS.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +401,7 @@ def test_shakespeare_char_cli(shakespeare_path, tmp_path):
     assert len(pd.load_tokens(tmp_path / "val.bin")) == 111540
 
 
-def test_shakespeare_gpt2_cli(shakespeare_path, tmp_path):
+def test_shakespeare_gpt2_cli(shakespeare_path, tmp_path, gpt2_vocab):
     pd.main(["shakespeare", "--input", str(shakespeare_path), "--out_dir", str(tmp_path)])
     train, val = (pd.load_tokens(tmp_path / f"{s}.bin") for s in ("train", "val"))
     assert train[0] == val[0] == BOS_TOKEN
@@ -406,6 +421,24 @@ def test_cli_errors(argv, message, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as info:
         pd.main(argv)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gpt2_tests_skip_without_the_vocabulary(tmp_path):
+    """A bare clone (no ../shared, no network): tests that need the GPT-2 vocabulary are skipped with
+    the reason instead of failing with `could not load the GPT-2 vocabulary`."""
+    tests = ["tests/test_prepare_data.py::test_gpt2_round_trip",
+             "tests/test_prepare_data.py::test_shakespeare_gpt2_cli",
+             "tests/test_baseline.py::test_gpt2_codec_round_trip"]
+    (tmp_path / "cache").mkdir()
+    env = dict(os.environ, GPT2_TIKTOKEN_FILE=str(tmp_path / "missing.tiktoken"),
+               TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"),
+               HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")  # and no network
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "3 skipped" in result.stdout, result.stdout[-3000:]
+    reasons = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    vocabulary = [line for line in reasons if "GPT-2 vocabulary not available offline" in line]
+    assert len(vocabulary) >= 2 and all(line in vocabulary or "tinyshakespeare" in line for line in reasons)
 
 
 def test_cli_error_as_subprocess_is_one_line(tmp_path):

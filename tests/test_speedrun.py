@@ -131,6 +131,38 @@ def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, sig)
     assert (tmp_path / "t" / f"state_step{summary['steps']:06d}.pt").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+def test_stop_signal_during_the_compile_warm_up_ends_the_run_at_once(tmp_path, corpus, sig):
+    """The tester's case (`--smoke --device cpu --compile`): a stop signal while torch.compile warms up
+    (minutes on a CPU, with compile helper processes) was acted on only after the warm-up. Now the
+    process ends within seconds, with one line and no traceback, and leaves no helper behind."""
+    train_glob, val_glob = corpus   # (the smoke run's own synthetic corpus costs seconds to write)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--compile",
+                             "--train_files", train_glob, "--val_files", val_glob,
+                             "--log_dir", str(tmp_path), "--run_id", "w"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("warm-up: replaying"):
+            break
+    time.sleep(3)   # compiling step 0's graph now
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    rest, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    text = "".join(out) + rest
+    assert proc.returncode == 0, err[-3000:]
+    assert f"stopped by {sig.name} before the first training step: nothing to save" in text.splitlines()
+    assert "Traceback" not in text + err and "step:1/" not in text
+    assert err.splitlines() == ["warning: --compile on a CPU spends minutes compiling before the first step; "
+                                "the smoke run is eager"]
+    assert "nothing to save" in (tmp_path / "w.txt").read_text()
+    time.sleep(1)
+    helpers = subprocess.run(["pgrep", "-f", f"--log_dir {tmp_path}"], capture_output=True, text=True).stdout
+    assert helpers == "", "compile helpers outlived the run"
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_under_torchrun_follow_the_single_process_run(tmp_path, corpus):
     """Same token stream and averaged gradients: the loss curve of 2 ranks x 4 micro-batches
