@@ -36,7 +36,8 @@ def clean_env(**overrides):
     """This process's environment without Slurm job variables (pytest itself may run in a job)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     for name in ("NUM_GPUS", "GPU_TYPE", "NODES", "OMP_NUM_THREADS", "MAX_RESTARTS", "USE_SRUN",
-                 "ENV_ACTIVATE", "PYTHON", "DRY_RUN", "CUDA_VISIBLE_DEVICES", "MASTER_PORT"):
+                 "ENV_ACTIVATE", "PYTHON", "DRY_RUN", "CUDA_VISIBLE_DEVICES", "MASTER_PORT", "RUNS",
+                 "ATTEMPT"):
         env.pop(name, None)
     env.update({k: str(v) for k, v in overrides.items()})
     return env
@@ -330,6 +331,165 @@ def test_dry_run_takes_only_0_or_1(fake_tools):
     assert result.returncode == 2 and "DRY_RUN='yes' must be 0 or 1" in result.stderr
 
 
+# ---- record attempts: a seed per array task, or RUNS runs in a row ----
+
+def array_vars(task, array_job=4240, count=8):
+    return dict(slurm_vars(), SLURM_JOB_ID=array_job + task, SLURM_ARRAY_JOB_ID=array_job,
+                SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_COUNT=count)
+
+
+def option(cmd, name):
+    """The value of an option in a command line; it must appear exactly once."""
+    assert cmd.count(name) == 1, cmd
+    return cmd[cmd.index(name) + 1]
+
+
+def planned_runs(result):
+    """The commands a DRY_RUN of an attempt prints, one per run."""
+    return [shlex.split(line.split("command: ", 1)[1]) for line in result.stdout.splitlines() if "command: " in line]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(task=st.integers(0, 1000), log_dir=st.sampled_from([None, "records", "records/"]))
+def test_array_task_runs_with_its_own_seed_in_the_attempt_folder(fake_tools, task, log_dir):
+    user_args = ["--smoke"] + (["--log_dir", log_dir] if log_dir else [])
+    result = dry_run(fake_tools, "train_speedrun.py", *user_args, slurm=array_vars(task))
+    assert result.returncode == 0, result.stderr
+    [cmd] = planned_runs(result)
+    folder = f"{(log_dir or 'logs').rstrip('/')}/attempt_4240"     # named after the array job, not the task
+    assert option(cmd, "--seed") == str(task)
+    assert option(cmd, "--log_dir") == folder                        # the user's --log_dir is replaced
+    assert option(cmd, "--run_id") == f"run{task}_seed{task}"
+    assert f"array task {task} (seed {task}) -> {folder}/run{task}_seed{task}.txt" in result.stdout
+    assert not (fake_tools / folder).exists()                        # DRY_RUN makes nothing
+
+
+def test_local_runs_dry_run_lists_every_run_and_its_seed(fake_tools):
+    result = dry_run(fake_tools, "train_speedrun.py", "--smoke", RUNS=3, ATTEMPT="try1")
+    assert result.returncode == 0, result.stderr
+    runs = planned_runs(result)
+    assert [option(cmd, "--seed") for cmd in runs] == ["0", "1", "2"]
+    assert [option(cmd, "--run_id") for cmd in runs] == ["run0_seed0", "run1_seed1", "run2_seed2"]
+    assert {option(cmd, "--log_dir") for cmd in runs} == {"logs/try1"}
+    for k in range(3):
+        assert f"run {k + 1}/3 (seed {k}) -> logs/try1/run{k}_seed{k}.txt" in result.stdout
+    assert not (fake_tools / "logs" / "try1").exists()
+    # without ATTEMPT: one folder per attempt, named after the time it started
+    result = dry_run(fake_tools, "train_speedrun.py", RUNS=2)
+    assert result.returncode == 0, result.stderr
+    assert all(re.fullmatch(r"logs/attempt_local_\d{8}-\d{6}(_\d+)?", option(cmd, "--log_dir"))
+               for cmd in planned_runs(result)) and len(planned_runs(result)) == 2
+    # RUNS inside a (non-array) batch job: named after the job
+    result = dry_run(fake_tools, "train_speedrun.py", RUNS=2, slurm=slurm_vars())
+    assert {option(cmd, "--log_dir") for cmd in planned_runs(result)} == {"logs/attempt_4242"}
+
+
+@pytest.mark.parametrize("seed_args", [["--seed", "7"], ["--seed=7"]])
+@pytest.mark.parametrize("where", ["array", "local"])
+def test_a_seed_given_by_the_user_is_kept_and_said(fake_tools, seed_args, where):
+    if where == "array":
+        result = dry_run(fake_tools, "train_speedrun.py", *seed_args, slurm=array_vars(3))
+    else:
+        result = dry_run(fake_tools, "train_speedrun.py", *seed_args, RUNS=2)
+    assert result.returncode == 0, result.stderr
+    runs = planned_runs(result)
+    for cmd in runs:
+        seeds = [a for a in cmd if a == "--seed" or a.startswith("--seed=")]
+        assert seeds == seed_args[:1] and cmd[cmd.index(seed_args[0]):][:len(seed_args)] == seed_args
+    assert [option(cmd, "--run_id") for cmd in runs] == (["run3_seed7"] if where == "array"
+                                                          else ["run0_seed7", "run1_seed7"])
+    assert "note: --seed 7 given: kept" in result.stdout
+
+
+@pytest.mark.parametrize("env, slurm, script, args, message", [
+    ({"RUNS": "0"}, None, "train_speedrun.py", [], "RUNS='0' must be a positive whole number"),
+    ({"RUNS": "-1"}, None, "train_speedrun.py", [], "RUNS='-1' must be a positive whole number"),
+    ({"RUNS": "abc"}, None, "train_speedrun.py", [], "RUNS='abc' must be a positive whole number"),
+    ({"RUNS": "01"}, None, "train_speedrun.py", [], "RUNS='01' must be a positive whole number"),
+    ({"RUNS": "3"}, None, "train_baseline.py", [], "RUNS is for record attempts of train_speedrun.py"),
+    ({"RUNS": "3"}, None, "prepare_data.py", [], "RUNS is for record attempts of train_speedrun.py"),
+    ({"RUNS": "3"}, "array", "train_speedrun.py", [], "RUNS=3 in an array job (task 2)"),
+    ({"ATTEMPT": "a/b", "RUNS": "2"}, None, "train_speedrun.py", [], "ATTEMPT='a/b' must be a plain folder name"),
+    ({"ATTEMPT": "rec"}, None, "train_speedrun.py", [], "ATTEMPT names the folder of a record attempt"),
+    ({"RUNS": "2"}, None, "train_speedrun.py", ["--run_id", "x"], "--run_id is chosen per run"),
+    ({}, "array", "train_speedrun.py", ["--seed", "x"], "--seed 'x' must be a whole number"),
+])
+def test_bad_attempt_settings_are_one_line_errors(fake_tools, env, slurm, script, args, message):
+    result = dry_run(fake_tools, script, *args, slurm=array_vars(2) if slurm else None, **env)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "command: " not in result.stdout
+
+
+def test_array_of_another_script_runs_the_same_command_in_every_task(fake_tools):
+    result = dry_run(fake_tools, "train_baseline.py", "--out_dir", "o", slurm=array_vars(1))
+    assert result.returncode == 0, result.stderr
+    cmd = launched_command(result)
+    assert "--seed" not in cmd and "--log_dir" not in cmd and cmd[-2:] == ["--device", "cpu"]
+    assert "every task of the array runs the same command" in result.stdout
+
+
+FAKE_SPEEDRUN = """\
+import argparse, json, os, sys
+p = argparse.ArgumentParser()
+for name in ("--seed", "--log_dir", "--run_id", "--device"):
+    p.add_argument(name)
+a = p.parse_args()
+os.makedirs(a.log_dir, exist_ok=True)
+with open(os.path.join(a.log_dir, a.run_id + ".txt"), "a") as f:
+    print("args: " + json.dumps(vars(a)), file=f)
+if a.seed in os.environ.get("FAIL_SEEDS", "").split(","):
+    sys.exit(3)
+with open(os.path.join(a.log_dir, a.run_id + ".json"), "w") as f:
+    json.dump({"run_id": a.run_id}, f)
+"""
+
+
+def test_local_series_stops_at_a_failed_run_and_a_rerun_completes_it(tmp_path):
+    """A stand-in trainer (writes the log and JSON, fails for the seeds in FAIL_SEEDS) run for real."""
+    (tmp_path / "train_speedrun.py").write_text(FAKE_SPEEDRUN)
+    attempt = tmp_path / "logs" / "try"
+
+    def series(**env):
+        return subprocess.run(["bash", str(WRAPPER), "train_speedrun.py"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=clean_env(PYTHON=sys.executable, RUNS=4, ATTEMPT="try", **env))
+
+    failed = series(FAIL_SEEDS="1")
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    assert "run 2/4 (seed 1) failed (exit status 3); its log: logs/try/run1_seed1.txt" in failed.stdout
+    assert "the attempt stops here with 1 of 4 runs finished in logs/try; rerun with ATTEMPT=try" in failed.stdout
+    assert "run 3/4" not in failed.stdout and "record_stats.py" not in failed.stdout
+    assert sorted(p.name for p in attempt.iterdir()) == ["run0_seed0.json", "run0_seed0.txt", "run1_seed1.txt"]
+
+    done = series()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "run 1/4 (seed 0): already finished (logs/try/run0_seed0.json), keeping it" in done.stdout
+    assert "run 4/4 (seed 3) -> logs/try/run3_seed3.txt" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-2].endswith(
+        "record attempt done: 4 run(s) in logs/try; statistics: python3 record_stats.py logs/try")
+    names = sorted(p.name for p in attempt.iterdir())
+    assert [n for n in names if n.endswith(".json")] == [f"run{k}_seed{k}.json" for k in range(4)]
+    assert [n for n in names if n.endswith(".txt")] == [f"run{k}_seed{k}.txt" for k in range(4)]
+    assert len([n for n in names if n.endswith(".unfinished")]) == 1    # the failed try's log, set aside
+    seeds = [json.loads((attempt / f"run{k}_seed{k}.txt").read_text()[len("args: "):])["seed"] for k in range(4)]
+    assert seeds == ["0", "1", "2", "3"]
+
+
+def test_usr1_stops_a_local_series(tmp_path):
+    """A run stopped by USR1 (the trainer exits cleanly) ends the series: speedruns cannot resume."""
+    (tmp_path / "train_speedrun.py").write_text(STOPPING_TRAINER)
+    proc = subprocess.Popen(["bash", str(WRAPPER), "train_speedrun.py"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            text=True, env=clean_env(PYTHON=sys.executable, RUNS=3, ATTEMPT="try"))
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=30) == RESUMABLE_EXIT, rest
+    assert "stopped on USR1" in rest and "run 1/3 (seed 0) was stopped (exit status 75)" in rest
+    assert "run 2/3" not in rest and "record_stats.py" not in rest
+
+
 # =============================================================================
 # real Slurm: one single-node cluster per test module (and per xdist worker)
 # =============================================================================
@@ -489,3 +649,75 @@ def test_slurm_missing_script_fails_clearly(cluster, job_dir):
     info = cluster.wait_until_done(job_id, timeout=60)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     assert "error: script 'no_such_script.py' not found" in read_log(log)
+
+
+# ---- record attempts for real: seeded train_speedrun.py runs, in an array job and locally ----
+
+# The cheapest real run of train_speedrun.py: the smoke model on CPU, one training step and no
+# validation (about 10 s on 2 busy cores), on a small synthetic corpus written once. --smoke alone would
+# write a corpus into the attempt folder from every task at once.
+TINY_SPEEDRUN = ["--smoke", "--device", "cpu", "--max_steps", "1", "--val_loss_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def speedrun_data(tmp_path_factory):
+    import train_speedrun  # torch: only the tests that train pay for it
+    train_glob, val_glob = train_speedrun.write_synthetic_corpus(
+        tmp_path_factory.mktemp("speedrun_data"), seed=1, train_tokens=40_000, val_tokens=4_000)
+    return ["--train_files", train_glob, "--val_files", val_glob]
+
+
+def check_attempt_folder(folder, seeds):
+    """One log and one JSON summary per run, named run<k>_seed<k>, each run trained with its seed."""
+    run_ids = [f"run{k}_seed{k}" for k in seeds]
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    assert names == sorted([f"{r}.txt" for r in run_ids] + [f"{r}.json" for r in run_ids]), names
+    for seed, run_id in zip(seeds, run_ids):
+        log = (folder / f"{run_id}.txt").read_text()
+        args = json.loads(re.search(r"^args: (.*)$", log, re.MULTILINE).group(1))   # the trainer's own record
+        assert (args["seed"], args["run_id"], Path(args["log_dir"]).name) == (seed, run_id, folder.name)
+        summary = json.loads((folder / f"{run_id}.json").read_text())
+        assert summary["run_id"] == run_id and summary["steps"] == 1 and summary["stopped_by"] == "max_steps"
+
+
+def array_tasks_when_done(cluster, job_id, count, timeout):
+    """`scontrol show job` of every task of an array job, once all `count` tasks have finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = cluster.run(["scontrol", "show", "job", "--oneliner", job_id]).stdout
+        tasks = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line.strip()]
+        if len(tasks) == count and all(t.get("JobState") in minislurm.FINISHED_STATES for t in tasks):
+            return tasks
+        assert time.monotonic() < deadline, (f"array job {job_id}: not done within {timeout} s\n{text}\n"
+                                             + cluster.log_tail("slurmctld"))
+        time.sleep(0.5)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_array_is_one_attempt_with_a_seed_per_task(cluster, speedrun_data, job_dir):
+    job_id = cluster.sbatch(["--job-name=attempt", "--cpus-per-task=1", "--array=0-2", str(WRAPPER),
+                             str(REPO / "train_speedrun.py"), *TINY_SPEEDRUN, *speedrun_data],
+                            cwd=job_dir, env=job_env())
+    tasks = array_tasks_when_done(cluster, job_id, 3, timeout=240)
+    outputs = "\n".join(read_log(p) for p in sorted((job_dir / "logs").glob("attempt-*.out")))
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1", "2"]
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), outputs
+    folder = f"logs/attempt_{job_id}"                                  # the array job's id, not a task's
+    check_attempt_folder(job_dir / folder, seeds=[0, 1, 2])
+    for k in range(3):
+        assert f"array task {k} (seed {k}) -> {folder}/run{k}_seed{k}.txt" in outputs
+    assert outputs.count(f"once every task of job {job_id} has finished: python3 record_stats.py {folder}") == 3
+
+
+@pytest.mark.slow
+def test_local_runs_are_one_attempt_with_a_seed_per_run(speedrun_data, tmp_path):
+    result = subprocess.run(["bash", str(WRAPPER), str(REPO / "train_speedrun.py"), *TINY_SPEEDRUN, *speedrun_data],
+                            cwd=tmp_path, env=dict(job_env(), RUNS="3"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [folder] = (tmp_path / "logs").iterdir()
+    assert re.fullmatch(r"attempt_local_\d{8}-\d{6}", folder.name)
+    check_attempt_folder(folder, seeds=[0, 1, 2])
+    for k in range(3):
+        assert f"run {k + 1}/3 (seed {k}) -> logs/{folder.name}/run{k}_seed{k}.txt" in result.stdout
+    assert f"statistics: python3 record_stats.py logs/{folder.name}" in result.stdout
