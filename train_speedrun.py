@@ -3400,7 +3400,7 @@ def main(argv=None) -> dict | None:
                        val_losses=result["val_losses"], stopped_by=result["stopped_by"], warmup_s=round(warmup_s, 1),
                        graphs_compiled=compiled_graph_count(), attn_backend=backend, world_size=env.world_size,
                        card=card, gpu_type=gpu_type, fp8=use_fp8, compile=args.compile,
-                       peak_memory_mib=peak["allocated"], run_id=args.run_id)
+                       peak_memory_mib=peak["allocated"], run_id=args.run_id, seed=args.seed)
         log("summary: " + json.dumps(summary))
         if env.master:   # <run_id>.json beside the log: what record_stats.py and run.sbatch's attempts read
             write_summary_json(log.path.with_suffix(".json"), summary)

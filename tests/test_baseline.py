@@ -721,7 +721,7 @@ def test_ddp_two_ranks_match_one_rank_and_stop_together(char_data, tmp_path):
 def readme_baseline_commands():
     """train_baseline.py command lines in the code blocks of the README's baseline section."""
     text = (REPO / "README.md").read_text()
-    section = text.split("<!-- SECTION baseline (baseline helper) -->")[1].split("<!-- SECTION")[0]
+    section = text.split("\n## Baseline")[1].split("\n## ")[0]
     code = "\n".join(section.split("```")[1::2]).replace("\\\n", " ")  # odd pieces are code blocks
     commands = []
     for line in code.splitlines():

@@ -677,7 +677,7 @@ def check_attempt_folder(folder, seeds):
         args = json.loads(re.search(r"^args: (.*)$", log, re.MULTILINE).group(1))   # the trainer's own record
         assert (args["seed"], args["run_id"], Path(args["log_dir"]).name) == (seed, run_id, folder.name)
         summary = json.loads((folder / f"{run_id}.json").read_text())
-        assert summary["run_id"] == run_id and summary["steps"] == 1 and summary["stopped_by"] == "max_steps"
+        assert summary["run_id"] == run_id and summary["seed"] == seed and summary["steps"] == 1 and summary["stopped_by"] == "max_steps"
 
 
 def array_tasks_when_done(cluster, job_id, count, timeout):

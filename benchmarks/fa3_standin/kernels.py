@@ -38,10 +38,18 @@ import os
 from types import SimpleNamespace
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import (BlockMask, create_block_mask, create_mask,
                                                flex_attention)
+
+# Not attention, but part of running upstream unchanged on torch 2.11: Inductor passes Python-float
+# arguments of user Triton kernels as fp64, and upstream's softcapped cross-entropy kernel then
+# fails to compile ("Loop-carried variable max_val has initial type fp32 but is re-assigned to
+# fp64", seen on the H200 with record #68). Upstream imports this module before it compiles.
+if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats"):
+    torch._inductor.config._use_fp64_for_unbacked_floats = False
 
 BLOCK = 128                       # FlexAttention's default tile, in tokens
 DENSE_MAX_TOKENS = 32768          # the dense path's (T, T) mask evaluation above this is refused

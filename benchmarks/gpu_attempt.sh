@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A record attempt and the side-by-side with upstream on one GPU (issue #13), in steps that each fit
+# one 10-minute command. Everything that a later step reuses lives under /tmp: the corpus, the
+# compile caches, the attempt folder and the vs_upstream logs.
+#   corpus      FineWeb-format shards from this Python's site-packages (GPT-2 BPE, <= 2048-token docs)
+#   attempt     RUNS=3 of the 300 + 10 schedule through run.sbatch (seeds 0, 1, 2); run it again to
+#               finish an attempt a time limit cut short (finished runs are kept), then record_stats.py
+#   vs_steps    vs_upstream.py: the first STEPS (default 100) steps of the record schedule, both sides
+#   vs_short    vs_upstream.py: upstream on the 300 + 10 schedule, then compared with the attempt's seed 0
+# Usage: bash benchmarks/gpu_attempt.sh OUTDIR STEP [STEP...]
+#        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68); GPT2_TIKTOKEN_FILE for offline BPE
+set -uo pipefail
+out=$1; shift; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+corpus=/tmp/corpus
+cache=/tmp/vs_upstream_cache
+attempt=/tmp/attempt/h200
+upstream=${UPSTREAM:-ref/upstream68}
+data=(--train_files "$corpus/fineweb_train_*.bin" --val_files "$corpus/fineweb_val_*.bin")
+short=(--num_scheduled_iterations 300 --num_extension_iterations 10 --val_loss_every 50)
+vs=(python3 benchmarks/vs_upstream.py --upstream "$upstream" "${data[@]}" --out_dir /tmp/vs68
+    --cache_dir "$cache" --ours_args "--attn flex")
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    corpus) site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+            python3 prepare_data.py text "$site" --format fineweb --max_doc_tokens 2048 --out_dir "$corpus" \
+                --name_prefix fineweb 2>&1 | tail -2 ;;
+    attempt) ATTEMPT=h200 RUNS=3 bash run.sbatch train_speedrun.py "${data[@]}" "${short[@]}" --attn flex \
+                 --compile_cache "$cache/ours" --log_dir /tmp/attempt 2>&1 | grep -E "run.sbatch|warm-up done|^step:[0-9]+/[0-9]+ val|peak|record attempt"
+             python3 record_stats.py "$attempt" --target 3.28 --plot "$out/attempt.png" 2>&1
+             cp "$attempt"/run*_seed*.txt "$attempt"/run*_seed*.json "$out/" 2>/dev/null ;;
+    vs_steps) "${vs[@]}" --steps ${STEPS:-100} --val_every ${STEPS:-100} --side both --time_limit 560 2>&1 \
+                 | grep -vE "^step:[0-9]*[1-9]/" | tail -60
+              cp /tmp/vs68/*.txt /tmp/vs68/*.comparison.* "$out/" 2>/dev/null ;;
+    vs_short) "${vs[@]}" --schedule short --side upstream --time_limit 560 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
+              python3 benchmarks/vs_upstream.py --compare /tmp/vs68/short.upstream.txt "$attempt/run0_seed0.txt" \
+                  --out_dir "$out" 2>&1 | tail -60
+              cp /tmp/vs68/short.upstream.txt "$attempt"/run0_seed0.comparison.* "$out/" 2>/dev/null ;;
+  esac
+done
