@@ -48,12 +48,22 @@ def train_losses(out_dir):
     return [(r["iter"], r["loss"]) for r in records if "loss" in r]
 
 
+def fallback_char_text() -> str:
+    """Without ../shared: a made-up text holding what the tests prompt with (newline, 'ROMEO:', 'First')."""
+    words = ("".join(chr(97 + (i * 7919 + j) % 26) for j in range(1 + i % 7)) for i in range(40_000))
+    lines = []
+    for i, word in enumerate(words):
+        speaker = "\nROMEO:\n" if i % 50 == 0 else "\nFirst Citizen:\n" if i % 50 == 25 else None
+        lines.append((speaker or ("\n" if i % 9 == 0 else " ")) + word)
+    return "".join(lines)[:200_000]
+
+
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     """A small char-level dataset in nanoGPT's layout (train.bin, val.bin, meta.pkl)."""
     text = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()[:200_000] \
         if (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").exists() else \
-        "".join(chr(97 + (i * 7919) % 26) + (" " if i % 5 == 0 else "") for i in range(200_000))
+        fallback_char_text()
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
