@@ -364,19 +364,12 @@ def test_table_op_matches_graph_tables(compile_setup):
         assert torch.equal(a, b)
 
 
-def test_compiled_no_grad_with_table_op(monkeypatch, compile_setup):
-    monkeypatch.setattr(standin, "TABLE_MODE", "op")
-    q, k, v = qkv(384, seed=17)
-    cu = cu_of((200, 184))
-    fn = torch.compile(lambda q, k, v, cu: call(q, k, v, cu, 100, 0.3), dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        out = fn(q, k, v, cu)
-    torch.testing.assert_close(out, naive_attention(q, k, v, cu, 100, 0.3), atol=2e-5, rtol=1e-4)
-
-
-def test_compiled_dense_method_no_grad(monkeypatch, compile_setup):
-    monkeypatch.setattr(standin, "MASK_METHOD", "dense")
-    q, k, v = qkv(384, seed=13)
+@pytest.mark.parametrize("setting, value, seed", [("TABLE_MODE", "op", 17), ("MASK_METHOD", "dense", 13)],
+                         ids=["table_op", "dense_method"])
+def test_compiled_no_grad_variants(monkeypatch, compile_setup, setting, value, seed):
+    """The fallback block-table op and the create_block_mask path, each inside a compiled no_grad graph."""
+    monkeypatch.setattr(standin, setting, value)
+    q, k, v = qkv(384, seed=seed)
     cu = cu_of((200, 184))
     fn = torch.compile(lambda q, k, v, cu: call(q, k, v, cu, 100, 0.3), dynamic=False, fullgraph=True)
     with torch.no_grad():
