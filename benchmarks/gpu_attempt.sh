@@ -6,9 +6,13 @@
 #   attempt     RUNS=3 of the 300 + 10 schedule through run.sbatch (seeds 0, 1, 2); run it again to
 #               finish an attempt a time limit cut short (finished runs are kept), then record_stats.py
 #   vs_steps    vs_upstream.py: the first STEPS (default 100) steps of the record schedule, both sides
-#   vs_short    vs_upstream.py: upstream on the 300 + 10 schedule, then compared with the attempt's seed 0
+#   vs_short    vs_upstream.py: upstream alone on the 300 + 10 schedule (~550 s cold on an H200, so give
+#               it a command of its own, after corpus in an earlier one)
+#   vs_compare  vs_short's upstream log against the attempt's seed 0 (seconds, no GPU needed)
 # Usage: bash benchmarks/gpu_attempt.sh OUTDIR STEP [STEP...]
-#        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68); GPT2_TIKTOKEN_FILE for offline BPE
+#        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68: record #68's train_gpt.py and
+#        triton_kernels.py, e.g. `git -C modded-nanogpt show 9e53f9e3:train_gpt.py`); GPT2_TIKTOKEN_FILE
+#        for offline BPE
 set -uo pipefail
 out=$1; shift; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -34,8 +38,10 @@ for step in "$@"; do
                  | grep -vE "^step:[0-9]*[1-9]/" | tail -60
               cp /tmp/vs68/*.txt /tmp/vs68/*.comparison.* "$out/" 2>/dev/null ;;
     vs_short) "${vs[@]}" --schedule short --side upstream --time_limit 560 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
-              python3 benchmarks/vs_upstream.py --compare /tmp/vs68/short.upstream.txt "$attempt/run0_seed0.txt" \
-                  --out_dir "$out" 2>&1 | tail -60
-              cp /tmp/vs68/short.upstream.txt "$attempt"/run0_seed0.comparison.* "$out/" 2>/dev/null ;;
+              cp /tmp/vs68/short.upstream.* "$out/" 2>/dev/null ;;
+    vs_compare) python3 benchmarks/vs_upstream.py --compare /tmp/vs68/short.upstream.txt "$attempt/run0_seed0.txt" \
+                    --out_dir "$out" 2>&1 | tail -60
+                cp "$attempt"/run0_seed0.comparison.* "$out/" 2>/dev/null ;;
+    *) echo "error: unknown step '$step' (corpus, attempt, vs_steps, vs_short, vs_compare)" >&2; exit 2 ;;
   esac
 done
