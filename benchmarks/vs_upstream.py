@@ -750,7 +750,8 @@ def parse_args(argv):
                    help="upstream only: its full warm-up (fills --cache_dir), then stop before training")
     p.add_argument("--run_id", help="log names <run_id>.upstream.txt / <run_id>.ours.txt "
                    "(default from the schedule: record, short, record_steps100, ...)")
-    p.add_argument("--out_dir", default=str(REPO / "logs" / "vs_upstream"), help="logs, diff, comparison, plot")
+    p.add_argument("--out_dir", help="logs, diff, comparison, plot (default logs/vs_upstream; "
+                                      "with --compare: the folder of OURS_LOG)")
     p.add_argument("--work_dir", default="/tmp/vs_upstream_work", help="where upstream's copy is made")
     p.add_argument("--cache_dir", default="/tmp/vs_upstream_cache",
                    help="compile caches (<dir>/upstream, <dir>/ours) kept for later commands")
@@ -842,7 +843,7 @@ def main(argv=None) -> int:
                 if not p.is_file():
                     raise ToolError(f"log {p} not found")
             stem = re.sub(r"(\.ours)?\.txt$", "", our_log.name)
-            print_comparison(up_log, our_log, our_log.parent, stem)
+            print_comparison(up_log, our_log, Path(args.out_dir) if args.out_dir else our_log.parent, stem)
             return 0
         return run(args, started)
     except ToolError as e:
@@ -867,7 +868,7 @@ def run(args, started: float) -> int:
     for note in notes:
         print(note)
     run_id = args.run_id or default_run_id(args)
-    out_dir = Path(args.out_dir).resolve()
+    out_dir = Path(args.out_dir or REPO / "logs" / "vs_upstream").resolve()
     cache = Path(args.cache_dir).resolve()
     up_log, our_log = out_dir / f"{run_id}.upstream.txt", out_dir / f"{run_id}.ours.txt"
     print(f"schedule: {sched['num_scheduled_iterations']} scheduled + {sched['num_extension_iterations']} "

@@ -599,6 +599,14 @@ def test_compare_command_writes_comparison_and_plot(logs, capsys):
         assert plot_line.startswith("plot: ") and (folder / "t.comparison.png").stat().st_size > 0
 
 
+def test_compare_command_honours_out_dir(logs, tmp_path, capsys):
+    out_dir = tmp_path / "elsewhere"
+    rc, out, err = run_main(["--compare", str(logs[0]), str(logs[1]), "--out_dir", str(out_dir)], capsys)
+    assert rc == 0, err
+    assert (out_dir / "t.comparison.log").read_text().startswith("upstream log:")
+    assert not (logs[1].parent / "t.comparison.log").exists()
+
+
 def test_compare_missing_log(tmp_path, capsys):
     rc, _, err = run_main(["--compare", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], capsys)
     assert rc == 1 and err == [f"error: log {tmp_path / 'a.txt'} not found"]
