@@ -614,6 +614,7 @@ def download_file(url, dest, *, validate=None, retries=5, timeout=30.0, backoff=
         except ValueError as exc:
             print(f"warning: {exc}; downloading it again", file=sys.stderr)
             dest.unlink()
+    new_folders = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     last_error = None
@@ -630,8 +631,18 @@ def download_file(url, dest, *, validate=None, retries=5, timeout=30.0, backoff=
                 print(f"\nwarning: {dest.name}: attempt {attempt + 1} failed ({last_error}); retrying",
                       file=sys.stderr)
     else:
-        raise DownloadError(f"{url}: failed after {retries + 1} attempt{'s' if retries else ''} ({last_error}); "
-                            f"re-run to resume from {part}")
+        failed = f"{url}: failed after {retries + 1} attempt{'s' if retries else ''} ({last_error})"
+        kept = part.stat().st_size if part.exists() else 0
+        if kept:
+            raise DownloadError(f"{failed}; re-run to resume from {part} ({kept:,} bytes kept)")
+        # nothing arrived: leave no empty .part or folder behind that looks like a half-done download
+        part.unlink(missing_ok=True)
+        for folder in new_folders:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise DownloadError(f"{failed}; nothing was downloaded: check the network connection and the URL")
     if validate is not None:
         try:
             validate(part)
@@ -786,7 +797,10 @@ def _shakespeare(args, tokenizer):
     if args.input:
         source = Path(args.input)
     else:
-        source = download_file(args.url, out_dir / "input.txt", retries=args.retries, timeout=args.timeout)
+        try:
+            source = download_file(args.url, out_dir / "input.txt", retries=args.retries, timeout=args.timeout)
+        except DownloadError as exc:
+            raise DownloadError(f"{exc}; or give a local copy of the text with --input FILE") from None
     return prepare_text([source], out_dir, tokenizer=tokenizer, val_fraction=0.1, force=args.force)
 
 

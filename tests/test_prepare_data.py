@@ -379,9 +379,39 @@ def test_corrupt_download_is_not_renamed_into_place(hub, tmp_path):
 
 
 def test_download_gives_up_after_bounded_retries(tmp_path):
-    with pytest.raises(pd.DownloadError, match="failed after 2 attempts"):
-        pd.download_file("http://127.0.0.1:9/x.bin", tmp_path / "x.bin", retries=1, timeout=2,
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(pd.DownloadError, match="failed after 2 attempts .*nothing was downloaded: check the network"):
+        pd.download_file("http://127.0.0.1:9/x.bin", tmp_path / "new" / "deeper" / "x.bin", retries=1, timeout=2,
                          backoff=0.01, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]   # the folders it made are gone again
+
+
+def test_download_failure_after_some_bytes_says_how_to_resume(hub, tmp_path, monkeypatch):
+    name = "fineweb_train_000001.bin"
+    real_fetch = pd._fetch_into
+
+    def fetch_then_fail(requests, url, part, timeout, progress):
+        if not part.exists():
+            part.write_bytes(FakeHub.files[name][:1000])
+        raise pd._Retryable("connection reset")
+    monkeypatch.setattr(pd, "_fetch_into", fetch_then_fail)
+    with pytest.raises(pd.DownloadError, match=r"re-run to resume from .*\.part \(1,000 bytes kept\)"):
+        pd.download_file(f"{hub}/{name}", tmp_path / name, retries=1, backoff=0.01, progress=False)
+    monkeypatch.setattr(pd, "_fetch_into", real_fetch)
+    pd.download_file(f"{hub}/{name}", tmp_path / name, progress=False)   # the re-run resumes
+    assert (tmp_path / name).read_bytes() == FakeHub.files[name]
+    assert FakeHub.log[-1] == (name, "bytes=1000-")
+
+
+def test_shakespeare_download_failure_names_the_local_option(tmp_path):
+    out_dir = tmp_path / "data" / "shakespeare_char"
+    with pytest.raises(SystemExit) as exc:
+        pd.main(["shakespeare_char", "--url", "http://127.0.0.1:9/input.txt", "--retries", "0",
+                 "--timeout", "2", "--out_dir", str(out_dir)])
+    message = str(exc.value.code)   # main() exits with the one line; Python prints it to stderr
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "nothing was downloaded" in message and message.endswith("with --input FILE"), message
+    assert not (tmp_path / "data").exists()
 
 
 def test_fineweb_cli(hub, tmp_path):
