@@ -1319,6 +1319,9 @@ class Trainer:
                     print(f"preempted: checkpoint saved at iter {self.iter_num} to {self.ckpt_path}", flush=True)
                 return True
             time_up = stop == 1
+            if time_up and self.rt.master:
+                print(f"time limit: --time_limit {cfg.time_limit:g} s reached at iter {self.iter_num}; evaluating and "
+                      f"saving (continue with --init_from resume)", flush=True)
 
 
 def train(cfg):

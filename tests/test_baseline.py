@@ -502,6 +502,18 @@ def test_resume_matches_an_uninterrupted_run_exactly(char_data, tmp_path):
     assert (tmp_path / "split" / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_time_limit_says_so_then_evaluates_saves_and_resumes(char_data, tmp_path, capsys):
+    args = ["--data_dir", str(char_data), "--out_dir", str(tmp_path), *TINY_RUN, "--max_iters", "16"]
+    result = tb.train(tb.parse_config(args + ["--time_limit", "1e-9"]))   # up after the first step
+    out = capsys.readouterr().out
+    assert result["iter"] == 1 and not result["preempted"]
+    assert "time limit: --time_limit 1e-09 s reached at iter 1; evaluating and saving (continue with " \
+           "--init_from resume)" in out, out
+    assert out.index("time limit:") < out.index("saved checkpoint")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    assert tb.train(tb.parse_config(args + ["--init_from", "resume"]))["iter"] == 16
+
+
 def test_resume_without_checkpoint_starts_fresh(char_data, tmp_path, capsys):
     cfg = tb.parse_config(["--data_dir", str(char_data), "--out_dir", str(tmp_path), *TINY_RUN,
                            "--max_iters", "2", "--init_from", "resume"])
