@@ -6,8 +6,9 @@
 #   attempt     RUNS=3 of the 300 + 10 schedule through run.sbatch (seeds 0, 1, 2); run it again to
 #               finish an attempt a time limit cut short (finished runs are kept), then record_stats.py
 #   vs_steps    vs_upstream.py: the first STEPS (default 100) steps of the record schedule, both sides
-#   vs_short    vs_upstream.py: upstream alone on the 300 + 10 schedule (~550 s cold on an H200, so give
-#               it a command of its own, after corpus in an earlier one)
+#   vs_short    vs_upstream.py: upstream alone on the 300 + 10 schedule (550 s cold on an H200, once cut
+#               by the 560 s limit at step 250; ~360 s on the warm cache of a second call), so give it a
+#               command of its own, after corpus in an earlier one, and repeat it on a warm machine
 #   vs_compare  vs_short's upstream log against the attempt's seed 0 (seconds, no GPU needed)
 # Usage: bash benchmarks/gpu_attempt.sh OUTDIR STEP [STEP...]
 #        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68: record #68's train_gpt.py and
