@@ -49,6 +49,7 @@ SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
 WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
 GPU_TYPES = ("auto", "h100", "h200", "a100", "other")
 ATTN_CHOICES = ("auto", "fa3", "flash_attn", "flex")
+INIT_CHOICES = ("scratch", "resume")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Hyperparameters:
     seed: int = 0
     max_steps: int = 0                    # >0: stop training after this many steps (timing runs)
     save_checkpoint: bool = False
+    init_from: str = "scratch"            # "resume": continue log_dir/run_id's latest checkpoint
     log_dir: str = "logs"
     run_id: str = ""
     # hardware and compilation
@@ -130,7 +132,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int,
                    help="stop training after N steps (timing runs; the final validation is skipped)")
     p.add_argument("--save_checkpoint", action="store_true", default=None,
-                   help="save model + optimizer state at the end (and on SIGTERM or SIGUSR1)")
+                   help="also save a checkpoint at the end or at --max_steps (a SIGTERM/SIGUSR1 stop always saves one)")
+    p.add_argument("--init_from", choices=INIT_CHOICES,
+                   help="scratch (default) or resume: continue the run --run_id from its latest checkpoint in "
+                        "--log_dir/RUN_ID/ (written when SIGTERM/SIGUSR1 stops a run, or by --save_checkpoint)")
     p.add_argument("--log_dir", help=f"where the run log goes (default {defaults.log_dir})")
     p.add_argument("--run_id", help="name of the log file (default: a fresh uuid)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu (tiny/tests)")
@@ -180,6 +185,9 @@ def parse_args(argv=None) -> Hyperparameters:
         raise SystemExit(f"error: --compile_mode {given['compile_mode']} has no effect without --compile "
                          f"({'off by default with --device cpu' if values['device'] == 'cpu' else 'it is off'}); "
                          "add --compile or drop it")
+    if values["init_from"] == "resume" and "run_id" not in given:
+        raise SystemExit("error: --init_from resume needs the --run_id of the run to continue (its checkpoints "
+                         "are in --log_dir/RUN_ID/)")
     args = Hyperparameters(**values)
     if not args.run_id:
         args.run_id = str(uuid.uuid4())
@@ -2502,10 +2510,27 @@ class BosAlignedLoader:
         self.grad_accum_steps, self.rank, self.world_size, self.device = grad_accum_steps, rank, world_size, device
         self.batch_size = batch_size
         self._check(batch_size)
-        self._files = iter(find_shards(pattern, "train"))
-        self.shards_used = 1
-        self.shard = BosIndexedShard(read_shard(next(self._files)))
+        self._open(shard_index=0, next_doc=0)
+
+    def _open(self, shard_index: int, next_doc: int) -> None:
+        paths = find_shards(self.pattern, "train")
+        if shard_index >= len(paths):
+            raise SystemExit(f"error: the checkpoint's loader is at training shard {shard_index + 1}, but only "
+                             f"{len(paths)} shard(s) match {self.pattern!r}; resume with the same --train_files")
+        self._files = iter(paths[shard_index + 1:])
+        self.shards_used = shard_index + 1
+        self.shard = BosIndexedShard(read_shard(paths[shard_index]))
+        self.shard.next_doc = next_doc
         self._prefetch = self._start_next()
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts: shard number, document in it, batch size (for a resume)."""
+        return dict(shard_index=self.shards_used - 1, next_doc=self.shard.next_doc, batch_size=self.batch_size)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check(state["batch_size"])
+        self.batch_size = state["batch_size"]
+        self._open(state["shard_index"], state["next_doc"])
 
     def _check(self, batch_size: int) -> None:
         per_rank, rem = divmod(batch_size, self.grad_accum_steps * self.world_size)
@@ -3139,20 +3164,123 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     stage.reset()
 
 
+CHECKPOINT_FORMAT = "train_speedrun checkpoint v1"
+# options a resumed run must share with the run that wrote the checkpoint: they fix the data
+# stream, the model and the schedule (logging, compile and hardware options may change)
+RESUME_MUST_MATCH = ("train_files", "val_files", "val_tokens", "val_batch_size", "train_max_seq_len",
+                     "stage_seqs", "batch_seq_len", "num_scheduled_iterations", "num_extension_iterations",
+                     "muon_warmup_steps", "muon_cooldown_steps", "val_loss_every", "seed", "smoke")
+
+
+def checkpoint_folder(args: Hyperparameters) -> Path:
+    return Path(args.log_dir) / args.run_id
+
+
+def checkpoint_name(step: int, rank: int) -> str:
+    return f"state_step{step:06d}" + (f"_rank{rank}" if rank else "") + ".pt"
+
+
 def save_checkpoint(raw_model: nn.Module, optimizer: NorMuonAndAdam, args: Hyperparameters, env: DistEnv,
-                    step: int, log: RunLog) -> None:
-    """Rank 0: model + its optimizer shard; other ranks: their optimizer shards. Atomic writes."""
-    folder = Path(args.log_dir) / args.run_id
+                    step: int, log: RunLog, progress: dict | None = None) -> None:
+    """Everything a resume needs, one file per rank (rank 0's also holds the model), each written
+    atomically (temp file + rename). progress (from train): the loader position, the Adam gradients
+    still accumulating, the clock and the losses so far. Once every rank has written this step's
+    file, each removes its older ones."""
+    folder = checkpoint_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"state_step{step:06d}" + (f"_rank{env.rank}" if env.rank else "") + ".pt"
-    payload = dict(step=step, args=dataclasses.asdict(args), world_size=env.world_size, rank=env.rank,
-                   optimizer=optimizer.state_dict())
+    name = checkpoint_name(step, env.rank)
+    payload = dict(format=CHECKPOINT_FORMAT, step=step, args=dataclasses.asdict(args),
+                   world_size=env.world_size, rank=env.rank, optimizer=optimizer.state_dict(),
+                   progress=progress, rng=torch.get_rng_state())
     if env.master:
         payload["model"] = raw_model.state_dict()
     tmp = folder / (name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, folder / name)
-    log(f"checkpoint: {folder / name}")
+    if env.distributed:
+        dist.barrier()          # the set for this step is whole before anything older goes
+    for old in folder.glob("state_step*.pt"):
+        parsed = parse_checkpoint_name(old.name)
+        if parsed and parsed[1] == env.rank and parsed[0] != step:
+            old.unlink(missing_ok=True)
+    log(f"checkpoint: {folder / name} (step {step}; continue with --init_from resume --run_id {args.run_id})")
+
+
+def parse_checkpoint_name(name: str) -> tuple | None:
+    """state_step000012_rank3.pt -> (12, 3); anything else -> None."""
+    if not (name.startswith("state_step") and name.endswith(".pt")):
+        return None
+    stem = name[len("state_step"):-len(".pt")]
+    step_text, _, rank_text = stem.partition("_rank")
+    if not step_text.isdigit() or (rank_text and not rank_text.isdigit()):
+        return None
+    return int(step_text), int(rank_text or 0)
+
+
+def find_resume_checkpoint(args: Hyperparameters, world_size: int) -> int:
+    """The latest step with a checkpoint file for every rank, or a one-line error."""
+    folder = checkpoint_folder(args)
+    ranks_by_step: dict = {}
+    for path in folder.glob("state_step*.pt") if folder.is_dir() else []:
+        parsed = parse_checkpoint_name(path.name)
+        if parsed:
+            ranks_by_step.setdefault(parsed[0], set()).add(parsed[1])
+    if not ranks_by_step:
+        raise SystemExit(f"error: --init_from resume: no checkpoint in {folder}/ (a run writes one when SIGTERM "
+                         "or SIGUSR1 stops it, or at its end with --save_checkpoint); check --log_dir and "
+                         "--run_id, or start from scratch")
+    whole = [step for step, ranks in ranks_by_step.items() if ranks == set(range(world_size))]
+    if not whole:
+        step = max(ranks_by_step)
+        raise SystemExit(f"error: --init_from resume: the checkpoint in {folder}/ (step {step}) has files for "
+                         f"ranks {sorted(ranks_by_step[step])}, this run has {world_size} rank(s); resume with the "
+                         "world size that wrote it")
+    return max(whole)
+
+
+def load_checkpoint(args: Hyperparameters, env: DistEnv, step: int) -> tuple:
+    """(this rank's payload, the model state) of the checkpoint at step, checked against this run."""
+    def read(path: Path) -> dict:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:    # truncated, not a torch file, ...: one line, not a traceback
+            raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); delete it to resume from an "
+                             "older one or start from scratch") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"error: {path} is not a resumable train_speedrun.py checkpoint (written by an older "
+                             "version or another program); start from scratch")
+        return payload
+    folder = checkpoint_folder(args)
+    mine = read(folder / checkpoint_name(step, env.rank))
+    model_state = mine.get("model") if env.master else read(folder / checkpoint_name(step, 0)).get("model")
+    if not isinstance(mine.get("progress"), dict):
+        raise SystemExit(f"error: checkpoint {folder / checkpoint_name(step, env.rank)} holds no training progress "
+                         "(loader position, losses): it cannot be resumed; start from scratch")
+    if mine["world_size"] != env.world_size or mine["step"] != step or model_state is None:
+        raise SystemExit(f"error: checkpoint {folder / checkpoint_name(step, env.rank)} does not match its name "
+                         f"or this run (world size {mine['world_size']} vs {env.world_size}); start from scratch")
+    current = dataclasses.asdict(args)
+    for key in RESUME_MUST_MATCH:
+        saved = mine["args"].get(key)
+        saved = tuple(saved) if isinstance(saved, list) else saved
+        now = tuple(current[key]) if isinstance(current[key], list) else current[key]
+        if saved != now:
+            raise SystemExit(f"error: --init_from resume: the checkpoint was written with --{key} {saved!r}, "
+                             f"this run has {now!r}; resume with the same value")
+    return mine, model_state
+
+
+def read_resume_checkpoint(args: Hyperparameters, env: DistEnv) -> tuple:
+    step = find_resume_checkpoint(args, env.world_size)
+    return (step, *load_checkpoint(args, env, step))
+
+
+def restore_checkpoint(payload: dict, model_state: dict, raw_model: nn.Module, optimizer: NorMuonAndAdam) -> None:
+    """Model, optimizer and RNG back to the checkpoint (in place: compiled graphs keep their tensors)."""
+    raw_model.load_state_dict(model_state)
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
 
 
 class StopFlag:
@@ -3163,6 +3291,7 @@ class StopFlag:
     warm-up. A second Ctrl-C during training exits without waiting for the step (status 130)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNAL_NAMES = tuple(sig.name for sig in SIGNALS)
 
     def __init__(self, exit_before_training: Callable[[str], None] | None = None):
         self.requested = False
@@ -3211,26 +3340,48 @@ def sync(env: DistEnv) -> None:
         torch.cuda.synchronize()
 
 
+def pending_adam_grads(optimizer: NorMuonAndAdam) -> dict:
+    """Adam's gradients of an even step wait for the next (odd) step: a checkpoint keeps them."""
+    return {cfg.label: param.grad.detach().clone() for param, cfg in optimizer.settings.items()
+            if cfg.optim == "adam" and param.grad is not None}
+
+
 def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
-          stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog, stop: StopFlag) -> dict:
-    """The timed run. The clock stops during validation, as the record's does."""
+          stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog, stop: StopFlag,
+          resume: dict | None = None) -> dict:
+    """The timed run. The clock stops during validation, as the record's does.
+    resume: a checkpoint's progress (restore_checkpoint has set model and optimizer): the run
+    continues at its step with the same loader position, losses and clock."""
     total_steps = schedule.total_steps
     last_step = last_step_of(args, schedule)
     loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
                               env.grad_accum_steps, env.rank, env.world_size, env.device)
-    stage_ms = [0.0] * len(schedule.stages)
-    stage_steps = [0] * len(schedule.stages)
-    val_losses, train_losses = [], []
-    train_loss_sum, train_loss_n = None, 0
-    training_ms = 0.0
+    progress = resume or dict(step=0, training_ms=0.0, stage_ms=[0.0] * len(schedule.stages),
+                              stage_steps=[0] * len(schedule.stages), val_losses=[], train_losses=[],
+                              train_loss_sum=None, train_loss_n=0)
+    first_step = progress["step"]
+    stage_ms, stage_steps = list(progress["stage_ms"]), list(progress["stage_steps"])
+    val_losses, train_losses = [tuple(v) for v in progress["val_losses"]], [tuple(v) for v in progress["train_losses"]]
+    train_loss_sum, train_loss_n = progress["train_loss_sum"], progress["train_loss_n"]
+    training_ms = progress["training_ms"]
+    if resume:
+        for step in range(first_step):      # windows, YaRN tables, MTP weights, batch size as they were
+            stage.advance(step)
+        loader.load_state_dict(resume["loader"])
+        for label, grad in resume["adam_grads"].items():
+            optimizer.by_label[label].grad = grad.to(env.device)
+        if train_loss_sum is not None:
+            train_loss_sum = train_loss_sum.to(env.device)
     stopped_by = None
     sync(env)
     t0 = time.perf_counter()
-    step_start_ms = 0.0
-    for step in range(last_step + 1):
+    step_start_ms = training_ms
+    step = first_step
+    for step in range(first_step, last_step + 1):
         final = step == total_steps
         stage.advance(step)
-        if final or (args.val_loss_every and step % args.val_loss_every == 0):
+        resumed_here = resume is not None and step == first_step   # its validation is in the log already
+        if (final or (args.val_loss_every and step % args.val_loss_every == 0)) and not resumed_here:
             if final:
                 stage.use_final_window()
             sync(env)
@@ -3267,21 +3418,26 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
         step_start_ms = now_ms
         log(f"step:{step + 1}/{total_steps} train_time:{now_ms:.0f}ms step_avg:{now_ms / (step + 1):.2f}ms")
     sync(env)
+    steps_done = sum(stage_steps)
     if stopped_by is not None:
         training_ms += 1000 * (time.perf_counter() - t0)
         train_part = ""
         if train_loss_n:
-            train_loss = (train_loss_sum / train_loss_n).item()
-            train_losses.append((step, train_loss))
-            train_part = f"; train_loss_per_token over the last {train_loss_n} steps {train_loss:.4f}"
+            partial = (train_loss_sum / train_loss_n).item()
+            train_part = f"; train_loss_per_token over the last {train_loss_n} steps {partial:.4f}"
         log(f"stopped by {stopped_by} after {step} steps (final validation skipped){train_part}")
-    steps_done = sum(stage_steps)
     for i, (ms, n) in enumerate(zip(stage_ms, stage_steps)):
         if n:
             name = f"stage {i + 1}" if i < len(schedule.stages) - 1 else "extension"
             log(f"{name}: {n} steps, step_avg {ms / n:.2f}ms")
-    if args.save_checkpoint:
-        save_checkpoint(raw_model, optimizer, args, env, steps_done, log)
+    # a signal stop always leaves a checkpoint (that is what a requeued job resumes from)
+    if args.save_checkpoint or stopped_by in StopFlag.SIGNAL_NAMES:
+        at_stop = dict(step=step, training_ms=training_ms, stage_ms=stage_ms, stage_steps=stage_steps,
+                       val_losses=val_losses, train_losses=train_losses,
+                       train_loss_sum=None if train_loss_sum is None else train_loss_sum.detach().cpu(),
+                       train_loss_n=train_loss_n, loader=loader.state_dict(),
+                       adam_grads={k: v.cpu() for k, v in pending_adam_grads(optimizer).items()})
+        save_checkpoint(raw_model, optimizer, args, env, step, log, at_stop)
     return dict(steps=steps_done, train_time_ms=training_ms, step_avg_ms=training_ms / max(steps_done, 1),
                 stage_step_avg_ms=[ms / n if n else None for ms, n in zip(stage_ms, stage_steps)],
                 val_losses=val_losses, train_losses=train_losses, stopped_by=stopped_by,
@@ -3336,6 +3492,9 @@ def main(argv=None) -> dict | None:
         resolve_attention_backend(args.attn, env.device)  # a backend asked for by name: its error comes now
     if env.master and cpu_warning(args):
         print(cpu_warning(args), file=sys.stderr, flush=True)
+    checkpoint = None      # (step, this rank's payload, model state) when resuming
+    if args.init_from == "resume" and not smoke_data_pending(args):
+        checkpoint = read_resume_checkpoint(args, env)   # a bad checkpoint fails before minutes of compiling
     log = RunLog(env, args.log_dir, args.run_id)
     helpers = NoCompileHelpers()
 
@@ -3350,14 +3509,19 @@ def main(argv=None) -> dict | None:
     started = time.perf_counter()
     try:
         log(f"log: {log.path}")
-        log(Path(__file__).read_text(), console=False)   # the exact code of this run
-        log("=" * 100, console=False)
-        log(environment_report(), console=False)
-        log(f"args: {json.dumps(dataclasses.asdict(args))}", console=False)
-        log("=" * 100, console=False)
+        if args.init_from == "resume":    # the log already starts with the code and the environment
+            log(f"resuming: args: {json.dumps(dataclasses.asdict(args))}", console=False)
+        else:
+            log(Path(__file__).read_text(), console=False)   # the exact code of this run
+            log("=" * 100, console=False)
+            log(environment_report(), console=False)
+            log(f"args: {json.dumps(dataclasses.asdict(args))}", console=False)
+            log("=" * 100, console=False)
 
         ensure_smoke_data(args, env, log)
         check_data(args, env.world_size)                 # again: the smoke corpus may be new
+        if args.init_from == "resume" and checkpoint is None:
+            checkpoint = read_resume_checkpoint(args, env)
         if use_compile_helpers(args, env):   # started first: their start-up overlaps ours
             helpers = CompileHelpers(helper_compile_jobs(args, training_schedule(args)), argv, args, log)
         run = build_training_run(args, env)
@@ -3383,8 +3547,17 @@ def main(argv=None) -> dict | None:
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
 
+        resume = None
+        if checkpoint is not None:
+            resume_step, payload, model_state = checkpoint
+            restore_checkpoint(payload, model_state, raw_model, optimizer)
+            resume = payload["progress"]
+            checkpoint = None
+            log(f"resumed from {checkpoint_folder(args) / checkpoint_name(resume_step, env.rank)}: step "
+                f"{resume_step} of {schedule.total_steps}, train time so far {resume['training_ms']:.0f}ms")
+
         stop.training = True
-        result = train(model, raw_model, optimizer, schedule, stage, args, env, log, stop)
+        result = train(model, raw_model, optimizer, schedule, stage, args, env, log, stop, resume)
 
         new_graphs = compiled_graph_count() - graphs
         if new_graphs:

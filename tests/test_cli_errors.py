@@ -126,6 +126,17 @@ def template(tmp_path_factory):
     prepare_data.write_fineweb_shard(shards / "tiny_val_000000.bin",
                                      np.r_[prepare_data.BOS_TOKEN, np.arange(999) % 1000])
 
+    # train_speedrun.py checkpoints to resume from (--log_dir runs --run_id NAME)
+    runs = root / "runs"
+    for name in ("corrupt", "old", "ranks", "other_data"):
+        (runs / name).mkdir(parents=True)
+    (runs / "corrupt" / "state_step000003.pt").write_bytes(np.random.default_rng(1).bytes(3000))
+    torch.save({"step": 3, "args": {}, "model": {}}, runs / "old" / "state_step000003.pt")
+    torch.save({}, runs / "ranks" / "state_step000003_rank1.pt")
+    args = dataclasses.asdict(ts.Hyperparameters(train_files="elsewhere/*.bin"))
+    torch.save(dict(format=ts.CHECKPOINT_FORMAT, step=3, args=args, world_size=1, rank=0, optimizer={},
+                    progress={}, rng=torch.get_rng_state(), model={}), runs / "other_data" / "state_step000003.pt")
+
     # text for prepare_data.py
     (root / "text").mkdir()
     (root / "text" / "a.txt").write_text("Hello world. " * 50)
@@ -288,6 +299,18 @@ CASES = [
     ("speedrun", [*SMOKE, *GOOD_SHARDS], {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
      "world size 3 is not supported; run 1, 2, 4 or 8"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS], {"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not a whole number"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume"], {}, "--init_from resume needs the --run_id"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "none"], {},
+     "--init_from resume: no checkpoint in runs/none/"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "corrupt"], {},
+     "checkpoint runs/corrupt/state_step000003.pt cannot be read"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "old"], {},
+     "runs/old/state_step000003.pt is not a resumable train_speedrun.py checkpoint"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "ranks"], {},
+     "has files for ranks [1], this run has 1 rank(s)"),
+    ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "other_data"],
+     {}, "the checkpoint was written with --train_files 'elsewhere/*.bin', this run has 'shards/synthetic_train_*.bin'"),
+    ("speedrun", [*SMOKE, "--init_from", "latest"], {}, "argument --init_from: invalid choice: 'latest'"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK/MASTER_ADDR are not set"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS], dict(TORCHRUN_2, RANK="2"), "RANK=2, LOCAL_RANK=0 but WORLD_SIZE=2"),
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,21 +278,35 @@ if [ "$1 $2" = "show job" ]; then echo "JobId=$3 BatchFlag=1 Restarts=0"; fi
 """
 
 
-@pytest.mark.parametrize("script, requeued", [("train_baseline.py", True), ("train_speedrun.py", False)])
-def test_usr1_in_a_batch_job_requeues_only_a_resumable_trainer(tmp_path, script, requeued):
-    """The baseline resumes from its checkpoint, so it is requeued; the speedrun would start again
-    at step 0 and meet the same limit, so it is stopped and the log says why."""
+# A stand-in speedrun that, like the real one, leaves its checkpoint in <log_dir>/<run_id>/ when
+# CHECKPOINT=1 (the real one always does on USR1; this one lets a test take it away).
+STOPPING_SPEEDRUN = STOPPING_TRAINER + (
+    "import os, sys\n"
+    "if os.environ.get('CHECKPOINT') == '1':\n"
+    "    run_id = sys.argv[sys.argv.index('--run_id') + 1]\n"
+    "    os.makedirs(f'logs/{run_id}', exist_ok=True)\n"
+    "    open(f'logs/{run_id}/state_step000005.pt', 'wb').close()\n")
+
+
+@pytest.mark.parametrize("script, checkpoint, requeued", [
+    ("train_baseline.py", "0", True),
+    ("train_speedrun.py", "1", True),      # it left a checkpoint: the requeued job resumes from it
+    ("train_speedrun.py", "0", False),     # none: a requeue would start at step 0 and meet the same limit
+])
+def test_usr1_in_a_batch_job_requeues_only_a_resumable_trainer(tmp_path, script, checkpoint, requeued):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(RECORDING_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
-    (tmp_path / script).write_text(STOPPING_TRAINER)
+    (tmp_path / script).write_text(STOPPING_SPEEDRUN if script == "train_speedrun.py" else STOPPING_TRAINER)
     calls = tmp_path / "scontrol_calls"
     env = clean_env(PYTHON=sys.executable, PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_CALLS=calls,
-                    **slurm_vars(nodes=1, gpus=0))
+                    CHECKPOINT=checkpoint, **slurm_vars(nodes=1, gpus=0))
     proc = subprocess.Popen(["bash", str(WRAPPER), script], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, text=True)
+    banner = []
     for line in proc.stdout:
+        banner.append(line)
         if line.strip() == "ready":
             proc.send_signal(signal.SIGUSR1)
             break
@@ -299,11 +314,27 @@ def test_usr1_in_a_batch_job_requeues_only_a_resumable_trainer(tmp_path, script,
     status = proc.wait(timeout=30)
     recorded = calls.read_text() if calls.exists() else ""
     assert "stopped on USR1" in rest
+    if script == "train_speedrun.py":   # a run id that outlives the requeue: the job id
+        assert "--run_id speedrun_job4242" in "".join(banner)
     if requeued:
         assert status == 0 and "requeue 4242" in recorded, rest
     else:
         assert status == RESUMABLE_EXIT and "requeue" not in recorded, rest
-        assert "cannot resume, so the job is not requeued" in rest
+        assert "no checkpoint is in logs/speedrun_job4242: the job is not requeued" in rest
+
+
+def test_restarted_speedrun_resumes_only_from_a_checkpoint(fake_tools):
+    no_checkpoint = dry_run(fake_tools, "train_speedrun.py", slurm=slurm_vars(restarts=1))
+    assert "--init_from resume" not in no_checkpoint.stdout
+    assert "no checkpoint in logs/speedrun_job4242: train_speedrun.py starts again from step 0" in no_checkpoint.stdout
+    folder = fake_tools / "logs" / "speedrun_job4242"
+    folder.mkdir(parents=True)
+    try:
+        (folder / "state_step000007.pt").write_bytes(b"")
+        resumed = dry_run(fake_tools, "train_speedrun.py", slurm=slurm_vars(restarts=1))
+    finally:
+        shutil.rmtree(folder)      # the folder is shared by this module's tests
+    assert "--run_id speedrun_job4242 --device cpu --init_from resume" in resumed.stdout, resumed.stdout
 
 
 @pytest.mark.parametrize("variable, value, message", [
@@ -708,6 +739,42 @@ def test_slurm_array_is_one_attempt_with_a_seed_per_task(cluster, speedrun_data,
     for k in range(3):
         assert f"array task {k} (seed {k}) -> {folder}/run{k}_seed{k}.txt" in outputs
     assert outputs.count(f"once every task of job {job_id} has finished: python3 record_stats.py {folder}") == 3
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_preemption_requeues_and_resumes_a_speedrun_exactly(cluster, job_dir):
+    import train_speedrun
+    data = train_speedrun.write_synthetic_corpus(job_dir / "data", seed=1)   # enough for the 8 smoke steps
+    args = [str(REPO / "train_speedrun.py"), "--smoke", "--device", "cpu", "--val_loss_every", "1",
+            "--train_files", data[0], "--val_files", data[1]]
+    job_id, log = submit(cluster, job_dir, "speedrun", *args)
+    # the same run, uninterrupted, through the wrapper outside Slurm, meanwhile
+    reference = subprocess.Popen(["bash", str(WRAPPER), *args, "--run_id", "reference"], cwd=job_dir, env=job_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "step:2/8 train_time" not in read_log(log):
+            assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
+            time.sleep(0.2)
+        cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+        cluster.wait_for_job(job_id, lambda j: int(j.get("Restarts", 0)) >= 1, 60, "a requeue")
+        info = cluster.wait_until_done(job_id, timeout=240)
+        reference_out, _ = reference.communicate(timeout=240)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    text = read_log(log)
+    assert reference.returncode == 0, reference_out
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
+    run_id = f"speedrun_job{job_id}"
+    assert re.search(rf"checkpoint: logs/{run_id}/state_step0000\d\d.pt", text), text
+    assert f"requeueing job {job_id}" in text and "resuming from the checkpoint in" in text
+    assert f"--run_id {run_id} --init_from resume" in text
+    resumed = json.loads((job_dir / "logs" / f"{run_id}.json").read_text())
+    uninterrupted = json.loads((job_dir / "logs" / "reference.json").read_text())
+    assert resumed["steps"] == uninterrupted["steps"] == 8
+    assert resumed["val_losses"] == uninterrupted["val_losses"]      # every step, exact floats
 
 
 @pytest.mark.slow

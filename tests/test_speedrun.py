@@ -2,6 +2,7 @@
 early stop + checkpoint, SIGTERM, two gloo ranks under torchrun, and clear CLI errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,13 +107,48 @@ def test_max_steps_stops_early_and_saves_a_checkpoint(tmp_path, corpus):
     assert signal.getsignal(signal.SIGTERM) is not None                # handler restored
 
 
+# ---- resume: a stopped run continues exactly where it stopped ----
+
+def smoke_args(corpus, folder, run_id):
+    train_glob, val_glob = corpus
+    return ["--smoke", "--device", "cpu", "--log_dir", str(folder), "--run_id", run_id, "--train_files", train_glob,
+            "--val_files", val_glob, "--val_loss_every", "1"]
+
+
+def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, corpus):
+    whole = ts.main(smoke_args(corpus, tmp_path, "whole"))
+    # stopped before step 3 (step 2, even, left Adam gradients waiting for step 3), resumed, stopped
+    # again before step 4 (none waiting), resumed to the end
+    first = ts.main(smoke_args(corpus, tmp_path, "r") + ["--max_steps", "3", "--save_checkpoint"])
+    assert first["stopped_by"] == "max_steps" and first["steps"] == 3
+    second = ts.main(smoke_args(corpus, tmp_path, "r") + ["--init_from", "resume", "--max_steps", "4",
+                                                          "--save_checkpoint"])
+    assert second["stopped_by"] == "max_steps" and second["steps"] == 4
+    assert [p.name for p in (tmp_path / "r").glob("state_step*")] == ["state_step000004.pt"]   # older removed
+    resumed = ts.main(smoke_args(corpus, tmp_path, "r") + ["--init_from", "resume"])
+    assert resumed["stopped_by"] is None and resumed["steps"] == whole["steps"] == 8
+    assert resumed["val_losses"] == whole["val_losses"]                  # every step, exact floats
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    log = (tmp_path / "r.txt").read_text()
+    assert log.count("Speedrun trainer: our own implementation") == 1    # the code is logged once
+    assert f"resumed from {tmp_path / 'r' / 'state_step000003.pt'}: step 3 of 8" in log
+    val_steps = [int(m[1]) for m in re.finditer(r"^step:(\d+)/8 val_loss:", log, re.M)]
+    assert val_steps == list(range(9))                                    # each validation logged once
+
+
+def test_resume_refuses_other_data_or_schedule(tmp_path, corpus):
+    ts.main(smoke_args(corpus, tmp_path, "r") + ["--max_steps", "2", "--save_checkpoint"])
+    with pytest.raises(SystemExit, match="written with --num_scheduled_iterations 6, this run has 7"):
+        ts.main(smoke_args(corpus, tmp_path, "r") + ["--init_from", "resume", "--num_scheduled_iterations", "7"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])   # USR1: Slurm's warning via run.sbatch
 def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, sig):
     train_glob, val_glob = corpus
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--log_dir", str(tmp_path),
                              "--run_id", "t", "--train_files", train_glob, "--val_files", val_glob,
-                             "--save_checkpoint", "--num_scheduled_iterations", "60", "--val_loss_every", "0"],
+                             "--num_scheduled_iterations", "60", "--val_loss_every", "0"],   # a signal stop saves anyway
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     out = []
@@ -129,6 +165,13 @@ def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, sig)
     summary = summary_of(text)
     assert summary["stopped_by"] == sig.name and 1 <= summary["steps"] < 62
     assert (tmp_path / "t" / f"state_step{summary['steps']:06d}.pt").exists()
+    if sig == signal.SIGUSR1:    # and the run continues from it (two more steps here)
+        more = summary["steps"] + 2
+        resumed = ts.main(["--smoke", "--device", "cpu", "--log_dir", str(tmp_path), "--run_id", "t",
+                           "--train_files", train_glob, "--val_files", val_glob, "--num_scheduled_iterations", "60",
+                           "--val_loss_every", "0", "--init_from", "resume", "--max_steps", str(more)])
+        assert resumed["steps"] == more and resumed["stopped_by"] == "max_steps"
+        assert f"step:{more}/62 train_time:" in (tmp_path / "t.txt").read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
