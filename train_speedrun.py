@@ -104,6 +104,82 @@ SMOKE_OVERRIDES = dict(
 )
 
 
+# =============================================================================
+# WHAT YOU TUNE: every number and list of the record's recipe, in one place; a record attempt
+# edits these (or the command-line options in Hyperparameters above); the code reads them when it
+# builds the model, the optimizer and the schedule.
+# =============================================================================
+
+# ---- the record's layer layout (11 layers) ----
+NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
+PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
+LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
+VALUE_EMBED_LAYERS = (0, 1, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
+SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip of layer 3's output into layer 6
+BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
+GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input
+
+# ---- model constants (rotary, YaRN, bigram hash, FP8 scales, init) ----
+ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
+YARN_ALPHA, YARN_BETA = 1, 32     # YaRN ramp: <1 rotation per window is rescaled fully, >32 kept
+INITIAL_ATTN_SCALE = 0.1          # softmax scale on QK-normed heads, grown on each YaRN extension
+BIGRAM_HASH_A, BIGRAM_HASH_B = 36313, 27191
+LM_HEAD_X_SCALE = 100 / 448       # FP8 scales of the lm_head inputs, weight and (per micro-batch
+LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
+LM_HEAD_GRAD_SCALE = 0.75 / 448
+INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
+LM_HEAD_INIT_STD = 0.005
+
+# ---- schedule: one row per stage; the last row is the extension after the scheduled steps ----
+# duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
+# (short, long) attention windows in WINDOW_BLOCK-token blocks (layers in LONG_WINDOW_LAYERS get
+# the long one); mtp_start / mtp_end: multi-token-prediction weights (next token, +2, +3), linear
+# over the stage. A stage's batch is --stage_seqs[i] x --batch_seq_len x 8 tokens (the extension
+# keeps the last); its lr_mul follows the batch (about (batch ratio)^0.5-0.6).
+STAGE_TABLE = [
+    dict(duration=1 / 3, lr_mul=1.00, windows=(1, 3), mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+    dict(duration=1 / 3, lr_mul=1.52, windows=(3, 7), mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+    dict(duration=1 / 3, lr_mul=1.73, windows=(5, 11), mtp_start=(1.0,), mtp_end=(1.0,)),
+    dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,)),
+]
+FINAL_WINDOW_BLOCKS = 20          # long window of the final validation only (longer than training saw)
+COOLDOWN_FRAC = 0.55              # the last 55% of the scheduled steps blend lr_mul linearly into ...
+LR_FLOOR = 0.1                    # ... this multiplier (held through the extension)
+SPLIT_EMBED_STAGE = 2             # embed and lm_head are untied at this stage's first (odd) step
+MUON_MOMENTUM_RANGE = (0.85, 0.95)   # NorMuon momentum ramps low -> high, and back at the end
+                                     # (over --muon_warmup_steps / --muon_cooldown_steps)
+
+# ---- optimizer: base rates, then per-parameter multipliers ----
+# Which optimizer, communication pattern and multipliers each labelled parameter gets.
+# "sharded": reduce-scatter the grad, update this rank's slice, all-gather the result.
+# "replicated": all-reduce the grad, every rank updates the whole tensor.
+# Dict order is the order gradient reductions are launched (big banks first: their backward
+# finished first and their comms take longest).
+PARAM_TABLE = {
+    "attn":           dict(optim="normuon", comms="sharded"),
+    "mlp":            dict(optim="normuon", comms="sharded"),
+    "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
+    "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    "bigram_embed":   dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
+    "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
+    "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
+    "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
+    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.65, 0.95), lr_mul=5.0, wd_mul=0.0),
+    "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+    "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+}
+# Order the updates run in: small tensors first while the big reductions are still in flight;
+# lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
+WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
+              "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
+ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
+NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
+# The mlp bank alternates c_fc, c_proj: c_proj matrices get this multiple of the NorMuon lr;
+# every NorMuon matrix also gets sqrt(rows / cols) when taller than wide (NorMuonAndAdam).
+MLP_OUTPUT_LR_RATIO = 2.0
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     defaults = Hyperparameters()
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
@@ -1455,25 +1531,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
 # graph or region by region (compile_model), and so tests can check each piece.
 # =============================================================================
 
-# ---- the record's layer layout (11 layers) ----
-NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
-PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
-LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
-VALUE_EMBED_LAYERS = (0, 1, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
-SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip of layer 3's output into layer 6
-BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
-GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input
-
-# ---- constants of the record ----
-ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
-YARN_ALPHA, YARN_BETA = 1, 32     # YaRN ramp: <1 rotation per window is rescaled fully, >32 kept
-INITIAL_ATTN_SCALE = 0.1          # softmax scale on QK-normed heads, grown on each YaRN extension
-BIGRAM_HASH_A, BIGRAM_HASH_B = 36313, 27191
-LM_HEAD_X_SCALE = 100 / 448       # FP8 scales of the lm_head inputs, weight and (per micro-batch
-LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
-LM_HEAD_GRAD_SCALE = 0.75 / 448
-INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
-LM_HEAD_INIT_STD = 0.005
 
 
 def norm(x: Tensor) -> Tensor:
@@ -2005,32 +2062,7 @@ def _allow_many_graphs(limit: int = 64) -> None:
 # SECTION: optimizer
 # =============================================================================
 
-# Which optimizer, communication pattern and multipliers each labelled parameter gets.
-# "sharded": reduce-scatter the grad, update this rank's slice, all-gather the result.
-# "replicated": all-reduce the grad, every rank updates the whole tensor.
-# Dict order is the order gradient reductions are launched (big banks first: their backward
-# finished first and their comms take longest).
-PARAM_TABLE = {
-    "attn":           dict(optim="normuon", comms="sharded"),
-    "mlp":            dict(optim="normuon", comms="sharded"),
-    "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
-    "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
-    "bigram_embed":   dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
-    "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
-    "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
-    "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
-    "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
-    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.65, 0.95), lr_mul=5.0, wd_mul=0.0),
-    "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
-    "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
-}
-# Order the updates run in: small tensors first while the big reductions are still in flight;
-# lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
-WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
-              "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
-ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 COMPILED_ADAM_MIN_NUMEL = 1 << 16   # smaller Adam tensors (gates, scalars) update eagerly
-NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
 
 
 @dataclass
@@ -2115,9 +2147,9 @@ class NorMuonAndAdam:
     unties them.
     """
 
-    def __init__(self, named_params, world_size: int = 1, rank: int = 0, compile: bool = False,
-                 param_table: dict = PARAM_TABLE, work_order: list = WORK_ORDER,
-                 adam_defaults: dict = ADAM_DEFAULTS, normuon_defaults: dict = NORMUON_DEFAULTS):
+    def __init__(self, named_params, world_size: int = 1, rank: int = 0, compile: bool = False):
+        param_table, work_order = PARAM_TABLE, WORK_ORDER       # the tunables, read when built
+        adam_defaults, normuon_defaults = ADAM_DEFAULTS, NORMUON_DEFAULTS
         self.world_size, self.rank = world_size, rank
         self.scatter_order = list(param_table)
         self.work_order = list(work_order)
@@ -2201,7 +2233,8 @@ class NorMuonAndAdam:
             ratio = torch.ones(cfg.chunk_size, 1, 1, dtype=torch.float32)
             if cfg.label == "mlp":
                 first = self.rank * cfg.chunk_size
-                ratio[:, 0, 0] = torch.tensor([2.0 if (first + i) % 2 else 1.0 for i in range(cfg.chunk_size)])
+                ratio[:, 0, 0] = torch.tensor([MLP_OUTPUT_LR_RATIO if (first + i) % 2 else 1.0
+                                               for i in range(cfg.chunk_size)])
             self.state[param] = dict(
                 momentum_buffer=torch.zeros(shape, dtype=torch.float32, device=param.device),
                 second_moment=torch.zeros(moment_shape, dtype=torch.float32, device=param.device),
@@ -2645,35 +2678,31 @@ class TrainingStage:
 
 
 def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
-    """Record #68's stages: batch grows 8->16->24 x 2048 tokens per micro-batch while windows
-    widen and multi-token prediction fades out; the extension stage widens the windows once more."""
-    seqs1, seqs2, seqs3 = stage_seqs
-    per_micro = batch_seq_len * 8          # 8 micro-batches per step, whatever the world size
-    return [
-        TrainingStage(1.00, seqs1 * per_micro, (1, 3), (1.0, 0.5, 0.25), (1.0, 0.5, 0.0), 1 / 3),
-        TrainingStage(1.52, seqs2 * per_micro, (3, 7), (1.0, 0.5), (1.0, 0.0), 1 / 3),  # 1.52 ~ batch ratio 2 to the 0.6
-        TrainingStage(1.73, seqs3 * per_micro, (5, 11), (1.0,), (1.0,), 1 / 3),        # 1.73 ~ batch ratio 3 to the 0.5
-        TrainingStage(1.00, seqs3 * per_micro, (6, 13), (1.0,), (1.0,), None),  # extension: the lr blend ends at 0.1
-    ]
+    """STAGE_TABLE's stages with their batch sizes: stage i holds stage_seqs[i] sequences of
+    batch_seq_len tokens per micro-batch (the extension keeps the last), 8 micro-batches per step
+    whatever the world size."""
+    per_micro = batch_seq_len * 8
+    return [TrainingStage(row["lr_mul"], stage_seqs[min(i, len(stage_seqs) - 1)] * per_micro,
+                          tuple(row["windows"]), tuple(row["mtp_start"]), tuple(row["mtp_end"]), row["duration"])
+            for i, row in enumerate(STAGE_TABLE)]
 
 
 class TrainingSchedule:
     """Pure step -> setting functions of the record's schedule (no tensors, no model)."""
 
-    def __init__(self, stages: list, scheduled_iterations: int, extension_iterations: int,
-                 cooldown_frac: float = 0.55, split_embed_stage: int = 2, final_window_blocks: int = 20):
+    def __init__(self, stages: list, scheduled_iterations: int, extension_iterations: int):
         self.stages = stages
         self.scheduled_iterations = scheduled_iterations
         self.total_steps = scheduled_iterations + extension_iterations
-        self.cooldown_frac = cooldown_frac
+        self.cooldown_frac, self.lr_floor = COOLDOWN_FRAC, LR_FLOOR
         # validation at the very end uses a longer long-window than training ever saw
-        self.final_window_blocks = final_window_blocks
+        self.final_window_blocks = FINAL_WINDOW_BLOCKS
         fractions = accumulate(stage.duration for stage in stages[:-1])
         ends = [0] + [round(f * scheduled_iterations) for f in fractions] + [self.total_steps]
         assert ends[-2] == scheduled_iterations, "stage durations must add up to 1"
         self.boundaries = list(pairwise(ends))          # [start, end) of every stage
         # embed and lm_head are untied at a stage start, moved to an odd step so Adam runs on it
-        self.split_step = self.boundaries[split_embed_stage][0] | 1
+        self.split_step = self.boundaries[SPLIT_EMBED_STAGE][0] | 1
 
     def lookup(self, step: int) -> tuple:
         """(stage, fraction of it done) at step; past the end: the last stage, fully done."""
@@ -2683,13 +2712,13 @@ class TrainingSchedule:
         return self.stages[-1], 1.0
 
     def lr_multiplier(self, step: int) -> float:
-        """Stage lr_mul, blended linearly into 0.1 over the last cooldown_frac of the schedule."""
+        """Stage lr_mul, blended linearly into lr_floor over the last cooldown_frac of the schedule."""
         stage, _ = self.lookup(step)
         cooldown_start = int(self.scheduled_iterations * (1 - self.cooldown_frac))
         if step < cooldown_start:
             return stage.lr_mul
         t = min(1.0, (step - cooldown_start) / (self.scheduled_iterations - cooldown_start))
-        return stage.lr_mul * (1 - t) + 0.1 * t
+        return stage.lr_mul * (1 - t) + self.lr_floor * t
 
     def mtp_weights(self, step: int) -> list:
         stage, t = self.lookup(step)
@@ -2715,9 +2744,10 @@ def training_schedule(args: Hyperparameters) -> TrainingSchedule:
                             args.num_scheduled_iterations, args.num_extension_iterations)
 
 
-def muon_momentum(step: int, total_steps: int, warmup_steps: int = 300, cooldown_steps: int = 50,
-                  low: float = 0.85, high: float = 0.95) -> float:
-    """NorMuon momentum: ramps low->high over warmup_steps, back to low over the last cooldown_steps."""
+def muon_momentum(step: int, total_steps: int, warmup_steps: int = 300, cooldown_steps: int = 50) -> float:
+    """NorMuon momentum: ramps low->high (MUON_MOMENTUM_RANGE) over warmup_steps, back to low over
+    the last cooldown_steps."""
+    low, high = MUON_MOMENTUM_RANGE
     cooldown_start = total_steps - cooldown_steps
     if step < warmup_steps:
         return low + (step / warmup_steps) * (high - low)
