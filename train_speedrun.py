@@ -48,44 +48,65 @@ import prepare_data   # the shared data script: FineWeb shard reader/writer (sam
 SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
 WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
 GPU_TYPES = ("auto", "h100", "h200", "a100", "other")
-ATTN_CHOICES = ("auto", "fa3", "flash_attn", "flex")
+ATTN_BACKENDS = ("fa3", "flash_attn", "flex", "sdpa")   # sdpa: the dense-mask reference (CPU, tests)
+ATTN_CHOICES = ("auto",) + ATTN_BACKENDS[:3]            # --attn: auto picks fa3 > flash_attn > flex
+COMPILE_MODES = ("none", "model", "blocks")             # none: eager (what --no-compile gives)
+CLI_COMPILE_MODES = COMPILE_MODES[1:]
 INIT_CHOICES = ("scratch", "resume")
+
+
+def option(default, help: str, choices: tuple | None = None, cli: bool = True, show_default: bool = True):
+    """A Hyperparameters field and its command-line option (build_arg_parser reads the metadata)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, cli=cli, show_default=show_default))
 
 
 @dataclass
 class Hyperparameters:
-    """Everything a researcher changes from the command line (see parse_args)."""
+    """Everything a researcher changes from the command line: build_arg_parser makes one option
+    per field (--name), with the help and choices given here."""
     # data: FineWeb-format shards (prepare_data.py writes them)
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
-    val_tokens: int = 10_485_760          # fixed, so val losses of different runs compare
-    val_batch_size: int = 4 * 64 * 1024 * 8
-    train_max_seq_len: int = 128 * 16     # longest document piece a training batch holds
-    # stage batch = stage_seqs[i] x batch_seq_len x 8 tokens (8 micro-batches over all ranks)
-    stage_seqs: tuple = (8, 16, 24)
-    batch_seq_len: int = 2048
+    train_files: str = option("data/fineweb10B/fineweb_train_*.bin", "glob of training shards (under $DATA_PATH if set)")
+    val_files: str = option("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards (under $DATA_PATH if set)")
+    val_tokens: int = option(10_485_760, "validation tokens: fixed, so val losses of different runs compare")
+    val_batch_size: int = option(4 * 64 * 1024 * 8, "validation tokens per 8 micro-batch forwards over all ranks")
+    train_max_seq_len: int = option(128 * 16, "longest document piece a training batch holds")
+    # stage batch = stage_seqs[i] x batch_seq_len x 8 tokens (8 micro-batches over all ranks); set
+    # by --smoke, edited with STAGE_TABLE below rather than on the command line
+    stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
+    batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = 1515
-    num_extension_iterations: int = 40
-    muon_warmup_steps: int = 300          # absolute step counts: NOT scaled with the schedule
-    muon_cooldown_steps: int = 50
+    num_scheduled_iterations: int = option(1515, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
+    muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
+    muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
     # evaluation, logging, checkpoints
-    val_loss_every: int = 250             # 0: only the final validation
-    seed: int = 0
-    max_steps: int = 0                    # >0: stop training after this many steps (timing runs)
-    save_checkpoint: bool = False
-    init_from: str = "scratch"            # "resume": continue log_dir/run_id's latest checkpoint
-    log_dir: str = "logs"
-    run_id: str = ""
+    val_loss_every: int = option(250, "validate every N steps, 0 = only at the end")
+    seed: int = option(0, "parameter init seed")
+    max_steps: int = option(0, "stop training after N steps (timing runs; the final validation is skipped)",
+                            show_default=False)
+    save_checkpoint: bool = option(False, "also save a checkpoint at the end or at --max_steps "
+                                          "(a SIGTERM/SIGUSR1 stop always saves one)")
+    init_from: str = option("scratch", "resume: continue the run --run_id from its latest checkpoint in "
+                                       "--log_dir/RUN_ID/ (written when SIGTERM/SIGUSR1 stops a run, or by "
+                                       "--save_checkpoint)", choices=INIT_CHOICES)
+    log_dir: str = option("logs", "where the run log (RUN_ID.txt, RUN_ID.json) and checkpoints go")
+    run_id: str = option("", "name of the log file (default: a fresh uuid)", show_default=False)
     # hardware and compilation
-    device: str = "cuda"
-    gpu_type: str = "auto"
-    attn: str = "auto"
-    compile: bool = True
-    compile_mode: str = "model"           # "model": whole forward as one graph (faster steps on H100); "blocks": per layer kind
-    compile_cache: str = ""
-    parallel_compile: bool = True         # one GPU, cold start: later stages compile in helper processes
-    smoke: bool = False
+    device: str = option("cuda", "cuda, or cpu (tiny runs and tests)", choices=("cuda", "cpu"))
+    gpu_type: str = option("auto", "card family (auto: from the device name); FP8 lm_head wherever the card "
+                                   "supports FP8 (compute capability >= 8.9), never with a100", choices=GPU_TYPES)
+    attn: str = option("auto", "attention backend", choices=ATTN_CHOICES)
+    compile: bool = option(True, "torch.compile the model and optimizer math (default on for cuda, off for cpu)",
+                           show_default=False)
+    compile_mode: str = option("model", "model: the whole forward as one graph, like the record (H100: 320 ms vs "
+                                        "540 ms per stage-1 step); blocks: compile each kind of layer once and "
+                                        "reuse it", choices=CLI_COMPILE_MODES)
+    compile_cache: str = option("", "persist Inductor/Triton caches in this folder so the next run starts fast",
+                                show_default=False)
+    parallel_compile: bool = option(True, "one GPU: compile the later stages' and the validation graphs in helper "
+                                          "processes while this one compiles stage 1")
+    smoke: bool = option(False, "tiny model and schedule that runs every code path in about a minute",
+                         show_default=False)
 
 
 # --smoke: a tiny schedule with tiny batches that still crosses every stage boundary, the
@@ -180,57 +201,30 @@ NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
 MLP_OUTPUT_LR_RATIO = 2.0
 
 
+# True/False options that are on by default get a --no-NAME form; the others are plain switches
+TOGGLED_OPTIONS = ("compile", "parallel_compile")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    defaults = Hyperparameters()
+    """One option per Hyperparameters field; an option not given stays None (parse_args then
+    keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
         prog="train_speedrun.py", description="modded-nanogpt record #68, our implementation (see README: speedrun)")
-    p.add_argument("--train_files", help=f"glob of training shards (default {defaults.train_files})")
-    p.add_argument("--val_files", help=f"glob of validation shards (default {defaults.val_files})")
-    p.add_argument("--val_tokens", type=int, help=f"validation tokens (default {defaults.val_tokens})")
-    p.add_argument("--val_batch_size", type=int,
-                   help=f"validation tokens per 8 micro-batch forwards over all ranks "
-                        f"(default {defaults.val_batch_size})")
-    p.add_argument("--train_max_seq_len", type=int,
-                   help=f"max document piece in a training batch (default {defaults.train_max_seq_len})")
-    p.add_argument("--num_scheduled_iterations", type=int,
-                   help=f"steps of the 3-stage schedule; stage boundaries scale with it "
-                        f"(default {defaults.num_scheduled_iterations})")
-    p.add_argument("--num_extension_iterations", type=int,
-                   help=f"steps after the schedule at final lr and windows "
-                        f"(default {defaults.num_extension_iterations})")
-    p.add_argument("--muon_warmup_steps", type=int,
-                   help=f"NorMuon momentum warmup 0.85->0.95, in steps (default {defaults.muon_warmup_steps})")
-    p.add_argument("--muon_cooldown_steps", type=int,
-                   help=f"NorMuon momentum cooldown at the end, in steps (default {defaults.muon_cooldown_steps})")
-    p.add_argument("--val_loss_every", type=int,
-                   help=f"validate every N steps, 0 = only at the end (default {defaults.val_loss_every})")
-    p.add_argument("--seed", type=int, help=f"parameter init seed (default {defaults.seed})")
-    p.add_argument("--max_steps", type=int,
-                   help="stop training after N steps (timing runs; the final validation is skipped)")
-    p.add_argument("--save_checkpoint", action="store_true", default=None,
-                   help="also save a checkpoint at the end or at --max_steps (a SIGTERM/SIGUSR1 stop always saves one)")
-    p.add_argument("--init_from", choices=INIT_CHOICES,
-                   help="scratch (default) or resume: continue the run --run_id from its latest checkpoint in "
-                        "--log_dir/RUN_ID/ (written when SIGTERM/SIGUSR1 stops a run, or by --save_checkpoint)")
-    p.add_argument("--log_dir", help=f"where the run log goes (default {defaults.log_dir})")
-    p.add_argument("--run_id", help="name of the log file (default: a fresh uuid)")
-    p.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu (tiny/tests)")
-    p.add_argument("--gpu_type", choices=GPU_TYPES,
-                   help="card family (auto: from the device name); FP8 lm_head wherever the card supports "
-                        "FP8 (compute capability >= 8.9), never with a100")
-    p.add_argument("--attn", choices=ATTN_CHOICES, help="attention backend (default auto)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model and optimizer math (default on for cuda, off for cpu)")
-    p.add_argument("--compile_mode", choices=("blocks", "model"),
-                   help="model (default): the whole forward as one graph, like the record (H100: 320 ms vs "
-                        "540 ms per stage-1 step); blocks: compile each kind of layer once and reuse it")
-    p.add_argument("--compile_cache", metavar="DIR",
-                   help="persist Inductor/Triton caches here so the next run starts fast")
-    p.add_argument("--parallel_compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU: compile the later stages' and the validation graphs in helper processes "
-                        "while this one compiles stage 1 (default on; H100 cold warm-up: see README)")
-    p.add_argument("--smoke", action="store_true", default=None,
-                   help="tiny model and schedule that runs every code path in about a minute")
+    for f in dataclasses.fields(Hyperparameters):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        help_text = meta["help"] + (f" (default {f.default})" if meta["show_default"] else "")
+        name = "--" + f.name
+        if f.type is bool or f.type == "bool":
+            action = argparse.BooleanOptionalAction if f.name in TOGGLED_OPTIONS else "store_true"
+            p.add_argument(name, action=action, default=None, help=help_text)
+        elif meta["choices"]:
+            p.add_argument(name, choices=meta["choices"], help=help_text)
+        else:
+            kind = int if f.type in (int, "int") else str
+            metavar = "DIR" if f.name.endswith(("_dir", "_cache")) else None
+            p.add_argument(name, type=kind, metavar=metavar, help=help_text)
     return p
 
 
@@ -326,7 +320,6 @@ def environment_int(name: str, default: int) -> int:
 
 # ---- end of core config (ModelConfig below belongs to the model helper) ----
 
-MODEL_ATTN_BACKENDS = ("fa3", "flash_attn", "flex", "sdpa")
 
 
 @dataclass
@@ -345,7 +338,7 @@ class ModelConfig:
     max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
     bigram_vocab_size: int = 50304 * 5   # hashed bigram embedding rows
     use_fp8: bool = False                # FP8 lm_head matmul in training (card must support it)
-    attn_backend: str = "sdpa"           # one of MODEL_ATTN_BACKENDS (see resolve_attention_backend)
+    attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
     world_size: int = 1                  # pads `scalars` like the record; sets grad_s with ...
     grad_accum_steps: int = 8            # ... the accumulation: 8 // world_size
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
@@ -368,8 +361,8 @@ class ModelConfig:
             problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
         if self.compile_mode not in ("blocks", "model", "none"):
             problems.append(f"compile_mode={self.compile_mode!r} is not blocks, model or none")
-        if self.attn_backend not in MODEL_ATTN_BACKENDS:
-            problems.append(f"attn_backend={self.attn_backend!r} is not one of {MODEL_ATTN_BACKENDS}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            problems.append(f"attn_backend={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         if problems:
             raise ValueError("bad ModelConfig: " + "; ".join(problems))
 
@@ -1468,7 +1461,7 @@ def resolve_attention_backend(requested: str, device) -> str:
     backward). A backend that was asked for by name but cannot run here is a one-line error.
     """
     device = torch.device(device)
-    choices = ("auto",) + MODEL_ATTN_BACKENDS
+    choices = ("auto",) + ATTN_BACKENDS
     if requested not in choices:
         raise SystemExit(f"error: --attn {requested!r} is not one of {', '.join(choices)}")
     if device.type != "cuda":
@@ -2010,9 +2003,6 @@ class GPT(nn.Module):
 
 
 # ---- compilation ---------------------------------------------------------------------------------
-
-COMPILE_MODES = ("none", "model", "blocks")
-
 
 def compile_gpt(model: GPT, mode: str = "model", dynamic: bool | None = False,
                 backend: str = "inductor") -> GPT:
