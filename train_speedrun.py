@@ -3293,6 +3293,9 @@ def load_checkpoint(args: Hyperparameters, env: DistEnv, step: int) -> tuple:
 
 def read_resume_checkpoint(args: Hyperparameters, env: DistEnv) -> tuple:
     step = find_resume_checkpoint(args, env.world_size)
+    if args.max_steps and args.max_steps <= step:
+        raise SystemExit(f"error: --max_steps {args.max_steps} is not past the checkpoint's step {step}; raise it "
+                         "or leave it out to run to the end of the schedule")
     return (step, *load_checkpoint(args, env, step))
 
 

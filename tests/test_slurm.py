@@ -323,6 +323,20 @@ def test_usr1_in_a_batch_job_requeues_only_a_resumable_trainer(tmp_path, script,
         assert "no checkpoint is in logs/speedrun_job4242: the job is not requeued" in rest
 
 
+def test_usr1_outside_slurm_says_how_to_resume_a_speedrun(tmp_path):
+    (tmp_path / "train_speedrun.py").write_text(STOPPING_SPEEDRUN)
+    proc = subprocess.Popen(["bash", str(WRAPPER), "train_speedrun.py"], cwd=tmp_path,
+                            env=clean_env(PYTHON=sys.executable), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=30) == RESUMABLE_EXIT, rest
+    assert "no checkpoint is in" not in rest
+    assert "not a Slurm job: nothing to requeue (rerun the same command with --init_from resume --run_id RUN_ID" in rest
+
+
 def test_restarted_speedrun_resumes_only_from_a_checkpoint(fake_tools):
     no_checkpoint = dry_run(fake_tools, "train_speedrun.py", slurm=slurm_vars(restarts=1))
     assert "--init_from resume" not in no_checkpoint.stdout

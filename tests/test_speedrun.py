@@ -140,6 +140,8 @@ def test_resume_refuses_other_data_or_schedule(tmp_path, corpus):
     ts.main(smoke_args(corpus, tmp_path, "r") + ["--max_steps", "2", "--save_checkpoint"])
     with pytest.raises(SystemExit, match="written with --num_scheduled_iterations 6, this run has 7"):
         ts.main(smoke_args(corpus, tmp_path, "r") + ["--init_from", "resume", "--num_scheduled_iterations", "7"])
+    with pytest.raises(SystemExit, match="--max_steps 2 is not past the checkpoint's step 2"):
+        ts.main(smoke_args(corpus, tmp_path, "r") + ["--init_from", "resume", "--max_steps", "2"])
 
 
 @pytest.mark.slow
