@@ -195,7 +195,8 @@ PARAM_TABLE = {
 WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
               "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
-NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)
+NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)   # momentum: replaced every
+                                                       # step by muon_momentum (MUON_MOMENTUM_RANGE)
 # The mlp bank alternates c_fc, c_proj: c_proj matrices get this multiple of the NorMuon lr;
 # every NorMuon matrix also gets sqrt(rows / cols) when taller than wide (NorMuonAndAdam).
 MLP_OUTPUT_LR_RATIO = 2.0
