@@ -1,7 +1,10 @@
 """Speedrun trainer: our own implementation of the modded-nanogpt record #68 (see README).
 
 One file, read top to bottom in data-flow order:
-config -> setup -> kernels -> attention -> model -> optimizer -> data -> schedule -> loop -> main.
+config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
+Each piece of math comes first as plain PyTorch (the reference, and what runs on CPU); the Triton
+kernels that speed it up on a GPU follow the code they serve (end of the model and optimizer
+sections), and the compile/warm-up machinery follows the training loop.
 
 Run:  python3 train_speedrun.py --smoke --device cpu       (tiny, every code path, CPU)
       torchrun --nproc_per_node 8 train_speedrun.py         (the record configuration)
@@ -45,13 +48,13 @@ from torch.nn.attention.flex_attention import _transpose_ordered   # (private) k
 
 import prepare_data   # the shared data script: FineWeb shard reader/writer (same folder as this file)
 
+MICRO_BATCHES_PER_STEP = 8  # the record's step: 8 micro-batches (one per GPU at 8 GPUs, accumulated below)
 SUPPORTED_WORLD_SIZES = (1, 2, 4, 8)
 WINDOW_BLOCK = 128          # attention windows are counted in blocks of this many tokens
 GPU_TYPES = ("auto", "h100", "h200", "a100", "other")
 ATTN_BACKENDS = ("fa3", "flash_attn", "flex", "sdpa")   # sdpa: the dense-mask reference (CPU, tests)
 ATTN_CHOICES = ("auto",) + ATTN_BACKENDS[:3]            # --attn: auto picks fa3 > flash_attn > flex
-COMPILE_MODES = ("none", "model", "blocks")             # none: eager (what --no-compile gives)
-CLI_COMPILE_MODES = COMPILE_MODES[1:]
+COMPILE_MODES = ("none", "model")                       # none: eager (what --no-compile gives)
 INIT_CHOICES = ("scratch", "resume")
 
 
@@ -98,9 +101,6 @@ class Hyperparameters:
     attn: str = option("auto", "attention backend", choices=ATTN_CHOICES)
     compile: bool = option(True, "torch.compile the model and optimizer math (default on for cuda, off for cpu)",
                            show_default=False)
-    compile_mode: str = option("model", "model: the whole forward as one graph, like the record (H100: 320 ms vs "
-                                        "540 ms per stage-1 step); blocks: compile each kind of layer once and "
-                                        "reuse it", choices=CLI_COMPILE_MODES)
     compile_cache: str = option("", "persist Inductor/Triton caches in this folder so the next run starts fast",
                                 show_default=False)
     parallel_compile: bool = option(True, "one GPU: compile the later stages' and the validation graphs in helper "
@@ -150,6 +150,21 @@ LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
 LM_HEAD_GRAD_SCALE = 0.75 / 448
 INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
 LM_HEAD_INIT_STD = 0.005
+
+# ---- learned scalars: one fp32 vector `scalars` (PARAM_TABLE["scalars"]), read by name ----
+# Per layer: name -> initial value (a tuple: that many per layer). Each layer function gets its
+# layer's values as a dict (GPT.body), so a new per-layer gate is a row here plus its use in one
+# layer function. Then the model-wide ones. Stored in this order, as the record lays them out.
+LAYER_SCALARS = dict(
+    resid_lambda=1.1,             # scale of the residual stream entering the layer
+    attn_lambdas=(0.5, 1.0),      # (qkv, out) projection scales of an attention layer
+    bigram_lambda=0.1,            # how much hashed-bigram embedding enters the layer
+)
+MODEL_SCALARS = dict(
+    smear_lambda=0.0,             # strength of the smear gate (previous token into x0)
+    backout_lambda=0.5,           # fraction of BACKOUT_LAYER's output removed before the head
+    skip_lambda=-1.5,             # skip-gate bias: sigmoid(-1.5) ~ 0.18 at the start
+)
 
 # ---- schedule: one row per stage; the last row is the extension after the scheduled steps ----
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
@@ -202,126 +217,14 @@ NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)  
 MLP_OUTPUT_LR_RATIO = 2.0
 
 
-# True/False options that are on by default get a --no-NAME form; the others are plain switches
-TOGGLED_OPTIONS = ("compile", "parallel_compile")
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """One option per Hyperparameters field; an option not given stays None (parse_args then
-    keeps the default, or the --smoke / --device cpu one)."""
-    p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #68, our implementation (see README: speedrun)")
-    for f in dataclasses.fields(Hyperparameters):
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        help_text = meta["help"] + (f" (default {f.default})" if meta["show_default"] else "")
-        name = "--" + f.name
-        if f.type is bool or f.type == "bool":
-            action = argparse.BooleanOptionalAction if f.name in TOGGLED_OPTIONS else "store_true"
-            p.add_argument(name, action=action, default=None, help=help_text)
-        elif meta["choices"]:
-            p.add_argument(name, choices=meta["choices"], help=help_text)
-        else:
-            kind = int if f.type in (int, "int") else str
-            metavar = "DIR" if f.name.endswith(("_dir", "_cache")) else None
-            p.add_argument(name, type=kind, metavar=metavar, help=help_text)
-    return p
-
-
-def parse_args(argv=None) -> Hyperparameters:
-    """Command line -> validated Hyperparameters. Bad values exit with a one-line error."""
-    given = {k: v for k, v in vars(build_arg_parser().parse_args(argv)).items() if v is not None}
-    values = dataclasses.asdict(Hyperparameters())
-    if given.get("smoke"):
-        values.update(SMOKE_OVERRIDES)
-    if given.get("device") == "cpu" and "compile" not in given:
-        values["compile"] = False   # Inductor on CPU costs minutes and buys nothing for tests
-    values.update(given)
-    if not values["train_files"] or not values["val_files"]:
-        raise SystemExit("error: --train_files and --val_files must be non-empty globs")
-    if "train_files" not in given and "DATA_PATH" in os.environ:
-        values["train_files"] = os.path.join(os.environ["DATA_PATH"], values["train_files"])
-    if "val_files" not in given and "DATA_PATH" in os.environ:
-        values["val_files"] = os.path.join(os.environ["DATA_PATH"], values["val_files"])
-    if given.get("max_steps") == 0:
-        raise SystemExit("error: --max_steps 0 would train no step; give N >= 1, or leave it out to run "
-                         "the whole schedule")
-    if values["device"] == "cpu":   # options that only act on a GPU: refused rather than ignored
-        for option in ("gpu_type", "attn"):
-            if given.get(option, "auto") != "auto":
-                raise SystemExit(f"error: --{option} {given[option]} needs a CUDA GPU; with --device cpu "
-                                 f"leave it out ({'attention runs sdpa' if option == 'attn' else 'no FP8, no MFU'})")
-    if "compile_mode" in given and not values["compile"]:
-        raise SystemExit(f"error: --compile_mode {given['compile_mode']} has no effect without --compile "
-                         f"({'off by default with --device cpu' if values['device'] == 'cpu' else 'it is off'}); "
-                         "add --compile or drop it")
-    if values["init_from"] == "resume" and "run_id" not in given:
-        raise SystemExit("error: --init_from resume needs the --run_id of the run to continue (its checkpoints "
-                         "are in --log_dir/RUN_ID/)")
-    args = Hyperparameters(**values)
-    if not args.run_id:
-        args.run_id = str(uuid.uuid4())
-    validate_args(args)
-    return args
-
-
-def validate_args(args: Hyperparameters) -> None:
-    def fail(msg):
-        raise SystemExit(f"error: {msg}")
-    if args.num_scheduled_iterations < 3:
-        fail(f"--num_scheduled_iterations {args.num_scheduled_iterations} is too small: "
-             "the schedule has 3 stages, give at least 3 steps")
-    if args.num_extension_iterations < 0:
-        fail("--num_extension_iterations must be >= 0")
-    if args.muon_warmup_steps < 0 or args.muon_cooldown_steps < 0:
-        fail("--muon_warmup_steps and --muon_cooldown_steps must be >= 0")
-    if args.val_loss_every < 0 or args.max_steps < 0:
-        fail(f"--val_loss_every and --max_steps must be >= 0 (got {args.val_loss_every}, {args.max_steps}); "
-             "--val_loss_every 0 validates only at the end, --max_steps takes N >= 1 (leave it out for the "
-             "whole schedule)")
-    if args.train_max_seq_len <= 0 or args.train_max_seq_len % 16:
-        fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
-    if args.batch_seq_len <= 0 or args.batch_seq_len % 16:
-        fail(f"batch_seq_len {args.batch_seq_len} must be a positive multiple of 16")
-    # every rank's validation micro-batch (val_batch_size / 8 for all world sizes) must be a
-    # multiple of FlexAttention's 128-token tile, the strictest backend (flex is the fallback)
-    if args.val_batch_size <= 0 or args.val_batch_size % (8 * 128):
-        fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 1024 "
-             "(8 micro-batches x 128-token attention tiles)")
-    if not 0 <= args.seed <= 2**62:
-        fail(f"--seed must lie in [0, 2**62] (got {args.seed})")
-    if not args.run_id or "/" in args.run_id or args.run_id in (".", "..") or len(args.run_id) > 200:
-        fail(f"--run_id {args.run_id!r} must be a plain file name (no '/', at most 200 characters), "
-             "the log goes to --log_dir")
-    for option, folder in (("--log_dir", args.log_dir), ("--compile_cache", args.compile_cache)):
-        if folder:
-            check_writable_folder(option, folder)
-    if args.val_tokens <= 0 or args.val_tokens % args.val_batch_size:
-        fail(f"--val_tokens {args.val_tokens} must be a positive multiple of "
-             f"--val_batch_size {args.val_batch_size}")
-
-
-def check_writable_folder(option: str, folder: str) -> None:
-    """Before any work: the folder exists or can be made, and takes a file (one-line error if not).
-    Creates nothing (the run makes it): parsing the arguments leaves no empty folder behind."""
-    problem = prepare_data.output_folder_problem(folder)
-    if problem:
-        raise SystemExit(f"error: {option} {problem}; pass a folder you can write to")
-
-
-def environment_int(name: str, default: int) -> int:
-    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK as a number, or a one-line error."""
-    text = os.environ.get(name, str(default))
-    if not text.isdigit():
-        raise SystemExit(f"error: environment variable {name}={text!r} is not a whole number "
-                         "(torchrun sets it; unset it for a single-process run)")
-    return int(text)
-
-
-# ---- end of core config (ModelConfig below belongs to the model helper) ----
-
-
+# =============================================================================
+# SECTION: model
+# The record's GPT: 11 layers over a 768-wide residual stream, weights held in banks the optimizer
+# shards, extra inputs at every layer (x0, hashed bigrams, value embeddings), gates everywhere.
+# In order: shapes, layout, rotary; the building blocks (MLP, softcapped loss, attention) as
+# plain PyTorch; the forward as small pure functions; GPT; then the Triton kernels of the
+# building blocks and torch.compile.
+# =============================================================================
 
 @dataclass
 class ModelConfig:
@@ -344,7 +247,7 @@ class ModelConfig:
     grad_accum_steps: int = 8            # ... the accumulation: 8 // world_size
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
     val_max_len: int = 262144            # tokens per rank in one validation forward
-    compile_mode: str = "model"          # GPT.compiled(): "model" | "blocks" | "none" (compile_gpt)
+    compile_mode: str = "model"          # GPT.compiled(): one of COMPILE_MODES (compile_gpt)
     compile_dynamic: bool | None = False # torch.compile's dynamic= for those graphs
 
     def __post_init__(self):
@@ -360,8 +263,8 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
         if self.model_dim < 12:
             problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
-        if self.compile_mode not in ("blocks", "model", "none"):
-            problems.append(f"compile_mode={self.compile_mode!r} is not blocks, model or none")
+        if self.compile_mode not in COMPILE_MODES:
+            problems.append(f"compile_mode={self.compile_mode!r} is not one of {COMPILE_MODES}")
         if self.attn_backend not in ATTN_BACKENDS:
             problems.append(f"attn_backend={self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         if problems:
@@ -375,144 +278,123 @@ class ModelConfig:
         values.update(overrides)
         return cls(**values)
 
-# =============================================================================
-# SECTION: setup
-# =============================================================================
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def next_multiple_of_n(v: int, n: int) -> int:
+    return -(-v // n) * n
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static structure of one layer."""
+    index: int
+    has_attn: bool
+    paired: bool              # paired-head attention
+    long_window: bool         # long window and the partial key offset
+    attn_slot: int | None     # row in attn_bank and attn_gate_bank
+    value_slot: int | None    # which value embedding (and ve gate) this layer adds to v
+
+
+def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
+    specs, attn_slot = [], 0
+    for i in range(num_layers):
+        has_attn = i != NO_ATTENTION_LAYER
+        specs.append(LayerSpec(
+            index=i, has_attn=has_attn, paired=i in PAIRED_HEAD_LAYERS,
+            long_window=i in LONG_WINDOW_LAYERS, attn_slot=attn_slot if has_attn else None,
+            value_slot=VALUE_EMBED_LAYERS.index(i) if i in VALUE_EMBED_LAYERS else None))
+        attn_slot += has_attn
+    return specs
+
 
 @dataclass
-class DistEnv:
-    """Who this process is. world_size 1 without torchrun runs with no process group."""
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None       # "nccl", "gloo" or None (no process group)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return grad_accum_steps_for(self.world_size)
-
-    @property
-    def distributed(self) -> bool:
-        return self.backend is not None
+class ForwardScheduleConfig:
+    """What the schedule changes between steps: MTP weights (tensor) and windows (tokens)."""
+    mtp_weights: Tensor
+    ws_short: int
+    ws_long: int
 
 
-def grad_accum_steps_for(world_size: int) -> int:
-    """The record is defined for 8 GPUs; fewer GPUs accumulate 8 // world_size micro-batches."""
-    if world_size not in SUPPORTED_WORLD_SIZES:
-        raise SystemExit(f"error: world size {world_size} is not supported; run 1, 2, 4 or 8 "
-                         "processes (each step is 8 micro-batches split over the ranks)")
-    return 8 // world_size
+# ---- rotary embedding -------------------------------------------------------------------------
 
+class Yarn(nn.Module):
+    """Half-truncated rotary tables (cos, signed sin), rescaled YaRN-style when the window grows.
 
-def init_distributed(device_kind: str) -> DistEnv:
-    """Read torchrun's environment (or none: world size 1), pick the device, start the process group."""
-    world_size = environment_int("WORLD_SIZE", 1)
-    rank = environment_int("RANK", 0)
-    local_rank = environment_int("LOCAL_RANK", 0)
-    grad_accum_steps_for(world_size)   # fail early on 3, 5, 6, 7 ... processes
-    if world_size > 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
-        raise SystemExit(f"error: WORLD_SIZE={world_size} but RANK/MASTER_ADDR are not set: start several "
-                         f"processes with torchrun --nproc_per_node {world_size} (or unset WORLD_SIZE)")
-    if rank >= world_size or local_rank >= world_size:
-        raise SystemExit(f"error: RANK={rank}, LOCAL_RANK={local_rank} but WORLD_SIZE={world_size} (one node: "
-                         "0 <= LOCAL_RANK = RANK < WORLD_SIZE); start the processes with torchrun")
-    if device_kind == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
-        if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"error: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
-        # growable segments: the batch grows per stage, and fragmentation would otherwise cost memory.
-        # Read when CUDA's allocator starts, i.e. at the first allocation below.
-        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-            os.environ.setdefault(name, "expandable_segments:True")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        # start autograd's worker for this device before anything else runs (the record does this
-        # to dodge a start-up bug seen on some systems)
-        torch.empty(1, device=device, requires_grad=True).backward()
-    else:
-        device = torch.device("cpu")
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-    if world_size > 1:
-        env.backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = dict(device_id=device) if device.type == "cuda" else {}
-        dist.init_process_group(backend=env.backend, **kwargs)
-        dist.barrier()
-    # torch 2.13 renamed all_gather_into_tensor; the old name is what older torch (the GPU) has
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
-    return env
-
-
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank: parameters start identical (rank 0 also broadcasts them)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def configure_compile_cache(cache_dir: str) -> None:
-    """Make compiled graphs reusable across processes: a second run on the same machine, and the
-    helper processes of a cold start (see CompileHelpers), load graphs instead of compiling.
-    With cache_dir, Inductor's and Triton's on-disk caches live there (default: /tmp, ~/.triton).
-
-    Must run before the first compile: the caches read these settings when first needed.
+    A quarter of head_dim frequencies, each rotating one adjacent pair of dims, cover the first
+    half of every head; the second half has frequency 0 and never rotates ("stationary" dims).
+    paired=True: for paired-head layers a token's two heads get rotary positions 2t and 2t+1, so a
+    table row holds both (2 * head_dim columns). Tables are bf16 like the record's.
     """
-    # AOTAutograd's cache skips tracing the joint forward+backward graph (~13 s per train graph
-    # on a warm start), but by default it refuses graphs holding a custom autograd.Function,
-    # and our fused MLP and loss kernels are two of them; their forward and backward are traced
-    # into the graph, so the cache key covers their code.
-    if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):
-        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-    # compile the backward graph together with the forward (instead of at the first backward),
-    # so a process that only runs a forward (a compile helper) caches both
-    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
-        torch._functorch.config.force_non_lazy_backward_lowering = True
-    if not cache_dir:
-        return
-    root = Path(cache_dir).expanduser().resolve()
-    (root / "inductor").mkdir(parents=True, exist_ok=True)
-    (root / "triton").mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
-    # FX-graph and AOTAutograd caches are what skip recompiling a graph; make sure they are on
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+    def __init__(self, head_dim: int, max_seq_len: int, paired: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.paired = paired
+        width = head_dim * (2 if paired else 1)
+        self.register_buffer("cos", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the initial frequencies and softmax scale (start of training)."""
+        device = self.cos.device
+        freq = ROPE_MIN_FREQ ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32,
+                                               device=device)
+        freq = freq.repeat_interleave(2)
+        # fp32 and not a buffer: model.to(dtype) must not round it; it follows cos to its device
+        self.angular_freq = torch.cat([freq, freq.new_zeros(self.head_dim // 2)])
+        self.attn_scale = INITIAL_ATTN_SCALE
+        self._fill_tables()
+
+    def apply(self, old_window: int, new_window: int = None, alpha: int = YARN_ALPHA,
+              beta: int = YARN_BETA):
+        """YaRN: the long window grew old_window -> new_window tokens. Frequencies that turn less
+        than alpha times across the old window are slowed by old/new, those that turn more than
+        beta times are kept, a linear ramp in between; the softmax scale grows with log(new/old).
+
+        (Named like the record's method; called with a function it is nn.Module.apply.)
+        """
+        if callable(old_window):
+            return super().apply(old_window)
+        freq = self.angular_freq.to(self.cos.device)
+        rotations = old_window * freq / (2 * math.pi)
+        shrink = old_window / new_window
+        ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
+        freq *= shrink + ramp * (1 - shrink)
+        self.angular_freq = freq
+        self._fill_tables()
+        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
+        return self
+
+    def _fill_tables(self) -> None:
+        freq = self.angular_freq.to(self.cos.device)
+        t = torch.arange(self.max_seq_len, dtype=torch.float32, device=freq.device)
+        if self.paired:
+            theta = torch.cat([torch.outer(2 * t, freq), torch.outer(2 * t + 1, freq)], dim=-1)
+        else:
+            theta = torch.outer(t, freq)
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
+        # rotate pairs (a, b) -> (a cos + b sin, b cos - a sin): the sign lives in the table
+        self.sin[..., 1::2] *= -1
+
+    def tables(self, length: int) -> tuple[Tensor, Tensor]:
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than the rotary tables "
+                             f"({self.max_seq_len}); raise ModelConfig.max_seq_len")
+        return self.cos[:length], self.sin[:length]
 
 
-def detect_gpu_type(requested: str, device: torch.device) -> str:
-    """'auto' -> the card's family from its name (h100, h200, a100, other); cpu -> 'cpu'."""
-    if device.type != "cuda":
-        return "cpu"
-    if requested != "auto":
-        return requested
-    name = torch.cuda.get_device_name(device).lower()
-    for family in ("h100", "h200", "a100"):
-        if family in name:
-            return family
-    return "other"
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (T, heads, width) with width = cos.size(-1); rotates adjacent pairs of dims."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)   # (a, b) -> (b, a)
+    return cos[:, None] * x + sin[:, None] * swapped
 
 
-def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
-    """FP8 lm_head only where the card has FP8 tensor cores and the user did not name an older card."""
-    if device.type != "cuda" or gpu_type == "a100":
-        return False
-    return fp8_supported(device)
-
-
-# =============================================================================
-# SECTION: kernels
-# Triton kernels, each with a plain PyTorch reference used on CPU and in tests.
-# =============================================================================
-
-try:  # host-side TMA descriptors (triton >= 3.4); without them the portable MLP kernel runs
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-
+# ---- building blocks: plain PyTorch here, Triton on CUDA (kernels after GPT) ------------------
 # Each op below picks its Triton kernel when `tensor.is_cuda and USE_TRITON_KERNELS`, else its plain
 # PyTorch reference. Tests flip this switch to compare the two on the same inputs.
 USE_TRITON_KERNELS = torch.cuda.is_available()
@@ -530,77 +412,6 @@ def fp8_supported(device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-# ---- Polar Express orthogonalization (arXiv 2505.16932) -----------------------------------------
-# Five odd-polynomial steps X <- a X + (b A + c A A) X with A = X X^T, drive every singular value of
-# X towards 1. Coefficients as in the record: optimized for 5 iterations, safety factor 2e-2,
-# cushion 2. The safety factor also inflates the Frobenius norm used to pre-scale X, so the
-# spectral norm starts safely below 1.
-POLAR_EXPRESS_COEFFS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-POLAR_EXPRESS_SAFETY = 2e-2
-POLAR_EXPRESS_EPS = 1e-6
-
-
-def xxt_reference(A: Tensor, out: Tensor) -> Tensor:
-    """out = A @ A^T for (m, k) or batched (b, m, k) A, accumulated in fp32 and rounded once."""
-    out.copy_(A.float() @ A.float().mT)
-    return out
-
-
-def ba_plus_caa_reference(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
-    """out = alpha * A @ A^T + beta * A for square (batched) A, fp32 math, one rounding."""
-    A32 = A.float()
-    out.copy_(alpha * (A32 @ A32.mT) + beta * A32)
-    return out
-
-
-def xxt(A: Tensor, out: Tensor) -> Tensor:
-    if _use_triton(A):
-        return _xxt_triton(A, out)
-    return xxt_reference(A, out)
-
-
-def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
-    if _use_triton(A):
-        return _ba_plus_caa_triton(A, alpha, beta, out)
-    return ba_plus_caa_reference(A, alpha, beta, out)
-
-
-def polar_express(G: Tensor, split_baddbmm: bool = False) -> Tensor:
-    """Approximate orthogonal polar factor U V^T of G (..., m, n), computed in bf16 like the record.
-
-    split_baddbmm: do C = B @ X then C += a X as two ops instead of one baddbmm; faster for the
-    tall MLP matrices, where baddbmm reading X twice forces a defensive copy.
-    """
-    X = G.bfloat16()
-    tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation so A = X X^T is the smaller Gram matrix
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + POLAR_EXPRESS_EPS)
-    X = X.contiguous()
-    gram = X.new_empty((*X.shape[:-1], X.size(-2)))
-    poly = torch.empty_like(gram)
-    nxt = torch.empty_like(X)
-    batched = X.ndim > 2
-    for a, b, c in POLAR_EXPRESS_COEFFS:
-        xxt(X, out=gram)                                  # gram = X X^T
-        ba_plus_caa(gram, alpha=c, beta=b, out=poly)      # poly = b gram + c gram^2
-        if split_baddbmm:
-            torch.matmul(poly, X, out=nxt)
-            nxt.add_(X, alpha=a)
-        elif batched:
-            torch.baddbmm(X, poly, X, beta=a, out=nxt)    # nxt = a X + poly X
-        else:
-            torch.addmm(X, poly, X, beta=a, out=nxt)
-        X, nxt = nxt, X                                   # ping-pong the two buffers
-    return X.mT if tall else X
-
-
 # ---- MLP: relu(x W_fc^T)^2 W_proj -----------------------------------------------------------------
 # Weights come from the MLP bank slices: w_fc (hidden, d) and w_proj (hidden, d), hidden = 4d.
 
@@ -616,7 +427,7 @@ def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
     return relu_square_mlp_reference(x, w_fc, w_proj)
 
 
-# ---- lm_head: transposed weight (d, vocab), optional FP8 ------------------------------------------
+# ---- lm_head: transposed weight (d, vocab); FP8 only inside the fused training loss ------------
 
 def _fp8_quantize_reference(t: Tensor, scale: float, dtype) -> Tensor:
     """What the FP8 path sees: t / scale rounded to the FP8 format, scaled back (fp32)."""
@@ -632,14 +443,9 @@ def lm_head_logits_reference(x, lm_head_weight_t, x_s, w_s, grad_s, use_fp8) -> 
     return x @ lm_head_weight_t.type_as(x)
 
 
-def lm_head_logits(x: Tensor, lm_head_weight_t: Tensor, x_s: float, w_s: float, grad_s: float,
-                   use_fp8: bool) -> Tensor:
-    """Logits x @ W for W stored transposed (d, vocab). use_fp8: FP8 custom op (CUDA, sm >= 8.9);
-    otherwise a plain matmul in x's dtype (the record's eval path never uses FP8)."""
-    if use_fp8 and x.is_cuda:
-        flat = x.flatten(0, -2).contiguous()
-        out = torch.ops.speedrun.lm_head_fp8(flat, lm_head_weight_t, x_s, w_s, grad_s)[0]
-        return out.view(*x.shape[:-1], -1)
+def lm_head_logits(x: Tensor, lm_head_weight_t: Tensor) -> Tensor:
+    """Logits x @ W for W stored transposed (d, vocab), in x's dtype: the eval path (the record
+    never evaluates in FP8; training goes through softcapped_mtp_loss)."""
     return x @ lm_head_weight_t.type_as(x)
 
 
@@ -694,93 +500,599 @@ def softcapped_mtp_loss(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head
                                          x_s, w_s, grad_s, use_fp8)
 
 
-# ---- Triton: symmetric Gram products for Polar Express -------------------------------------------
-# X X^T and A A^T are symmetric, so only blocks touching the lower triangle are computed and each is
-# written twice (as itself and mirrored), halving the matmul work of the two products per step.
+# ---- attention ----------------------------------------------------------------------------------
+# Packed variable-length causal attention with a sliding window, four interchangeable backends.
+# Every call sees ONE packed sequence (B = 1): documents laid end to end, described by cu_seqlens
+# (document start offsets, then the total length, possibly repeated as padding). A query at
+# position i sees the keys j of its own document with i - window <= j <= i: flash-attn's
+# causal=True, window_size=(window, 0).
 
-@triton.jit
-def _symmetric_gram_kernel(
-    a_ptr, out_ptr, M, K,
-    stride_ab, stride_am, stride_ak,
-    stride_ob, stride_om, stride_on,
-    alpha, beta,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, ADD_SELF: tl.constexpr,
-):
-    """out[b] = A[b] A[b]^T; with ADD_SELF (A square, symmetric): alpha * A A^T + beta * A."""
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(M, BLOCK_N)
-    blocks_per_matrix = blocks_m * blocks_n
-    matrix = pid // blocks_per_matrix
-    tile = pid % blocks_per_matrix
-    # grouped ordering keeps the rows of A reused by neighbouring programs in L2
-    block_m, block_n = tl.swizzle2d(tile // blocks_n, tile % blocks_n, blocks_m, blocks_n, GROUP_M)
-    row0 = block_m * BLOCK_M
-    col0 = block_n * BLOCK_N
-    if row0 + BLOCK_M <= col0:  # entirely above the diagonal: a mirrored store fills it
-        return
-
-    a_ptr += matrix.to(tl.int64) * stride_ab
-    out_ptr += matrix.to(tl.int64) * stride_ob
-    rows = row0 + tl.arange(0, BLOCK_M)
-    cols = col0 + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    # out-of-range rows/cols wrap around instead of being masked; their results are never stored
-    lhs_ptrs = a_ptr + (rows % M)[:, None] * stride_am + ks[None, :] * stride_ak   # A[rows, k]
-    rhs_ptrs = a_ptr + (cols % M)[None, :] * stride_am + ks[:, None] * stride_ak   # A[cols, k]^T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
-        lhs = tl.load(lhs_ptrs, mask=ks[None, :] < k_left, other=0.0)
-        rhs = tl.load(rhs_ptrs, mask=ks[:, None] < k_left, other=0.0)
-        acc = tl.dot(lhs, rhs, acc)
-        lhs_ptrs += BLOCK_K * stride_ak
-        rhs_ptrs += BLOCK_K * stride_ak
-
-    in_bounds = (rows[:, None] < M) & (cols[None, :] < M)
-    if ADD_SELF:
-        # floats may arrive as fp64 when Inductor launches the kernel; keep the epilogue in fp32
-        a_block = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ak,
-                          mask=in_bounds, other=0.0)
-        acc = acc * tl.cast(alpha, tl.float32) + a_block.to(tl.float32) * tl.cast(beta, tl.float32)
-    result = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, result, mask=in_bounds)
-    tl.store(out_ptr + cols[:, None] * stride_om + rows[None, :] * stride_on, tl.trans(result),
-             mask=tl.trans(in_bounds))
+FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
 
 
-def _launch_symmetric_gram(A: Tensor, out: Tensor, alpha: float, beta: float, add_self: bool,
-                           blocks=None) -> Tensor:
-    if A.ndim > 3:  # fold leading batch dims
-        _launch_symmetric_gram(A.flatten(0, -3), out.flatten(0, -3), alpha, beta, add_self, blocks)
-        return out
-    M, K = A.shape[-2:]
-    assert out.shape[-2:] == (M, M), f"output must be ({M}, {M}), got {tuple(out.shape)}"
-    assert not add_self or M == K, "ba_plus_caa needs a square (symmetric) A"
-    batch = A.size(0) if A.ndim == 3 else 1
-    # block shapes from H100 tuning of the record: K=768 (attention, and every A A^T) vs K=3072
-    if blocks is None:
-        blocks = (128, 128, 64) if (add_self or K == 768) else (64, 128, 128)
-    block_m, block_n, block_k = blocks
-    grid = (batch * triton.cdiv(M, block_m) * triton.cdiv(M, block_n),)
-    _symmetric_gram_kernel[grid](
-        A, out, M, K,
-        A.stride(0) if A.ndim == 3 else 0, A.stride(-2), A.stride(-1),
-        out.stride(0) if out.ndim == 3 else 0, out.stride(-2), out.stride(-1),
-        float(alpha), float(beta),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, ADD_SELF=add_self,
-        num_stages=4, num_warps=4,
-    )
-    return out
+def document_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """(length,) int32: which document each packed position belongs to (ids rise monotonically).
+
+    Plain tensor code: the FlexAttention mask_mod reads these ids as an input of the model's graph
+    (they come out of the separately compiled block-mask tables), never as a tensor computed
+    inside that graph, which is what failed to lower in compiled no-grad graphs (GPU-NOTES)."""
+    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    # index of the last document start <= position; repeated offsets (empty documents) are skipped
+    return (torch.searchsorted(cu_seqlens, positions, right=True) - 1).clamp_min(0).to(torch.int32)
 
 
-def _xxt_triton(A: Tensor, out: Tensor, blocks=None) -> Tensor:
-    return _launch_symmetric_gram(A, out, 1.0, 0.0, add_self=False, blocks=blocks)
+def window_mask_dense(cu_seqlens: Tensor, length: int, window: int) -> Tensor:
+    """(length, length) bool: query i may see key j (same document, i - window <= j <= i)."""
+    doc = document_ids(cu_seqlens, length)
+    pos = torch.arange(length, device=cu_seqlens.device)
+    behind = pos[:, None] - pos[None, :]
+    return (doc[:, None] == doc[None, :]) & (behind >= 0) & (behind <= window)
 
 
-def _ba_plus_caa_triton(A: Tensor, alpha: float, beta: float, out: Tensor, blocks=None) -> Tensor:
-    return _launch_symmetric_gram(A, out, alpha, beta, add_self=True, blocks=blocks)
+def _ceil_div(a: Tensor, b: int) -> Tensor:
+    return -torch.div(-a, b, rounding_mode="floor")
+
+
+def _window_block_tables(cu_seqlens: Tensor, window: Tensor, length: int, block_size: int,
+                         with_backward: bool) -> tuple:
+    """The index tensors of a document-causal sliding-window BlockMask, from per-tile bounds.
+
+    Plain tensor math with static shapes, so on the GPU it runs as one compiled graph: built
+    eagerly it was ~40 small launches per mask, 3 masks per micro-batch, and that host time
+    showed up in the step time (the GPU was waiting for it). Returns document ids (for the
+    mask_mod) and kv/full_kv (and, with_backward, q/full_q) block counts and indices.
+    """
+    device = cu_seqlens.device
+    doc = document_ids(cu_seqlens, length)
+    doc_start = cu_seqlens.long()[doc.long()]                # first position of each one's document
+    n = length // block_size
+    tile = torch.arange(n, device=device)
+    first_row = tile * block_size
+    last_row = first_row + block_size - 1
+    # lowest key any row of the tile sees: both bounds rise with the row, so the first row has it
+    lowest_key = torch.maximum(doc_start[first_row], first_row - window).clamp_min(0)
+    lowest_tile = torch.div(lowest_key, block_size, rounding_mode="floor")
+    # a key tile strictly left of the diagonal is full when the LAST row still reaches its first key
+    # within the window and its first key is in the last row's document (so every row shares it)
+    first_full = torch.maximum(_ceil_div(doc_start[last_row], block_size),
+                               _ceil_div(last_row - window, block_size)).clamp_min(0)
+    has_full = first_full < tile
+    num_full = torch.where(has_full, tile - first_full, 0)
+    # partial tiles: the run from lowest_tile up to the first full tile, then the diagonal tile
+    leading_end = torch.where(has_full, first_full, tile + 1)
+    num_leading = leading_end - lowest_tile
+    col = torch.arange(n, device=device)[None, :]
+    partial_idx = torch.where(col < num_leading[:, None], lowest_tile[:, None] + col, tile[:, None])
+    num_partial = num_leading + has_full.long()
+    full_idx = (first_full[:, None] + col).clamp_max(n - 1)
+
+    def as_blocks(t: Tensor) -> Tensor:            # (1 batch, 1 head-group, ...) int32
+        return t[None, None].to(torch.int32).contiguous()
+
+    kv = (as_blocks(num_partial), as_blocks(partial_idx), as_blocks(num_full), as_blocks(full_idx))
+    q = (None, None, None, None)
+    if with_backward:      # the backward walks the mask by key tile: the transposed tables
+        q = (*_transpose_ordered(kv[0], kv[1]), *_transpose_ordered(kv[2], kv[3]))
+    return doc, kv, q
+
+
+_compiled_window_block_tables = None
+
+
+def _window_block_tables_for(device: torch.device) -> Callable:
+    global _compiled_window_block_tables
+    if device.type != "cuda":
+        return _window_block_tables
+    if _compiled_window_block_tables is None:
+        _compiled_window_block_tables = torch.compile(_window_block_tables, dynamic=False, fullgraph=True)
+    return _compiled_window_block_tables
+
+
+def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
+                              block_size: int = FLEX_BLOCK_SIZE,
+                              with_backward: bool = True) -> BlockMask:
+    """FlexAttention block mask for document-causal sliding-window attention, built from bounds.
+
+    create_block_mask would evaluate the mask at every (query, key) pair (~2.7e11 at the
+    validation length). Here each query tile only needs three numbers: its first row's lowest
+    visible key, and for its last row the document start and the window's reach. The visible keys
+    of a tile form one contiguous run of key tiles ending at the diagonal; inside it, tiles that
+    every row sees completely are "full" (no mask evaluated), the rest are "partial".
+    """
+    if length % block_size:
+        raise ValueError(f"flex attention needs a sequence length that is a multiple of "
+                         f"{block_size}, got {length}")
+    # the window as a tensor: a new window is a new value, not a new graph (here or in the model)
+    window_t = torch.full((), window, dtype=torch.int64, device=cu_seqlens.device)
+    build = _window_block_tables_for(cu_seqlens.device)
+    doc, kv, q = build(cu_seqlens, window_t, length, block_size, with_backward)
+
+    def same_doc_in_window(b, h, q_idx, kv_idx):   # evaluated only inside partial tiles
+        behind = q_idx - kv_idx
+        return (doc[q_idx] == doc[kv_idx]) & (behind >= 0) & (behind <= window_t)
+
+    return BlockMask(seq_lengths=(length, length), kv_num_blocks=kv[0], kv_indices=kv[1],
+                     full_kv_num_blocks=kv[2], full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1],
+                     full_q_num_blocks=q[2], full_q_indices=q[3], BLOCK_SIZE=(block_size, block_size),
+                     mask_mod=same_doc_in_window)
+
+
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Tensor,
+                          flex_fn: Callable = flex_attention) -> Tensor:
+    """(T, H, D) q, k, v -> (T, H, D) through FlexAttention with a prebuilt block mask.
+
+    The softmax scale enters as a tensor through score_mod (scale=1.0 to the kernel): the kernel
+    multiplies the fp32 scores by it either way, and a tensor changes at a stage boundary without
+    recompiling. flex_fn: flex_attention itself inside a compiled graph, else a compiled wrapper.
+    """
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * scale
+
+    to_bhtd = lambda t: t.transpose(0, 1).unsqueeze(0)
+    out = flex_fn(to_bhtd(q), to_bhtd(k), to_bhtd(v), score_mod=scaled, block_mask=block_mask,
+                  scale=1.0)
+    return out[0].transpose(0, 1)
+
+
+def masked_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Plain PyTorch reference (CPU, tests): dense boolean mask, same math as the fast backends."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=allowed, scale=float(scale))
+    return out.transpose(0, 1)
+
+
+# ---- flash-attn backends (CUDA only) ----------------------------------------------------------
+# name -> (flash_attn_varlen_func, where it came from), and name -> why it did not load
+_FLASH_VARLEN: dict = {}
+_FLASH_FAILURES: dict = {}
+
+
+def _load_fa3_hub():
+    from kernels import get_kernel
+    return get_kernel("varunneal/flash-attention-3").flash_attn_interface.flash_attn_varlen_func
+
+
+def _load_fa3_local():
+    import flash_attn_interface
+    return flash_attn_interface.flash_attn_varlen_func
+
+
+def _load_fa2():
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func
+
+
+_FLASH_SOURCES = {
+    "fa3": (("kernels hub varunneal/flash-attention-3", _load_fa3_hub),
+            ("local flash_attn_interface", _load_fa3_local)),
+    "flash_attn": (("flash_attn (FA2)", _load_fa2),),
+}
+
+
+def _load_flash_varlen(backend: str):
+    """Import the varlen function of a flash backend; None (with the reasons kept) if none loads."""
+    if backend in _FLASH_VARLEN:
+        return _FLASH_VARLEN[backend][0]
+    failures = []
+    for source, loader in _FLASH_SOURCES[backend]:
+        try:
+            fn = loader()
+        except Exception as exc:   # ImportError, no network for the hub, missing CUDA symbols ...
+            first_line = (str(exc).splitlines() or [""])[0]
+            failures.append(f"{source}: {type(exc).__name__} {first_line}".strip())
+            continue
+        _FLASH_VARLEN[backend] = (fn, source)
+        return fn
+    _FLASH_FAILURES[backend] = failures
+    return None
+
+
+def attention_backend_source(backend: str) -> str:
+    """Where a resolved backend's kernel came from, for the run log."""
+    if backend in _FLASH_VARLEN:
+        return f"{backend} ({_FLASH_VARLEN[backend][1]})"
+    return {"flex": "flex (PyTorch FlexAttention, document-causal sliding-window block mask)",
+            "sdpa": "sdpa (PyTorch scaled_dot_product_attention with a dense mask; reference)"}.get(
+        backend, backend)
+
+
+def resolve_attention_backend(requested: str, device) -> str:
+    """'auto' | 'fa3' | 'flash_attn' | 'flex' | 'sdpa' -> the backend this run uses.
+
+    auto on CUDA: FA3 (kernels hub, then a local flash_attn_interface; Hopper only), then FA2
+    varlen, then FlexAttention, which always works. auto on CPU: sdpa (FlexAttention has no CPU
+    backward). A backend that was asked for by name but cannot run here is a one-line error.
+    """
+    device = torch.device(device)
+    choices = ("auto",) + ATTN_BACKENDS
+    if requested not in choices:
+        raise SystemExit(f"error: --attn {requested!r} is not one of {', '.join(choices)}")
+    if device.type != "cuda":
+        if requested in ("auto", "sdpa"):
+            return "sdpa"
+        raise SystemExit(f"error: --attn {requested} needs a CUDA GPU; on CPU use --attn auto (sdpa)")
+    if requested in ("flex", "sdpa"):
+        return requested
+    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+    candidates = ["fa3", "flash_attn"] if requested == "auto" else [requested]
+    for backend in candidates:
+        if backend == "fa3" and not hopper:
+            continue
+        if _load_flash_varlen(backend) is not None:
+            return backend
+    if requested == "auto":
+        return "flex"
+    why = "; ".join(_FLASH_FAILURES.get(requested) or ["FA3 needs a Hopper GPU"])
+    raise SystemExit(f"error: --attn {requested} is not available here ({why}); "
+                     "use --attn auto or --attn flex")
+
+
+def flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
+                           window: int, scale: float, backend: str) -> Tensor:
+    fn = _load_flash_varlen(backend)
+    if fn is None:
+        raise RuntimeError(f"attention backend {backend} is not available (resolve it first)")
+    out = fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
+             max_seqlen_k=max_len, causal=True, softmax_scale=scale, window_size=(window, 0))
+    return out[0] if isinstance(out, tuple) else out   # some FA3 builds also return the lse
+
+
+# ---- the forward, as pure functions of tensors ------------------------------------------------
+# Weights come in as arguments and a layer's learned scalars as one dict `lam` (LAYER_SCALARS
+# plus x0_lambda), so tests can call each piece alone. Python bool/int arguments are structure;
+# everything that changes during training (windows, scales, lambdas, rotary tables) is a tensor,
+# so a stage change never specializes the compiled graph.
+
+def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
+    """Row of the bigram table for each position: hash of (previous, current) token.
+
+    int32 arithmetic that wraps like the record's; position 0 has no previous token and gets the
+    reserved last row. Document starts hash with the previous document's last token (as recorded).
+    """
+    t = tokens.to(torch.int32)
+    reserved = table_size - 1
+    mixed = torch.bitwise_xor(BIGRAM_HASH_A * t[1:], BIGRAM_HASH_B * t[:-1]) % reserved
+    return torch.cat([mixed.new_full((1,), reserved), mixed])
+
+
+def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_embeds: Tensor,
+                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int):
+    """Tokens -> (x0, bigram embeddings, the 5 value embeddings (5, T, d)).
+
+    x0 is the normed token embedding after the smear gate mixed a gated part of the previous
+    token's embedding into each position.
+    """
+    x = F.embedding(input_seq, embed_w)
+    x_bigram = F.embedding(bigram_hash(input_seq, bigram_w.size(0)), bigram_w)
+    ve = value_embeds.view(5, vocab_size, -1)[:, input_seq]
+    smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], smear_w.type_as(x)))
+    x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
+    return norm(x), x_bigram, ve
+
+
+def mix_layer_input(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict) -> Tensor:
+    """Residual stream entering a layer: scaled stream + scaled x0 + scaled bigram embedding.
+    x0 None: the first layer, where the stream IS x0 (the record folds the two scales there)."""
+    if x0 is None:
+        return (lam["resid_lambda"] + lam["x0_lambda"]) * x + lam["bigram_lambda"] * x_bigram
+    return lam["resid_lambda"] * x + lam["x0_lambda"] * x0 + lam["bigram_lambda"] * x_bigram
+
+
+def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict, qkv_w: Tensor,
+                     cos: Tensor, sin: Tensor, attn_gate_w: Tensor, ve: Tensor | None,
+                     ve_gate_w: Tensor | None, num_heads: int, paired: bool, key_offset: bool):
+    """First half of an attention layer: mix the input, project, QK-norm, rotate, add value
+    embeddings. Returns (new stream, q, k, v in the attention layout, output gate (T, heads)).
+
+    Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
+    token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
+    reshapes — and its rotary angle is that of position 2t + h % 2 (the paired tables).
+    """
+    x = mix_layer_input(x, x0, x_bigram, lam)
+    h = norm(x)
+    T = h.size(0)
+    qkv = F.linear(h, lam["attn_lambdas"][0] * qkv_w.type_as(h)).view(T, 3 * num_heads, -1)
+    q, k, v = qkv.chunk(3, dim=1)
+    q, k = norm(q), norm(k)                                   # QK norm
+    head_dim = q.size(-1)
+    gate_in = h[:, :GATE_INPUTS]
+    if ve is not None:
+        ve_gate = 2 * torch.sigmoid(F.linear(gate_in, ve_gate_w.type_as(h)))   # (T, heads)
+    if paired:
+        # each token's heads become two consecutive positions of half as many heads
+        q = apply_rotary(q.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
+        k = apply_rotary(k.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
+        q = q.reshape(2 * T, num_heads // 2, head_dim)
+        k = k.reshape(2 * T, num_heads // 2, head_dim)
+        v = v.reshape(2 * T, num_heads // 2, head_dim)
+        if ve is not None:
+            v = v + ve_gate.view(2 * T, num_heads // 2, 1) * ve.view_as(v)
+    else:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if key_offset:
+            # keys take their stationary (non-rotated) half from the previous position, so one
+            # layer can match "the token after the previous occurrence" (induction)
+            half = head_dim // 2
+            still = k[..., half:]
+            k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
+        if ve is not None:
+            v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
+    gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
+    # v may still be a strided view of the projection: hand every layer kind the same layout
+    return x, q, k, v.contiguous(), gate
+
+
+def attention_output_and_mlp(x: Tensor, y: Tensor, gate: Tensor, out_w: Tensor, lam: dict,
+                             fc_w: Tensor, proj_w: Tensor) -> Tensor:
+    """Second half of an attention layer: gate the heads, project out, add; then the MLP."""
+    T, heads = gate.shape
+    y = y.reshape(T, heads, -1) * gate.unsqueeze(-1)
+    y = F.linear(y.reshape(T, -1), lam["attn_lambdas"][1] * out_w.type_as(y))
+    x = x + y
+    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+
+
+def mlp_only_layer(x: Tensor, x0: Tensor, x_bigram: Tensor, lam: dict, fc_w: Tensor, proj_w: Tensor,
+                   skip: Tensor | None, skip_gate_w: Tensor | None, skip_lambda: Tensor | None) -> Tensor:
+    """The attention-free layer, which also receives the gated skip connection."""
+    if skip is not None:
+        gate = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
+            F.linear(x0[:, :GATE_INPUTS], skip_gate_w.type_as(x0)))
+        x = x + gate * skip
+    x = mix_layer_input(x, x0, x_bigram, lam)
+    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+
+
+def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
+                targets: Tensor, mtp_weights: Tensor, x_s: float, w_s: float, grad_s: float,
+                use_fp8: bool, training: bool) -> Tensor:
+    """Back out part of an early layer's state, norm, and score with the softcapped head.
+    Training: sum over positions of the MTP-weighted losses. Eval: mean next-token loss."""
+    x = norm(x - backout_lambda * x_backout)
+    if training:
+        return softcapped_mtp_loss(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8).sum()
+    logits = softcap(lm_head_logits(x, lm_head_w))
+    return F.cross_entropy(logits.float(), targets.long(), reduction="mean")
+
+
+# ---- attention inputs shared by all layers of one forward -------------------------------------
+
+@dataclass
+class LayerAttention:
+    """Everything one kind of layer (window x paired) needs from the attention backend."""
+    cu_seqlens: Tensor          # document offsets in this layer's sequence (doubled when paired)
+    max_len: int                # flash-attn max_seqlen
+    window: int                 # tokens
+    scale: float                # softmax scale (python: flash backends, sdpa)
+    scale_tensor: Tensor | None # the same as a device tensor (flex)
+    mask: object                # BlockMask (flex), dense bool mask (sdpa), None (flash)
+
+
+@dataclass
+class AttentionPlan:
+    backend: str
+    kinds: dict                 # (long_window, paired) -> LayerAttention
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+class TransposedLMHead(nn.Module):
+    """lm_head with its weight stored (model_dim, vocab): the transpose of nn.Linear's layout,
+    which the record found faster to accumulate gradients into. GPT.body hands the weight and the
+    FP8 scales to the training loss (softcapped_mtp_loss) and the weight to the eval logits."""
+
+    def __init__(self, model_dim: int, vocab_size: int, use_fp8: bool, grad_accum_steps: int):
+        super().__init__()
+        self.use_fp8 = use_fp8
+        self.x_s = LM_HEAD_X_SCALE
+        self.w_s = LM_HEAD_W_SCALE
+        self.grad_s = LM_HEAD_GRAD_SCALE / grad_accum_steps   # the loss is scaled by 1/accum
+        self.weight = nn.Parameter(torch.zeros(model_dim, vocab_size, dtype=torch.bfloat16))
+
+
+class GPT(nn.Module):
+    """The record's GPT. Parameter names, shapes, labels and init match the record; construct,
+    move to the device, then call cast_to_bf16() for the record's dtypes (the caller's job)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers = L = cfg.num_layers
+        self.vocab_size = next_multiple_of_n(cfg.vocab_size, 128)   # 50257 -> 50304
+        d, hdim, H = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_heads
+        self.layers = record_layer_layout(L)
+        self.attention_kinds = sorted({(s.long_window, s.paired) for s in self.layers if s.has_attn})
+        self._compiled_body = None
+        # Parameters are created in the record's order and with its RNG draws (nn.Linear and
+        # nn.Embedding draw their default init before being overwritten), so one seed gives the
+        # record's initial weights.
+        self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_gate.weight.label = "smear_gate"
+        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.skip_gate.weight)
+        self.skip_gate.weight.label = "skip_gate"
+        self.value_embeds = nn.Parameter(torch.zeros(5 * self.vocab_size, d, dtype=torch.bfloat16))
+        self.value_embeds.label = "value_embed"
+        num_attn = sum(s.has_attn for s in self.layers)
+        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
+        self.attn_gate_bank.label = "attn_gate_bank"
+        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
+        self.ve_gate_bank.label = "ve_gate_bank"
+        # banks: attention layer -> [W_q; W_k; W_v; W_o] stacked (4d, hdim); the optimizer views it
+        # as 4*num_attn square matrices. MLP layer -> (W_fc, W_proj), each (4d, d), plus one
+        # padding layer so 2*(L+1) = 24 matrices split evenly over 8 ranks.
+        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, hdim))
+        self.attn_bank.label = "attn"
+        self.attn_bank.reshape = (num_attn * 4, hdim, hdim)
+        self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
+        self.mlp_bank.label = "mlp"
+        self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
+        bound = 3 ** 0.5 * INIT_STD_FACTOR * d ** -0.5       # uniform with that std
+        with torch.no_grad():
+            self.attn_bank.uniform_(-bound, bound)
+            self.mlp_bank[:, 0].uniform_(-bound, bound)
+            self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
+        self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
+        self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
+        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8, cfg.grad_accum_steps)
+        nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
+        self.lm_head.weight.label = "lm_head"
+        self.embed = nn.Embedding(self.vocab_size, d)
+        self.embed.weight.label = "embed"
+        with torch.no_grad():
+            self.embed.weight.copy_(self.lm_head.weight.T)   # tied until the optimizer splits them
+        self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
+        self.bigram_embed.weight.label = "bigram_embed"
+        nn.init.zeros_(self.bigram_embed.weight)
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.x0_lambdas.label = "x0_lambdas"
+        # LAYER_SCALARS (each repeated per layer), then MODEL_SCALARS, then padding. The record
+        # pads for 3L+3 entries although it holds 4L+3 (so 51 at 8 ranks, not a multiple of 8);
+        # kept as is: the shape is part of its checkpoints and only rank-replicated anyway.
+        inits = [torch.tensor(v, dtype=torch.float32).repeat(L) for v in LAYER_SCALARS.values()]
+        inits += [torch.tensor([v], dtype=torch.float32) for v in MODEL_SCALARS.values()]
+        pad = (-3 * L - 3) % cfg.world_size
+        self.scalars = nn.Parameter(torch.cat(inits + [torch.ones(pad)]))
+        self.scalars.label = "scalars"
+
+    def compiled(self) -> "GPT":
+        """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
+
+        For compile-time experiments, SPEEDRUN_COMPILE_DYNAMIC=0|1|auto overrides
+        cfg.compile_dynamic (auto: a second sequence length compiles one graph with a symbolic
+        length that the later stages share).
+        """
+        dynamic = {"0": False, "1": True, "auto": None}.get(
+            os.environ.get("SPEEDRUN_COMPILE_DYNAMIC", ""), self.cfg.compile_dynamic)
+        return compile_gpt(self, self.cfg.compile_mode, dynamic)
+
+    def named_scalars(self, flat: Tensor | None = None) -> tuple[dict, dict]:
+        """Views into `scalars` (or a tensor laid out like it, e.g. its grad) by name:
+        ({LAYER_SCALARS name: (L,) or (L, k)}, {MODEL_SCALARS name: 0-dim})."""
+        flat = self.scalars if flat is None else flat
+        L, start, per_layer, model_wide = self.num_layers, 0, {}, {}
+        for name, init in LAYER_SCALARS.items():
+            width = len(init) if isinstance(init, tuple) else 1
+            values = flat[start:start + L * width]
+            per_layer[name] = values.view(L, width) if isinstance(init, tuple) else values
+            start += L * width
+        for name in MODEL_SCALARS:
+            model_wide[name] = flat[start]
+            start += 1
+        return per_layer, model_wide
+
+    def cast_to_bf16(self) -> "GPT":
+        """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
+        for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
+                  self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
+                  self.attn_bank, self.mlp_bank):
+            p.data = p.data.bfloat16()
+        return self
+
+    # -- forward --
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor,
+                sched: ForwardScheduleConfig) -> Tensor:
+        if input_seq.ndim != 1:
+            raise ValueError(f"input_seq must be one packed sequence (T,), got {tuple(input_seq.shape)}")
+        plan = self.plan_attention(cu_seqlens, input_seq.size(0), sched)
+        body = self._compiled_body or self.body
+        return body(input_seq, target_seq, plan, sched.mtp_weights)
+
+    def plan_attention(self, cu_seqlens: Tensor, length: int,
+                       sched: ForwardScheduleConfig) -> AttentionPlan:
+        """Masks, offsets and scales for every kind of layer, built once per forward outside any
+        compiled graph, so windows and scales never specialize a graph."""
+        backend = self.cfg.attn_backend
+        max_len = self.cfg.train_max_seq_len if self.training else self.cfg.val_max_len
+        with_backward = self.training and torch.is_grad_enabled()
+        kinds = {}
+        for long_window, paired in self.attention_kinds:
+            yarn = self.yarn_paired_head if paired else self.yarn
+            window = sched.ws_long if long_window else sched.ws_short
+            factor = 2 if paired else 1           # paired layers attend over twice the positions
+            cu = cu_seqlens * factor if paired else cu_seqlens
+            mask, scale_t = None, None
+            if backend == "flex":
+                mask = sliding_window_block_mask(cu, factor * length, window,
+                                                 with_backward=with_backward)
+                scale_t = torch.full((), yarn.attn_scale, dtype=torch.float32,
+                                     device=cu_seqlens.device)
+            elif backend == "sdpa":
+                mask = window_mask_dense(cu, factor * length, window)
+            kinds[(long_window, paired)] = LayerAttention(cu, factor * max_len, window,
+                                                          yarn.attn_scale, scale_t, mask)
+        return AttentionPlan(backend, kinds)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, plan: AttentionPlan) -> Tensor:
+        """Attention in the layer's layout -> (T, heads, head_dim), contiguous, for every layer
+        kind (so one compiled attention_output_and_mlp graph serves them all)."""
+        a = plan.kinds[(spec.long_window, spec.paired)]
+        if plan.backend == "flex":
+            y = flex_window_attention(q, k, v, a.mask, a.scale_tensor)
+        elif plan.backend == "sdpa":
+            y = masked_sdpa_attention(q, k, v, a.mask, a.scale)
+        else:
+            y = flash_varlen_attention(q, k, v, a.cu_seqlens, a.max_len, a.window, a.scale,
+                                       plan.backend)
+        heads = self.cfg.num_heads
+        return y.reshape(-1, heads, y.size(-1)).contiguous()
+
+    def body(self, input_seq: Tensor, target_seq: Tensor, plan: AttentionPlan,
+             mtp_weights: Tensor) -> Tensor:
+        """The forward after attention planning (compile_gpt compiles this as one graph)."""
+        H = self.cfg.num_heads
+        layer_scalars, model_scalars = self.named_scalars()
+        x0, x_bigram, ve = embed_inputs(input_seq, self.embed.weight, self.bigram_embed.weight,
+                                        self.value_embeds, self.smear_gate.weight,
+                                        model_scalars["smear_lambda"], self.vocab_size)
+        # unbind the banks once (per-layer indexing would add select-backward kernels)
+        attn_w = self.attn_bank.unbind(0)
+        attn_gates = self.attn_gate_bank.unbind(0)
+        ve_gates = self.ve_gate_bank.unbind(0)
+        fc_w = self.mlp_bank[:, 0].unbind(0)
+        proj_w = self.mlp_bank[:, 1].unbind(0)
+        d = x0.size(-1)
+        T = input_seq.size(0)
+        x, skip, x_backout = x0, None, None
+        for spec in self.layers:
+            i = spec.index
+            lam = {name: values[i] for name, values in layer_scalars.items()}
+            lam["x0_lambda"] = self.x0_lambdas[i]
+            if spec.has_attn:
+                yarn = self.yarn_paired_head if spec.paired else self.yarn
+                cos, sin = yarn.tables(T)
+                qkvo = attn_w[spec.attn_slot]
+                slot = spec.value_slot
+                x, q, k, v, gate = attention_inputs(
+                    x, None if i == 0 else x0, x_bigram, lam, qkvo[:3 * d], cos, sin,
+                    attn_gates[spec.attn_slot], None if slot is None else ve[slot],
+                    None if slot is None else ve_gates[slot],
+                    num_heads=H, paired=spec.paired, key_offset=spec.long_window)
+                y = self.attend(q, k, v, spec, plan)
+                x = attention_output_and_mlp(x, y, gate, qkvo[3 * d:], lam, fc_w[i], proj_w[i])
+            else:
+                receives_skip = i == SKIP_TO_LAYER
+                x = mlp_only_layer(x, x0, x_bigram, lam, fc_w[i], proj_w[i],
+                                   skip if receives_skip else None,
+                                   self.skip_gate.weight if receives_skip else None,
+                                   model_scalars["skip_lambda"] if receives_skip else None)
+            if i == SKIP_FROM_LAYER:
+                skip = x
+            if i == BACKOUT_LAYER:
+                x_backout = x
+        head = self.lm_head
+        return output_loss(x, x_backout, model_scalars["backout_lambda"], head.weight, target_seq,
+                           mtp_weights, head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
+
+
+# ---- Triton kernels of the building blocks above (CUDA) ----------------------------------------
+
+try:  # host-side TMA descriptors (triton >= 3.4); without them the portable MLP kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 # ---- Triton: linear + ReLU^2 (MLP up-projection) -------------------------------------------------
@@ -789,7 +1101,7 @@ def _ba_plus_caa_triton(A: Tensor, alpha: float, beta: float, out: Tensor, block
 
 @triton.jit
 def _relu_square_epilogue(acc, aux_in, FORWARD: tl.constexpr, dtype: tl.constexpr):
-    """Returns (main output, aux output). Forward: (pre, relu(pre)^2); backward: (dpre, unused)."""
+    """Returns (output, aux output). Forward: (pre, relu(pre)^2); backward: (dpre, unused)."""
     c = acc.to(dtype)
     if FORWARD:
         relu = tl.maximum(c, 0)
@@ -828,8 +1140,8 @@ def _linear_relu_square_kernel(
     aux_in = acc  # placeholder, only read in backward
     if not FORWARD:
         aux_in = tl.load(aux_ptr + offsets, mask=in_bounds, other=0.0)
-    main, aux_out = _relu_square_epilogue(acc, aux_in, FORWARD, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets, main, mask=in_bounds)
+    result, aux_out = _relu_square_epilogue(acc, aux_in, FORWARD, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, result, mask=in_bounds)
     if FORWARD:
         tl.store(aux_ptr + offsets, aux_out, mask=in_bounds)
 
@@ -839,8 +1151,8 @@ def _relu_square_store_tma(acc, out_desc, aux_desc, row0, col0, FORWARD: tl.cons
     aux_in = acc  # placeholder, only read in backward
     if not FORWARD:
         aux_in = aux_desc.load([row0, col0])
-    main, aux_out = _relu_square_epilogue(acc, aux_in, FORWARD, out_desc.dtype)
-    out_desc.store([row0, col0], main)
+    result, aux_out = _relu_square_epilogue(acc, aux_in, FORWARD, out_desc.dtype)
+    out_desc.store([row0, col0], result)
     if FORWARD:
         aux_desc.store([row0, col0], aux_out)
 
@@ -1135,9 +1447,7 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
         return grad_x, None, None, grad_w.to(ctx.w_dtype), None, None, None, None
 
 
-# ---- FP8 lm_head as a custom op: opaque to torch.compile, fake kernels give the shapes -----------
-
-def _fp8_lm_head_forward(x, w_t, x_s, w_s):
+def _fp8_lm_head_forward(x, w_t, x_s, w_s):   # (_FusedSoftcappedMTPLoss)
     """bf16 logits of the e4m3-rounded operands, and those operands (kept for the backward)."""
     x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
     w_f8 = w_t.div(w_s).to(torch.float8_e4m3fn)
@@ -1148,876 +1458,19 @@ def _fp8_lm_head_forward(x, w_t, x_s, w_s):
     return out, x_f8, w_f8
 
 
-def _fp8_lm_head_backward(grad, x_f8, w_f8, x_s, w_s, grad_s):
-    grad_f8 = grad.div(grad_s).to(torch.float8_e5m2)
-    grad_x = torch._scaled_mm(grad_f8, w_f8.T, out_dtype=torch.bfloat16,
-                              scale_a=_fp8_scale(grad, grad_s), scale_b=_fp8_scale(grad, w_s),
-                              use_fast_accum=False)
-    # x^T g comes out as (d, vocab): exactly the transposed weight's layout
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), grad_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=_fp8_scale(grad, x_s), scale_b=_fp8_scale(grad, grad_s),
-                              use_fast_accum=False)
-    return grad_x, grad_w
-
-
-def _register_custom_ops():
-    """Define torch.ops.speedrun.lm_head_fp8(+_backward); skipped when this file was already
-    imported under another module name (run as __main__ and imported), since op names are global."""
-    lib = "speedrun"
-
-    @torch.library.custom_op(f"{lib}::lm_head_fp8", mutates_args=())
-    def lm_head_fp8(x: Tensor, w: Tensor, x_s: float, w_s: float,
-                    grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
-        return _fp8_lm_head_forward(x, w, x_s, w_s)
-
-    @lm_head_fp8.register_fake
-    def _(x, w, x_s, w_s, grad_s):
-        assert x.ndim == 2 and w.ndim == 2 and x.size(1) == w.size(0), "lm_head: x (T, d), w (d, V)"
-        return (x.new_empty((x.size(0), w.size(1)), dtype=torch.bfloat16),
-                x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-                w.new_empty(w.shape, dtype=torch.float8_e4m3fn))
-
-    @torch.library.custom_op(f"{lib}::lm_head_fp8_backward", mutates_args=())
-    def lm_head_fp8_backward(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
-                             grad_s: float) -> tuple[Tensor, Tensor]:
-        return _fp8_lm_head_backward(grad.contiguous(), x_f8, w_f8, x_s, w_s, grad_s)
-
-    @lm_head_fp8_backward.register_fake
-    def _(grad, x_f8, w_f8, x_s, w_s, grad_s):
-        return (grad.new_empty(x_f8.shape, dtype=torch.bfloat16),
-                grad.new_empty(w_f8.shape, dtype=torch.float32))
-
-    def setup_context(ctx, inputs, output):
-        _, _, x_s, w_s, grad_s = inputs
-        _, x_f8, w_f8 = output
-        ctx.save_for_backward(x_f8, w_f8)
-        ctx.scales = (x_s, w_s, grad_s)
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_out, *unused_grads):
-        x_f8, w_f8 = ctx.saved_tensors
-        grad_x, grad_w = torch.ops.speedrun.lm_head_fp8_backward(grad_out, x_f8, w_f8, *ctx.scales)
-        return grad_x, grad_w, None, None, None
-
-    lm_head_fp8.register_autograd(backward, setup_context=setup_context)
-
-
-if not hasattr(torch.ops.speedrun, "lm_head_fp8"):
-    _register_custom_ops()
-
-
-def benchmark_kernels(tokens: int = 16384, print_fn=print) -> dict:
-    """Milliseconds per call of each Triton path vs its eager PyTorch reference at the record's
-    shapes (one micro-batch of `tokens`), on the current CUDA device. Returns {name: (triton, ref)}."""
-    global USE_TRITON_KERNELS
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device=dev, generator=gen) * scale).bfloat16()
-
-    def ms_per_call(fn, reps=10):
-        fn()  # JIT-compile / autotune outside the timing
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    x = randn(tokens, 768).requires_grad_()
-    w_fc, w_proj = randn(3072, 768, scale=0.02).requires_grad_(), randn(3072, 768, scale=0.02).requires_grad_()
-    w_head = randn(768, 50304, scale=0.02).requires_grad_()
-    targets = torch.randint(0, 50257, (tokens,), device=dev)
-    mtp = torch.tensor([1.0, 0.5, 0.25], device=dev)
-    use_fp8 = fp8_supported(dev)
-    cases = {
-        "polar_express attn (40,768,768)": lambda: polar_express(randn_attn),
-        "polar_express mlp (24,3072,768)": lambda: polar_express(randn_mlp, split_baddbmm=True),
-        "relu_square_mlp fwd+bwd": lambda: relu_square_mlp(x, w_fc, w_proj).sum().backward(),
-        f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": lambda: softcapped_mtp_loss(
-            x, targets, mtp, w_head, 100 / 448, 1.6 / 448, 0.75 / 448, use_fp8).sum().backward(),
-    }
-    randn_attn, randn_mlp = randn(40, 768, 768), randn(24, 3072, 768)
-    results = {}
-    saved = USE_TRITON_KERNELS
-    try:
-        for name, fn in cases.items():
-            USE_TRITON_KERNELS = True
-            fast = ms_per_call(fn)
-            USE_TRITON_KERNELS = False
-            slow = ms_per_call(fn)
-            results[name] = (fast, slow)
-            print_fn(f"{name:50s} triton {fast:8.3f} ms   reference {slow:8.3f} ms")
-    finally:
-        USE_TRITON_KERNELS = saved
-    return results
-
-
-# =============================================================================
-# SECTION: attention
-# Packed variable-length causal attention with a sliding window, four interchangeable backends.
-# Every call sees ONE packed sequence (B = 1): documents laid end to end, described by cu_seqlens
-# (document start offsets, then the total length, possibly repeated as padding). A query at
-# position i sees the keys j of its own document with i - window <= j <= i: flash-attn's
-# causal=True, window_size=(window, 0).
-# =============================================================================
-
-FLEX_BLOCK_SIZE = 128        # FlexAttention's tile; flex sequences must be a multiple of it
-
-
-def document_ids(cu_seqlens: Tensor, length: int) -> Tensor:
-    """(length,) int32: which document each packed position belongs to (ids rise monotonically).
-
-    Plain tensor code: the FlexAttention mask_mod reads these ids as an input of the model's graph
-    (they come out of the separately compiled block-mask tables), never as a tensor computed
-    inside that graph, which is what failed to lower in compiled no-grad graphs (GPU-NOTES)."""
-    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    # index of the last document start <= position; repeated offsets (empty documents) are skipped
-    return (torch.searchsorted(cu_seqlens, positions, right=True) - 1).clamp_min(0).to(torch.int32)
-
-
-def window_mask_dense(cu_seqlens: Tensor, length: int, window: int) -> Tensor:
-    """(length, length) bool: query i may see key j (same document, i - window <= j <= i)."""
-    doc = document_ids(cu_seqlens, length)
-    pos = torch.arange(length, device=cu_seqlens.device)
-    behind = pos[:, None] - pos[None, :]
-    return (doc[:, None] == doc[None, :]) & (behind >= 0) & (behind <= window)
-
-
-def _ceil_div(a: Tensor, b: int) -> Tensor:
-    return -torch.div(-a, b, rounding_mode="floor")
-
-
-def _window_block_tables(cu_seqlens: Tensor, window: Tensor, length: int, block_size: int,
-                         with_backward: bool) -> tuple:
-    """The index tensors of a document-causal sliding-window BlockMask, from per-tile bounds.
-
-    Plain tensor math with static shapes, so on the GPU it runs as one compiled graph: built
-    eagerly it was ~40 small launches per mask, 3 masks per micro-batch, and that host time
-    showed up in the step time (the GPU was waiting for it). Returns document ids (for the
-    mask_mod) and kv/full_kv (and, with_backward, q/full_q) block counts and indices.
-    """
-    device = cu_seqlens.device
-    doc = document_ids(cu_seqlens, length)
-    doc_start = cu_seqlens.long()[doc.long()]                # first position of each one's document
-    n = length // block_size
-    tile = torch.arange(n, device=device)
-    first_row = tile * block_size
-    last_row = first_row + block_size - 1
-    # lowest key any row of the tile sees: both bounds rise with the row, so the first row has it
-    lowest_key = torch.maximum(doc_start[first_row], first_row - window).clamp_min(0)
-    lowest_tile = torch.div(lowest_key, block_size, rounding_mode="floor")
-    # a key tile strictly left of the diagonal is full when the LAST row still reaches its first key
-    # within the window and its first key is in the last row's document (so every row shares it)
-    first_full = torch.maximum(_ceil_div(doc_start[last_row], block_size),
-                               _ceil_div(last_row - window, block_size)).clamp_min(0)
-    has_full = first_full < tile
-    num_full = torch.where(has_full, tile - first_full, 0)
-    # partial tiles: the run from lowest_tile up to the first full tile, then the diagonal tile
-    leading_end = torch.where(has_full, first_full, tile + 1)
-    num_leading = leading_end - lowest_tile
-    col = torch.arange(n, device=device)[None, :]
-    partial_idx = torch.where(col < num_leading[:, None], lowest_tile[:, None] + col, tile[:, None])
-    num_partial = num_leading + has_full.long()
-    full_idx = (first_full[:, None] + col).clamp_max(n - 1)
-
-    def as_blocks(t: Tensor) -> Tensor:            # (1 batch, 1 head-group, ...) int32
-        return t[None, None].to(torch.int32).contiguous()
-
-    kv = (as_blocks(num_partial), as_blocks(partial_idx), as_blocks(num_full), as_blocks(full_idx))
-    q = (None, None, None, None)
-    if with_backward:      # the backward walks the mask by key tile: the transposed tables
-        q = (*_transpose_ordered(kv[0], kv[1]), *_transpose_ordered(kv[2], kv[3]))
-    return doc, kv, q
-
-
-_compiled_window_block_tables = None
-
-
-def _window_block_tables_for(device: torch.device) -> Callable:
-    global _compiled_window_block_tables
-    if device.type != "cuda":
-        return _window_block_tables
-    if _compiled_window_block_tables is None:
-        _compiled_window_block_tables = torch.compile(_window_block_tables, dynamic=False, fullgraph=True)
-    return _compiled_window_block_tables
-
-
-def sliding_window_block_mask(cu_seqlens: Tensor, length: int, window: int,
-                              block_size: int = FLEX_BLOCK_SIZE,
-                              with_backward: bool = True) -> BlockMask:
-    """FlexAttention block mask for document-causal sliding-window attention, built from bounds.
-
-    create_block_mask would evaluate the mask at every (query, key) pair (~2.7e11 at the
-    validation length). Here each query tile only needs three numbers: its first row's lowest
-    visible key, and for its last row the document start and the window's reach. The visible keys
-    of a tile form one contiguous run of key tiles ending at the diagonal; inside it, tiles that
-    every row sees completely are "full" (no mask evaluated), the rest are "partial".
-    """
-    if length % block_size:
-        raise ValueError(f"flex attention needs a sequence length that is a multiple of "
-                         f"{block_size}, got {length}")
-    # the window as a tensor: a new window is a new value, not a new graph (here or in the model)
-    window_t = torch.full((), window, dtype=torch.int64, device=cu_seqlens.device)
-    build = _window_block_tables_for(cu_seqlens.device)
-    doc, kv, q = build(cu_seqlens, window_t, length, block_size, with_backward)
-
-    def same_doc_in_window(b, h, q_idx, kv_idx):   # evaluated only inside partial tiles
-        behind = q_idx - kv_idx
-        return (doc[q_idx] == doc[kv_idx]) & (behind >= 0) & (behind <= window_t)
-
-    return BlockMask(seq_lengths=(length, length), kv_num_blocks=kv[0], kv_indices=kv[1],
-                     full_kv_num_blocks=kv[2], full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1],
-                     full_q_num_blocks=q[2], full_q_indices=q[3], BLOCK_SIZE=(block_size, block_size),
-                     mask_mod=same_doc_in_window)
-
-
-def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Tensor,
-                          flex_fn: Callable = flex_attention) -> Tensor:
-    """(T, H, D) q, k, v -> (T, H, D) through FlexAttention with a prebuilt block mask.
-
-    The softmax scale enters as a tensor through score_mod (scale=1.0 to the kernel): the kernel
-    multiplies the fp32 scores by it either way, and a tensor changes at a stage boundary without
-    recompiling. flex_fn: flex_attention itself inside a compiled graph, else a compiled wrapper.
-    """
-    def scaled(score, b, h, q_idx, kv_idx):
-        return score * scale
-
-    to_bhtd = lambda t: t.transpose(0, 1).unsqueeze(0)
-    out = flex_fn(to_bhtd(q), to_bhtd(k), to_bhtd(v), score_mod=scaled, block_mask=block_mask,
-                  scale=1.0)
-    return out[0].transpose(0, 1)
-
-
-def masked_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """Plain PyTorch reference (CPU, tests): dense boolean mask, same math as the fast backends."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=allowed, scale=float(scale))
-    return out.transpose(0, 1)
-
-
-# ---- flash-attn backends (CUDA only) ----------------------------------------------------------
-# name -> (flash_attn_varlen_func, where it came from), and name -> why it did not load
-_FLASH_VARLEN: dict = {}
-_FLASH_FAILURES: dict = {}
-
-
-def _load_fa3_hub():
-    from kernels import get_kernel
-    return get_kernel("varunneal/flash-attention-3").flash_attn_interface.flash_attn_varlen_func
-
-
-def _load_fa3_local():
-    import flash_attn_interface
-    return flash_attn_interface.flash_attn_varlen_func
-
-
-def _load_fa2():
-    from flash_attn import flash_attn_varlen_func
-    return flash_attn_varlen_func
-
-
-_FLASH_SOURCES = {
-    "fa3": (("kernels hub varunneal/flash-attention-3", _load_fa3_hub),
-            ("local flash_attn_interface", _load_fa3_local)),
-    "flash_attn": (("flash_attn (FA2)", _load_fa2),),
-}
-
-
-def _load_flash_varlen(backend: str):
-    """Import the varlen function of a flash backend; None (with the reasons kept) if none loads."""
-    if backend in _FLASH_VARLEN:
-        return _FLASH_VARLEN[backend][0]
-    failures = []
-    for source, loader in _FLASH_SOURCES[backend]:
-        try:
-            fn = loader()
-        except Exception as exc:   # ImportError, no network for the hub, missing CUDA symbols ...
-            first_line = (str(exc).splitlines() or [""])[0]
-            failures.append(f"{source}: {type(exc).__name__} {first_line}".strip())
-            continue
-        _FLASH_VARLEN[backend] = (fn, source)
-        return fn
-    _FLASH_FAILURES[backend] = failures
-    return None
-
-
-def attention_backend_source(backend: str) -> str:
-    """Where a resolved backend's kernel came from, for the run log."""
-    if backend in _FLASH_VARLEN:
-        return f"{backend} ({_FLASH_VARLEN[backend][1]})"
-    return {"flex": "flex (PyTorch FlexAttention, document-causal sliding-window block mask)",
-            "sdpa": "sdpa (PyTorch scaled_dot_product_attention with a dense mask; reference)"}.get(
-        backend, backend)
-
-
-def resolve_attention_backend(requested: str, device) -> str:
-    """'auto' | 'fa3' | 'flash_attn' | 'flex' | 'sdpa' -> the backend this run uses.
-
-    auto on CUDA: FA3 (kernels hub, then a local flash_attn_interface; Hopper only), then FA2
-    varlen, then FlexAttention, which always works. auto on CPU: sdpa (FlexAttention has no CPU
-    backward). A backend that was asked for by name but cannot run here is a one-line error.
-    """
-    device = torch.device(device)
-    choices = ("auto",) + ATTN_BACKENDS
-    if requested not in choices:
-        raise SystemExit(f"error: --attn {requested!r} is not one of {', '.join(choices)}")
-    if device.type != "cuda":
-        if requested in ("auto", "sdpa"):
-            return "sdpa"
-        raise SystemExit(f"error: --attn {requested} needs a CUDA GPU; on CPU use --attn auto (sdpa)")
-    if requested in ("flex", "sdpa"):
-        return requested
-    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-    candidates = ["fa3", "flash_attn"] if requested == "auto" else [requested]
-    for backend in candidates:
-        if backend == "fa3" and not hopper:
-            continue
-        if _load_flash_varlen(backend) is not None:
-            return backend
-    if requested == "auto":
-        return "flex"
-    why = "; ".join(_FLASH_FAILURES.get(requested) or ["FA3 needs a Hopper GPU"])
-    raise SystemExit(f"error: --attn {requested} is not available here ({why}); "
-                     "use --attn auto or --attn flex")
-
-
-def flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
-                           window: int, scale: float, backend: str) -> Tensor:
-    fn = _load_flash_varlen(backend)
-    if fn is None:
-        raise RuntimeError(f"attention backend {backend} is not available (resolve it first)")
-    out = fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
-             max_seqlen_k=max_len, causal=True, softmax_scale=scale, window_size=(window, 0))
-    return out[0] if isinstance(out, tuple) else out   # some FA3 builds also return the lse
-
-
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
-                     window_tokens: int, softmax_scale: float, backend: str) -> Tensor:
-    """One packed sequence (T, H, D) -> (T, H, D), causal within documents, sliding window.
-
-    Stand-alone entry (tests, experiments): it builds the flex/sdpa mask on every call. GPT builds
-    its masks once per forward instead (AttentionPlan) and calls the per-backend functions.
-    """
-    length = q.size(0)
-    if backend in ("fa3", "flash_attn"):
-        return flash_varlen_attention(q, k, v, cu_seqlens, max_len, window_tokens,
-                                      softmax_scale, backend)
-    if backend == "flex":
-        mask = sliding_window_block_mask(cu_seqlens, length, window_tokens,
-                                         with_backward=torch.is_grad_enabled())
-        scale = torch.full((), softmax_scale, dtype=torch.float32, device=q.device)
-        return flex_window_attention(q, k, v, mask, scale)
-    if backend == "sdpa":
-        return masked_sdpa_attention(q, k, v, window_mask_dense(cu_seqlens, length, window_tokens),
-                                     softmax_scale)
-    raise ValueError(f"unknown attention backend {backend!r}")
-
-
-# =============================================================================
-# SECTION: model
-# The record's GPT: 11 layers over a 768-wide residual stream, weights held in banks the optimizer
-# shards, extra inputs at every layer (x0, hashed bigrams, value embeddings), gates everywhere.
-# The forward is split into small pure functions ("regions") so it can be compiled either as one
-# graph or region by region (compile_model), and so tests can check each piece.
-# =============================================================================
-
-
-
-def norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def next_multiple_of_n(v: int, n: int) -> int:
-    return -(-v // n) * n
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """Static structure of one layer."""
-    index: int
-    has_attn: bool
-    paired: bool              # paired-head attention
-    long_window: bool         # long window and the partial key offset
-    attn_slot: int | None     # row in attn_bank and attn_gate_bank
-    value_slot: int | None    # which value embedding (and ve gate) this layer adds to v
-
-
-def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
-    specs, attn_slot = [], 0
-    for i in range(num_layers):
-        has_attn = i != NO_ATTENTION_LAYER
-        specs.append(LayerSpec(
-            index=i, has_attn=has_attn, paired=i in PAIRED_HEAD_LAYERS,
-            long_window=i in LONG_WINDOW_LAYERS, attn_slot=attn_slot if has_attn else None,
-            value_slot=VALUE_EMBED_LAYERS.index(i) if i in VALUE_EMBED_LAYERS else None))
-        attn_slot += has_attn
-    return specs
-
-
-@dataclass
-class ForwardScheduleConfig:
-    """What the schedule changes between steps: MTP weights (tensor) and windows (tokens)."""
-    mtp_weights: Tensor
-    ws_short: int
-    ws_long: int
-
-
-# ---- rotary embedding -------------------------------------------------------------------------
-
-class Yarn(nn.Module):
-    """Half-truncated rotary tables (cos, signed sin), rescaled YaRN-style when the window grows.
-
-    A quarter of head_dim frequencies, each rotating one adjacent pair of dims, cover the first
-    half of every head; the second half has frequency 0 and never rotates ("stationary" dims).
-    paired=True: for paired-head layers a token's two heads get rotary positions 2t and 2t+1, so a
-    table row holds both (2 * head_dim columns). Tables are bf16 like the record's.
-    """
-
-    def __init__(self, head_dim: int, max_seq_len: int, paired: bool = False):
-        super().__init__()
-        self.head_dim = head_dim
-        self.max_seq_len = max_seq_len
-        self.paired = paired
-        width = head_dim * (2 if paired else 1)
-        self.register_buffer("cos", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, width, dtype=torch.bfloat16), persistent=False)
-        self.reset()
-
-    def reset(self) -> None:
-        """Back to the initial frequencies and softmax scale (start of training)."""
-        device = self.cos.device
-        freq = ROPE_MIN_FREQ ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32,
-                                               device=device)
-        freq = freq.repeat_interleave(2)
-        # fp32 and not a buffer: model.to(dtype) must not round it; it follows cos to its device
-        self.angular_freq = torch.cat([freq, freq.new_zeros(self.head_dim // 2)])
-        self.attn_scale = INITIAL_ATTN_SCALE
-        self._fill_tables()
-
-    def apply(self, old_window: int, new_window: int = None, alpha: int = YARN_ALPHA,
-              beta: int = YARN_BETA):
-        """YaRN: the long window grew old_window -> new_window tokens. Frequencies that turn less
-        than alpha times across the old window are slowed by old/new, those that turn more than
-        beta times are kept, a linear ramp in between; the softmax scale grows with log(new/old).
-
-        (Named like the record's method; called with a function it is nn.Module.apply.)
-        """
-        if callable(old_window):
-            return super().apply(old_window)
-        freq = self.angular_freq.to(self.cos.device)
-        rotations = old_window * freq / (2 * math.pi)
-        shrink = old_window / new_window
-        ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
-        freq *= shrink + ramp * (1 - shrink)
-        self.angular_freq = freq
-        self._fill_tables()
-        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
-        return self
-
-    def _fill_tables(self) -> None:
-        freq = self.angular_freq.to(self.cos.device)
-        t = torch.arange(self.max_seq_len, dtype=torch.float32, device=freq.device)
-        if self.paired:
-            theta = torch.cat([torch.outer(2 * t, freq), torch.outer(2 * t + 1, freq)], dim=-1)
-        else:
-            theta = torch.outer(t, freq)
-        self.cos.copy_(theta.cos())
-        self.sin.copy_(theta.sin())
-        # rotate pairs (a, b) -> (a cos + b sin, b cos - a sin): the sign lives in the table
-        self.sin[..., 1::2] *= -1
-
-    def tables(self, length: int) -> tuple[Tensor, Tensor]:
-        if length > self.max_seq_len:
-            raise ValueError(f"sequence of {length} tokens is longer than the rotary tables "
-                             f"({self.max_seq_len}); raise ModelConfig.max_seq_len")
-        return self.cos[:length], self.sin[:length]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (T, heads, width) with width = cos.size(-1); rotates adjacent pairs of dims."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)   # (a, b) -> (b, a)
-    return cos[:, None] * x + sin[:, None] * swapped
-
-
-# ---- the forward, as pure functions of tensors ("regions") --------------------------------------
-# Each takes weights as arguments, so one compiled graph serves every layer with the same
-# structure. Python bool/int arguments are structure (one graph per distinct value); everything
-# that changes during training (windows, scales, lambdas, rotary tables) is a tensor.
-
-def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
-    """Row of the bigram table for each position: hash of (previous, current) token.
-
-    int32 arithmetic that wraps like the record's; position 0 has no previous token and gets the
-    reserved last row. Document starts hash with the previous document's last token (as recorded).
-    """
-    t = tokens.to(torch.int32)
-    reserved = table_size - 1
-    mixed = torch.bitwise_xor(BIGRAM_HASH_A * t[1:], BIGRAM_HASH_B * t[:-1]) % reserved
-    return torch.cat([mixed.new_full((1,), reserved), mixed])
-
-
-def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_embeds: Tensor,
-                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int):
-    """Tokens -> (x0, bigram embeddings, the 5 value embeddings (5, T, d)).
-
-    x0 is the normed token embedding after the smear gate mixed a gated part of the previous
-    token's embedding into each position.
-    """
-    x = F.embedding(input_seq, embed_w)
-    x_bigram = F.embedding(bigram_hash(input_seq, bigram_w.size(0)), bigram_w)
-    ve = value_embeds.view(5, vocab_size, -1)[:, input_seq]
-    smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], smear_w.type_as(x)))
-    x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
-    return norm(x), x_bigram, ve
-
-
-def mix_layer_input(x: Tensor, x0: Tensor | None, x_bigram: Tensor, resid_lambda: Tensor,
-                    x0_lambda: Tensor, bigram_lambda: Tensor) -> Tensor:
-    """Residual stream entering a layer: scaled stream + scaled x0 + scaled bigram embedding.
-    x0 None: the first layer, where the stream IS x0 (the record folds the two scales there)."""
-    if x0 is None:
-        return (resid_lambda + x0_lambda) * x + bigram_lambda * x_bigram
-    return resid_lambda * x + x0_lambda * x0 + bigram_lambda * x_bigram
-
-
-def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, resid_lambda: Tensor,
-                     x0_lambda: Tensor, bigram_lambda: Tensor, qkv_w: Tensor, qkv_lambda: Tensor,
-                     cos: Tensor, sin: Tensor, attn_gate_w: Tensor, ve: Tensor | None,
-                     ve_gate_w: Tensor | None, num_heads: int, paired: bool, key_offset: bool):
-    """First half of an attention layer: mix the input, project, QK-norm, rotate, add value
-    embeddings. Returns (new stream, q, k, v in the attention layout, output gate (T, heads)).
-
-    Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
-    token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
-    reshapes — and its rotary angle is that of position 2t + h % 2 (the paired tables).
-    """
-    x = mix_layer_input(x, x0, x_bigram, resid_lambda, x0_lambda, bigram_lambda)
-    h = norm(x)
-    T = h.size(0)
-    qkv = F.linear(h, qkv_lambda * qkv_w.type_as(h)).view(T, 3 * num_heads, -1)
-    q, k, v = qkv.chunk(3, dim=1)
-    q, k = norm(q), norm(k)                                   # QK norm
-    head_dim = q.size(-1)
-    gate_in = h[:, :GATE_INPUTS]
-    if ve is not None:
-        ve_gate = 2 * torch.sigmoid(F.linear(gate_in, ve_gate_w.type_as(h)))   # (T, heads)
-    if paired:
-        # each token's heads become two consecutive positions of half as many heads
-        q = apply_rotary(q.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
-        k = apply_rotary(k.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
-        q = q.reshape(2 * T, num_heads // 2, head_dim)
-        k = k.reshape(2 * T, num_heads // 2, head_dim)
-        v = v.reshape(2 * T, num_heads // 2, head_dim)
-        if ve is not None:
-            v = v + ve_gate.view(2 * T, num_heads // 2, 1) * ve.view_as(v)
-    else:
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if key_offset:
-            # keys take their stationary (non-rotated) half from the previous position, so one
-            # layer can match "the token after the previous occurrence" (induction)
-            half = head_dim // 2
-            still = k[..., half:]
-            k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
-        if ve is not None:
-            v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
-    gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
-    # v may still be a strided view of the projection: hand every layer kind the same layout
-    return x, q, k, v.contiguous(), gate
-
-
-def attention_output_and_mlp(x: Tensor, y: Tensor, gate: Tensor, out_w: Tensor,
-                             out_lambda: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
-    """Second half of an attention layer: gate the heads, project out, add; then the MLP."""
-    T, heads = gate.shape
-    y = y.reshape(T, heads, -1) * gate.unsqueeze(-1)
-    y = F.linear(y.reshape(T, -1), out_lambda * out_w.type_as(y))
-    x = x + y
-    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
-
-
-def mlp_only_layer(x: Tensor, x0: Tensor, x_bigram: Tensor, resid_lambda: Tensor,
-                   x0_lambda: Tensor, bigram_lambda: Tensor, fc_w: Tensor, proj_w: Tensor,
-                   skip: Tensor | None, skip_gate_w: Tensor | None, skip_lambda: Tensor | None) -> Tensor:
-    """The attention-free layer, which also receives the gated skip connection."""
-    if skip is not None:
-        gate = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
-            F.linear(x0[:, :GATE_INPUTS], skip_gate_w.type_as(x0)))
-        x = x + gate * skip
-    x = mix_layer_input(x, x0, x_bigram, resid_lambda, x0_lambda, bigram_lambda)
-    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
-
-
-def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
-                targets: Tensor, mtp_weights: Tensor, x_s: float, w_s: float, grad_s: float,
-                use_fp8: bool, training: bool) -> Tensor:
-    """Back out part of an early layer's state, norm, and score with the softcapped head.
-    Training: sum over positions of the MTP-weighted losses. Eval: mean next-token loss."""
-    x = norm(x - backout_lambda * x_backout)
-    if training:
-        return softcapped_mtp_loss(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8).sum()
-    logits = softcap(lm_head_logits(x, lm_head_w, x_s, w_s, grad_s, use_fp8=False))
-    return F.cross_entropy(logits.float(), targets.long(), reduction="mean")
-
-
-@dataclass
-class ModelRegions:
-    """The functions GPT's forward calls; compile_model swaps in compiled versions."""
-    embed: Callable = embed_inputs
-    attention_inputs: Callable = attention_inputs
-    attention_output_and_mlp: Callable = attention_output_and_mlp
-    mlp_only_layer: Callable = mlp_only_layer
-    output_loss: Callable = output_loss
-    flex: Callable = flex_attention
-
-
-# ---- attention inputs shared by all layers of one forward -------------------------------------
-
-@dataclass
-class LayerAttention:
-    """Everything one kind of layer (window x paired) needs from the attention backend."""
-    cu_seqlens: Tensor          # document offsets in this layer's sequence (doubled when paired)
-    max_len: int                # flash-attn max_seqlen
-    window: int                 # tokens
-    scale: float                # softmax scale (python: flash backends, sdpa)
-    scale_tensor: Tensor | None # the same as a device tensor (flex)
-    mask: object                # BlockMask (flex), dense bool mask (sdpa), None (flash)
-
-
-@dataclass
-class AttentionPlan:
-    backend: str
-    kinds: dict                 # (long_window, paired) -> LayerAttention
-
-
-# ---- the model ----------------------------------------------------------------------------------
-
-class TransposedLMHead(nn.Module):
-    """lm_head with its weight stored (model_dim, vocab): the transpose of nn.Linear's layout,
-    which the record found faster to accumulate gradients into. FP8 matmul only in training."""
-
-    def __init__(self, model_dim: int, vocab_size: int, use_fp8: bool, grad_accum_steps: int):
-        super().__init__()
-        self.use_fp8 = use_fp8
-        self.x_s = LM_HEAD_X_SCALE
-        self.w_s = LM_HEAD_W_SCALE
-        self.grad_s = LM_HEAD_GRAD_SCALE / grad_accum_steps   # the loss is scaled by 1/accum
-        self.weight = nn.Parameter(torch.zeros(model_dim, vocab_size, dtype=torch.bfloat16))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return lm_head_logits(x, self.weight, self.x_s, self.w_s, self.grad_s,
-                              use_fp8=self.use_fp8 and self.training)
-
-
-class GPT(nn.Module):
-    """The record's GPT. Parameter names, shapes, labels and init match the record; construct,
-    move to the device, then call cast_to_bf16() for the record's dtypes (the caller's job)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.num_layers = L = cfg.num_layers
-        self.vocab_size = next_multiple_of_n(cfg.vocab_size, 128)   # 50257 -> 50304
-        d, hdim, H = cfg.model_dim, cfg.num_heads * cfg.head_dim, cfg.num_heads
-        self.layers = record_layer_layout(L)
-        self.attention_kinds = sorted({(s.long_window, s.paired) for s in self.layers if s.has_attn})
-        self.regions = ModelRegions()
-        self._compiled_body = None
-        # Parameters are created in the record's order and with its RNG draws (nn.Linear and
-        # nn.Embedding draw their default init before being overwritten), so one seed gives the
-        # record's initial weights.
-        self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
-        nn.init.zeros_(self.smear_gate.weight)
-        self.smear_gate.weight.label = "smear_gate"
-        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
-        nn.init.zeros_(self.skip_gate.weight)
-        self.skip_gate.weight.label = "skip_gate"
-        self.value_embeds = nn.Parameter(torch.zeros(5 * self.vocab_size, d, dtype=torch.bfloat16))
-        self.value_embeds.label = "value_embed"
-        num_attn = sum(s.has_attn for s in self.layers)
-        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
-        self.attn_gate_bank.label = "attn_gate_bank"
-        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
-        self.ve_gate_bank.label = "ve_gate_bank"
-        # banks: attention layer -> [W_q; W_k; W_v; W_o] stacked (4d, hdim); the optimizer views it
-        # as 4*num_attn square matrices. MLP layer -> (W_fc, W_proj), each (4d, d), plus one
-        # padding layer so 2*(L+1) = 24 matrices split evenly over 8 ranks.
-        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, hdim))
-        self.attn_bank.label = "attn"
-        self.attn_bank.reshape = (num_attn * 4, hdim, hdim)
-        self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
-        self.mlp_bank.label = "mlp"
-        self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
-        bound = 3 ** 0.5 * INIT_STD_FACTOR * d ** -0.5       # uniform with that std
-        with torch.no_grad():
-            self.attn_bank.uniform_(-bound, bound)
-            self.mlp_bank[:, 0].uniform_(-bound, bound)
-            self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
-        self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
-        self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
-        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8, cfg.grad_accum_steps)
-        nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
-        self.lm_head.weight.label = "lm_head"
-        self.embed = nn.Embedding(self.vocab_size, d)
-        self.embed.weight.label = "embed"
-        with torch.no_grad():
-            self.embed.weight.copy_(self.lm_head.weight.T)   # tied until the optimizer splits them
-        self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
-        self.bigram_embed.weight.label = "bigram_embed"
-        nn.init.zeros_(self.bigram_embed.weight)
-        self.x0_lambdas = nn.Parameter(torch.zeros(L))
-        self.x0_lambdas.label = "x0_lambdas"
-        # the record pads for 3L+3 entries although it holds 4L+3 (so 51 at 8 ranks, not a multiple
-        # of 8); kept as is: the shape is part of its checkpoints and only rank-replicated anyway
-        pad = (-3 * L - 3) % cfg.world_size
-        self.scalars = nn.Parameter(torch.cat([
-            1.1 * torch.ones(L),                     # residual lambdas
-            torch.tensor([0.5, 1.0]).repeat(L),      # attention (qkv, out) lambdas
-            0.1 * torch.ones(L),                     # bigram lambdas
-            torch.zeros(1),                          # smear lambda
-            0.5 * torch.ones(1),                     # backout lambda
-            -1.5 * torch.ones(1),                    # skip lambda (sigmoid(-1.5) ~ 0.18)
-            torch.ones(pad),
-        ]))
-        self.scalars.label = "scalars"
-
-    def compiled(self) -> "GPT":
-        """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
-
-        For compile-time experiments, SPEEDRUN_COMPILE_DYNAMIC=0|1|auto overrides
-        cfg.compile_dynamic (auto: a second sequence length compiles one graph with a symbolic
-        length that the later stages share).
-        """
-        dynamic = {"0": False, "1": True, "auto": None}.get(
-            os.environ.get("SPEEDRUN_COMPILE_DYNAMIC", ""), self.cfg.compile_dynamic)
-        return compile_gpt(self, self.cfg.compile_mode, dynamic)
-
-    def cast_to_bf16(self) -> "GPT":
-        """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
-        for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
-                  self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
-                  self.attn_bank, self.mlp_bank):
-            p.data = p.data.bfloat16()
-        return self
-
-    # -- forward --
-
-    def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor,
-                sched: ForwardScheduleConfig) -> Tensor:
-        if input_seq.ndim != 1:
-            raise ValueError(f"input_seq must be one packed sequence (T,), got {tuple(input_seq.shape)}")
-        plan = self.plan_attention(cu_seqlens, input_seq.size(0), sched)
-        body = self._compiled_body or self.body
-        return body(input_seq, target_seq, plan, sched.mtp_weights)
-
-    def plan_attention(self, cu_seqlens: Tensor, length: int,
-                       sched: ForwardScheduleConfig) -> AttentionPlan:
-        """Masks, offsets and scales for every kind of layer, built once per forward outside any
-        compiled graph, so windows and scales never specialize a graph."""
-        backend = self.cfg.attn_backend
-        max_len = self.cfg.train_max_seq_len if self.training else self.cfg.val_max_len
-        with_backward = self.training and torch.is_grad_enabled()
-        kinds = {}
-        for long_window, paired in self.attention_kinds:
-            yarn = self.yarn_paired_head if paired else self.yarn
-            window = sched.ws_long if long_window else sched.ws_short
-            factor = 2 if paired else 1           # paired layers attend over twice the positions
-            cu = cu_seqlens * factor if paired else cu_seqlens
-            mask, scale_t = None, None
-            if backend == "flex":
-                mask = sliding_window_block_mask(cu, factor * length, window,
-                                                 with_backward=with_backward)
-                scale_t = torch.full((), yarn.attn_scale, dtype=torch.float32,
-                                     device=cu_seqlens.device)
-            elif backend == "sdpa":
-                mask = window_mask_dense(cu, factor * length, window)
-            kinds[(long_window, paired)] = LayerAttention(cu, factor * max_len, window,
-                                                          yarn.attn_scale, scale_t, mask)
-        return AttentionPlan(backend, kinds)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, plan: AttentionPlan) -> Tensor:
-        """Attention in the layer's layout -> (T, heads, head_dim), contiguous, for every layer
-        kind (so one compiled attention_output_and_mlp graph serves them all)."""
-        a = plan.kinds[(spec.long_window, spec.paired)]
-        if plan.backend == "flex":
-            y = flex_window_attention(q, k, v, a.mask, a.scale_tensor, self.regions.flex)
-        elif plan.backend == "sdpa":
-            y = masked_sdpa_attention(q, k, v, a.mask, a.scale)
-        else:
-            y = flash_varlen_attention(q, k, v, a.cu_seqlens, a.max_len, a.window, a.scale,
-                                       plan.backend)
-        heads = self.cfg.num_heads
-        return y.reshape(-1, heads, y.size(-1)).contiguous()
-
-    def body(self, input_seq: Tensor, target_seq: Tensor, plan: AttentionPlan,
-             mtp_weights: Tensor) -> Tensor:
-        """The forward after attention planning (compile_model's "model" mode compiles this)."""
-        r, L, H = self.regions, self.num_layers, self.cfg.num_heads
-        resid_lambdas = self.scalars[:L]
-        qkv_out_lambdas = self.scalars[L:3 * L].view(L, 2)
-        bigram_lambdas = self.scalars[3 * L:4 * L]
-        smear_lambda, backout_lambda, skip_lambda = self.scalars[4 * L:4 * L + 3].unbind(0)
-        x0, x_bigram, ve = r.embed(input_seq, self.embed.weight, self.bigram_embed.weight,
-                                   self.value_embeds, self.smear_gate.weight, smear_lambda,
-                                   self.vocab_size)
-        # unbind the banks once (per-layer indexing would add select-backward kernels)
-        attn_w = self.attn_bank.unbind(0)
-        attn_gates = self.attn_gate_bank.unbind(0)
-        ve_gates = self.ve_gate_bank.unbind(0)
-        fc_w = self.mlp_bank[:, 0].unbind(0)
-        proj_w = self.mlp_bank[:, 1].unbind(0)
-        d = x0.size(-1)
-        T = input_seq.size(0)
-        x, skip, x_backout = x0, None, None
-        for spec in self.layers:
-            i = spec.index
-            lambdas = (resid_lambdas[i], self.x0_lambdas[i], bigram_lambdas[i])
-            if spec.has_attn:
-                yarn = self.yarn_paired_head if spec.paired else self.yarn
-                cos, sin = yarn.tables(T)
-                qkvo = attn_w[spec.attn_slot]
-                slot = spec.value_slot
-                x, q, k, v, gate = r.attention_inputs(
-                    x, None if i == 0 else x0, x_bigram, *lambdas, qkvo[:3 * d],
-                    qkv_out_lambdas[i, 0], cos, sin, attn_gates[spec.attn_slot],
-                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
-                    num_heads=H, paired=spec.paired, key_offset=spec.long_window)
-                y = self.attend(q, k, v, spec, plan)
-                x = r.attention_output_and_mlp(x, y, gate, qkvo[3 * d:], qkv_out_lambdas[i, 1],
-                                               fc_w[i], proj_w[i])
-            else:
-                receives_skip = i == SKIP_TO_LAYER
-                x = r.mlp_only_layer(x, x0, x_bigram, *lambdas, fc_w[i], proj_w[i],
-                                     skip if receives_skip else None,
-                                     self.skip_gate.weight if receives_skip else None,
-                                     skip_lambda if receives_skip else None)
-            if i == SKIP_FROM_LAYER:
-                skip = x
-            if i == BACKOUT_LAYER:
-                x_backout = x
-        head = self.lm_head
-        return r.output_loss(x, x_backout, backout_lambda, head.weight, target_seq, mtp_weights,
-                             head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
-
 
 # ---- compilation ---------------------------------------------------------------------------------
 
 def compile_gpt(model: GPT, mode: str = "model", dynamic: bool | None = False,
                 backend: str = "inductor") -> GPT:
-    """Choose how GPT's forward is compiled; returns the model (call it as usual).
+    """Compile GPT's forward as the mode says; returns the model (call it as usual).
     GPT.compiled() calls this with the ModelConfig's compile_mode / compile_dynamic.
 
     "model":  the whole forward (after attention planning) as ONE fullgraph graph, like the record.
               One graph per (sequence length, train/eval); windows, YaRN tables and scales are
               tensors, so a stage change recompiles only when the batch shape changes.
-    "blocks": each region compiled on its own and shared by all layers of the same structure:
-              per (sequence length, train/eval) 7 attention-input variants (first layer, paired,
-              value embeddings, key offset), 1 attention-output+MLP, 1 MLP-only, embed, head, and
-              FlexAttention twice (plain and paired shapes) = 13 small graphs. Flash backends run
-              between regions, uncompiled.
+              (Compiling each kind of layer on its own and reusing it compiled faster but ran
+              ~1.6x slower per step on an H100: benchmarks/RESULTS.md.)
     "none":   eager (CPU tests; FlexAttention is then the slow unfused fallback).
     dynamic:  passed to torch.compile; None lets a second sequence length compile a graph with a
               symbolic length that the later stages reuse.
@@ -2025,25 +1478,15 @@ def compile_gpt(model: GPT, mode: str = "model", dynamic: bool | None = False,
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
-    model.regions = ModelRegions()
     model._compiled_body = None
-    if mode == "none":
-        return model
-    _allow_many_graphs()
-    compiled = lambda fn: torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
     if mode == "model":
-        model._compiled_body = compiled(model.body)
-    else:
-        model.regions = ModelRegions(
-            embed=compiled(embed_inputs), attention_inputs=compiled(attention_inputs),
-            attention_output_and_mlp=compiled(attention_output_and_mlp),
-            mlp_only_layer=compiled(mlp_only_layer), output_loss=compiled(output_loss),
-            flex=compiled(flex_attention))
+        _allow_many_graphs()
+        model._compiled_body = torch.compile(model.body, fullgraph=True, dynamic=dynamic, backend=backend)
     return model
 
 
 def _allow_many_graphs(limit: int = 64) -> None:
-    # one code object serves several structures x shapes x train/eval: lift dynamo's default of 8
+    # one code object serves several shapes x train/eval: lift dynamo's default of 8
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
@@ -2052,6 +1495,77 @@ def _allow_many_graphs(limit: int = 64) -> None:
 # =============================================================================
 # SECTION: optimizer
 # =============================================================================
+
+# ---- Polar Express orthogonalization (arXiv 2505.16932) -----------------------------------------
+# Five odd-polynomial steps X <- a X + (b A + c A A) X with A = X X^T, drive every singular value of
+# X towards 1. Coefficients as in the record: optimized for 5 iterations, safety factor 2e-2,
+# cushion 2. The safety factor also inflates the Frobenius norm used to pre-scale X, so the
+# spectral norm starts safely below 1.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 2e-2
+POLAR_EXPRESS_EPS = 1e-6
+
+
+def xxt_reference(A: Tensor, out: Tensor) -> Tensor:
+    """out = A @ A^T for (m, k) or batched (b, m, k) A, accumulated in fp32 and rounded once."""
+    out.copy_(A.float() @ A.float().mT)
+    return out
+
+
+def ba_plus_caa_reference(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    """out = alpha * A @ A^T + beta * A for square (batched) A, fp32 math, one rounding."""
+    A32 = A.float()
+    out.copy_(alpha * (A32 @ A32.mT) + beta * A32)
+    return out
+
+
+def xxt(A: Tensor, out: Tensor) -> Tensor:
+    if _use_triton(A):
+        return _xxt_triton(A, out)
+    return xxt_reference(A, out)
+
+
+def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
+    if _use_triton(A):
+        return _ba_plus_caa_triton(A, alpha, beta, out)
+    return ba_plus_caa_reference(A, alpha, beta, out)
+
+
+def polar_express(G: Tensor, split_baddbmm: bool = False) -> Tensor:
+    """Approximate orthogonal polar factor U V^T of G (..., m, n), computed in bf16 like the record.
+
+    split_baddbmm: do C = B @ X then C += a X as two ops instead of one baddbmm; faster for the
+    tall MLP matrices, where baddbmm reading X twice forces a defensive copy.
+    """
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation so A = X X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + POLAR_EXPRESS_EPS)
+    X = X.contiguous()
+    gram = X.new_empty((*X.shape[:-1], X.size(-2)))
+    poly = torch.empty_like(gram)
+    nxt = torch.empty_like(X)
+    batched = X.ndim > 2
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        xxt(X, out=gram)                                  # gram = X X^T
+        ba_plus_caa(gram, alpha=c, beta=b, out=poly)      # poly = b gram + c gram^2
+        if split_baddbmm:
+            torch.matmul(poly, X, out=nxt)
+            nxt.add_(X, alpha=a)
+        elif batched:
+            torch.baddbmm(X, poly, X, beta=a, out=nxt)    # nxt = a X + poly X
+        else:
+            torch.addmm(X, poly, X, beta=a, out=nxt)
+        X, nxt = nxt, X                                   # ping-pong the two buffers
+    return X.mT if tall else X
+
 
 COMPILED_ADAM_MIN_NUMEL = 1 << 16   # smaller Adam tensors (gates, scalars) update eagerly
 
@@ -2393,6 +1907,96 @@ class NorMuonAndAdam:
         self.split_embed = saved.get("split_embed", False)
 
 
+# ---- Triton: symmetric Gram products for Polar Express -------------------------------------------
+# X X^T and A A^T are symmetric, so only blocks touching the lower triangle are computed and each is
+# written twice (as itself and mirrored), halving the matmul work of the two products per step.
+
+@triton.jit
+def _symmetric_gram_kernel(
+    a_ptr, out_ptr, M, K,
+    stride_ab, stride_am, stride_ak,
+    stride_ob, stride_om, stride_on,
+    alpha, beta,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, ADD_SELF: tl.constexpr,
+):
+    """out[b] = A[b] A[b]^T; with ADD_SELF (A square, symmetric): alpha * A A^T + beta * A."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(M, BLOCK_N)
+    blocks_per_matrix = blocks_m * blocks_n
+    matrix = pid // blocks_per_matrix
+    tile = pid % blocks_per_matrix
+    # grouped ordering keeps the rows of A reused by neighbouring programs in L2
+    block_m, block_n = tl.swizzle2d(tile // blocks_n, tile % blocks_n, blocks_m, blocks_n, GROUP_M)
+    row0 = block_m * BLOCK_M
+    col0 = block_n * BLOCK_N
+    if row0 + BLOCK_M <= col0:  # entirely above the diagonal: a mirrored store fills it
+        return
+
+    a_ptr += matrix.to(tl.int64) * stride_ab
+    out_ptr += matrix.to(tl.int64) * stride_ob
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # out-of-range rows/cols wrap around instead of being masked; their results are never stored
+    lhs_ptrs = a_ptr + (rows % M)[:, None] * stride_am + ks[None, :] * stride_ak   # A[rows, k]
+    rhs_ptrs = a_ptr + (cols % M)[None, :] * stride_am + ks[:, None] * stride_ak   # A[cols, k]^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        lhs = tl.load(lhs_ptrs, mask=ks[None, :] < k_left, other=0.0)
+        rhs = tl.load(rhs_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        acc = tl.dot(lhs, rhs, acc)
+        lhs_ptrs += BLOCK_K * stride_ak
+        rhs_ptrs += BLOCK_K * stride_ak
+
+    in_bounds = (rows[:, None] < M) & (cols[None, :] < M)
+    if ADD_SELF:
+        # floats may arrive as fp64 when Inductor launches the kernel; keep the epilogue in fp32
+        a_block = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ak,
+                          mask=in_bounds, other=0.0)
+        acc = acc * tl.cast(alpha, tl.float32) + a_block.to(tl.float32) * tl.cast(beta, tl.float32)
+    result = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, result, mask=in_bounds)
+    tl.store(out_ptr + cols[:, None] * stride_om + rows[None, :] * stride_on, tl.trans(result),
+             mask=tl.trans(in_bounds))
+
+
+def _launch_symmetric_gram(A: Tensor, out: Tensor, alpha: float, beta: float, add_self: bool,
+                           blocks=None) -> Tensor:
+    if A.ndim > 3:  # fold leading batch dims
+        _launch_symmetric_gram(A.flatten(0, -3), out.flatten(0, -3), alpha, beta, add_self, blocks)
+        return out
+    M, K = A.shape[-2:]
+    assert out.shape[-2:] == (M, M), f"output must be ({M}, {M}), got {tuple(out.shape)}"
+    assert not add_self or M == K, "ba_plus_caa needs a square (symmetric) A"
+    batch = A.size(0) if A.ndim == 3 else 1
+    # block shapes from H100 tuning of the record: K=768 (attention, and every A A^T) vs K=3072
+    if blocks is None:
+        blocks = (128, 128, 64) if (add_self or K == 768) else (64, 128, 128)
+    block_m, block_n, block_k = blocks
+    grid = (batch * triton.cdiv(M, block_m) * triton.cdiv(M, block_n),)
+    _symmetric_gram_kernel[grid](
+        A, out, M, K,
+        A.stride(0) if A.ndim == 3 else 0, A.stride(-2), A.stride(-1),
+        out.stride(0) if out.ndim == 3 else 0, out.stride(-2), out.stride(-1),
+        float(alpha), float(beta),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, ADD_SELF=add_self,
+        num_stages=4, num_warps=4,
+    )
+    return out
+
+
+def _xxt_triton(A: Tensor, out: Tensor, blocks=None) -> Tensor:
+    return _launch_symmetric_gram(A, out, 1.0, 0.0, add_self=False, blocks=blocks)
+
+
+def _ba_plus_caa_triton(A: Tensor, alpha: float, beta: float, out: Tensor, blocks=None) -> Tensor:
+    return _launch_symmetric_gram(A, out, alpha, beta, add_self=True, blocks=blocks)
+
+
+
 # =============================================================================
 # SECTION: data
 # =============================================================================
@@ -2670,10 +2274,10 @@ class TrainingStage:
 
 def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
     """STAGE_TABLE's stages with their batch sizes: stage i holds stage_seqs[i] sequences of
-    batch_seq_len tokens per micro-batch (the extension keeps the last), 8 micro-batches per step
-    whatever the world size."""
-    per_micro = batch_seq_len * 8
-    return [TrainingStage(row["lr_mul"], stage_seqs[min(i, len(stage_seqs) - 1)] * per_micro,
+    batch_seq_len tokens per micro-batch (the extension keeps the last), MICRO_BATCHES_PER_STEP
+    micro-batches per step whatever the world size."""
+    tokens_per_seq_slot = batch_seq_len * MICRO_BATCHES_PER_STEP   # one more sequence per micro-batch
+    return [TrainingStage(row["lr_mul"], stage_seqs[min(i, len(stage_seqs) - 1)] * tokens_per_seq_slot,
                           tuple(row["windows"]), tuple(row["mtp_start"]), tuple(row["mtp_end"]), row["duration"])
             for i, row in enumerate(STAGE_TABLE)]
 
@@ -2804,6 +2408,135 @@ class StageState:
 
 
 # =============================================================================
+# SECTION: runtime
+# Processes, devices, seeds and caches: what the loop and main need to know about where they run.
+# =============================================================================
+
+@dataclass
+class DistEnv:
+    """Who this process is. world_size 1 without torchrun runs with no process group."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None       # "nccl", "gloo" or None (no process group)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return grad_accum_steps_for(self.world_size)
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def grad_accum_steps_for(world_size: int) -> int:
+    """The record is defined for 8 GPUs; fewer GPUs accumulate the step's micro-batches."""
+    if world_size not in SUPPORTED_WORLD_SIZES:
+        raise SystemExit(f"error: world size {world_size} is not supported; run 1, 2, 4 or 8 "
+                         f"processes (each step is {MICRO_BATCHES_PER_STEP} micro-batches split over the ranks)")
+    return MICRO_BATCHES_PER_STEP // world_size
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """Read torchrun's environment (or none: world size 1), pick the device, start the process group."""
+    world_size = environment_int("WORLD_SIZE", 1)
+    rank = environment_int("RANK", 0)
+    local_rank = environment_int("LOCAL_RANK", 0)
+    grad_accum_steps_for(world_size)   # fail early on 3, 5, 6, 7 ... processes
+    if world_size > 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
+        raise SystemExit(f"error: WORLD_SIZE={world_size} but RANK/MASTER_ADDR are not set: start several "
+                         f"processes with torchrun --nproc_per_node {world_size} (or unset WORLD_SIZE)")
+    if rank >= world_size or local_rank >= world_size:
+        raise SystemExit(f"error: RANK={rank}, LOCAL_RANK={local_rank} but WORLD_SIZE={world_size} (one node: "
+                         "0 <= LOCAL_RANK = RANK < WORLD_SIZE); start the processes with torchrun")
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+        # growable segments: the batch grows per stage, and fragmentation would otherwise cost memory.
+        # Read when CUDA's allocator starts, i.e. at the first allocation below.
+        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+            os.environ.setdefault(name, "expandable_segments:True")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # start autograd's worker for this device before anything else runs (the record does this
+        # to dodge a start-up bug seen on some systems)
+        torch.empty(1, device=device, requires_grad=True).backward()
+    else:
+        device = torch.device("cpu")
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    if world_size > 1:
+        env.backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = dict(device_id=device) if device.type == "cuda" else {}
+        dist.init_process_group(backend=env.backend, **kwargs)
+        dist.barrier()
+    # torch 2.13 renamed all_gather_into_tensor; the old name is what older torch (the GPU) has
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: parameters start identical (rank 0 also broadcasts them)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def configure_compile_cache(cache_dir: str) -> None:
+    """Make compiled graphs reusable across processes: a second run on the same machine, and the
+    helper processes of a cold start (see CompileHelpers), load graphs instead of compiling.
+    With cache_dir, Inductor's and Triton's on-disk caches live there (default: /tmp, ~/.triton).
+
+    Must run before the first compile: the caches read these settings when first needed.
+    """
+    # AOTAutograd's cache skips tracing the joint forward+backward graph (~13 s per train graph
+    # on a warm start), but by default it refuses graphs holding a custom autograd.Function,
+    # and our fused MLP and loss kernels are two of them; their forward and backward are traced
+    # into the graph, so the cache key covers their code.
+    if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):
+        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    # compile the backward graph together with the forward (instead of at the first backward),
+    # so a process that only runs a forward (a compile helper) caches both
+    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+        torch._functorch.config.force_non_lazy_backward_lowering = True
+    if not cache_dir:
+        return
+    root = Path(cache_dir).expanduser().resolve()
+    (root / "inductor").mkdir(parents=True, exist_ok=True)
+    (root / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    # FX-graph and AOTAutograd caches are what skip recompiling a graph; make sure they are on
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def detect_gpu_type(requested: str, device: torch.device) -> str:
+    """'auto' -> the card's family from its name (h100, h200, a100, other); cpu -> 'cpu'."""
+    if device.type != "cuda":
+        return "cpu"
+    if requested != "auto":
+        return requested
+    name = torch.cuda.get_device_name(device).lower()
+    for family in ("h100", "h200", "a100"):
+        if family in name:
+            return family
+    return "other"
+
+
+def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
+    """FP8 lm_head only where the card has FP8 tensor cores and the user did not name an older card."""
+    if device.type != "cuda" or gpu_type == "a100":
+        return False
+    return fp8_supported(device)
+
+
+# =============================================================================
 # SECTION: loop
 # =============================================================================
 
@@ -2852,7 +2585,7 @@ def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend
     return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
                                grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
                                val_max_len=val_len, max_seq_len=max(val_len, train_len),
-                               compile_mode=args.compile_mode if args.compile else "none")
+                               compile_mode="model" if args.compile else "none")
 
 
 def ensure_smoke_data(args: Hyperparameters, env: DistEnv, log) -> None:
@@ -2881,8 +2614,8 @@ def build_model(cfg, env: DistEnv) -> nn.Module:
 
 
 def compile_model(model: nn.Module, enabled: bool):
-    """GPT.compiled() compiles as cfg.compile_mode says (per layer kind or the whole forward);
-    without --compile the eager model runs."""
+    """GPT.compiled() compiles the whole forward (cfg.compile_mode); without --compile the
+    eager model runs."""
     return model.compiled() if enabled else model
 
 
@@ -3020,169 +2753,6 @@ def warmup_plan(args: Hyperparameters, schedule: TrainingSchedule) -> tuple:
     for step in steps:
         first_of_stage.setdefault(schedule.stage_index(step), step)
     return steps, sorted(first_of_stage.values()) if validates else [], reaches_end
-
-
-# ---- cold start: compile the later stages in helper processes ----------------------------------
-# Every (stage batch shape, train/eval) pair is its own graph, ~1 minute of compile each on an
-# H100, and one process compiles them one after another. With one GPU, helper processes compile
-# the later stages' and the validation graphs while this process compiles stage 1. They share
-# the on-disk caches (configure_compile_cache), so the warm-up then loads those graphs in seconds.
-
-COMPILE_JOB_ENV = "SPEEDRUN_COMPILE_JOB"     # in a helper's environment: "train:STEP" or "eval:STEP"
-HELPER_MEMORY_MARGIN = 1 << 30               # bytes a helper may allocate beyond its model
-
-
-def helper_compile_jobs(args: Hyperparameters, schedule: TrainingSchedule) -> list:
-    """(kind, step) for each graph the warm-up would compile after stage 1's training graph:
-    ("train", first step of each later stage with a new batch size) and ("eval", step) once."""
-    steps, eval_steps, final_window = warmup_plan(args, schedule)
-    if not steps:
-        return []
-    jobs, batch_sizes = [], {schedule.lookup(steps[0])[0].batch_size}
-    for step in steps:
-        batch_size = schedule.lookup(step)[0].batch_size
-        if batch_size not in batch_sizes:
-            jobs.append(("train", step))
-            batch_sizes.add(batch_size)
-    if eval_steps or final_window:
-        jobs.append(("eval", eval_steps[0] if eval_steps else schedule.total_steps))
-    return jobs
-
-
-def use_compile_helpers(args: Hyperparameters, env: DistEnv) -> bool:
-    # several ranks already compile side by side, one per GPU; helpers are for the one-GPU case
-    return args.parallel_compile and args.compile and env.world_size == 1
-
-
-def run_compile_helper(args: Hyperparameters, job: str) -> None:
-    """A helper process: build the same model, compile the graph of one (kind, step), exit.
-
-    The forward that follows the compile is not wanted (several helpers running full forwards at
-    once would not fit in GPU memory): GPU memory is capped at what the model holds plus
-    HELPER_MEMORY_MARGIN, so the forward stops at an early activation with an out-of-memory
-    error after the graph was compiled and cached. The backward graph is compiled and cached
-    together with the forward (configure_compile_cache)."""
-    kind, step = job.split(":")
-    step = int(step)
-    env = init_distributed(args.device)
-    run = build_training_run(args, env)
-    # the stage changes the warm-up makes before this step, in its order: YaRN rescales the rotary
-    # tables at each, so the tables (and a backend's float softmax scale) match the main process
-    for earlier in [s for s in warmup_plan(args, run.schedule)[0] if s < step] + [step]:
-        run.stage.advance(earlier)
-    if env.device.type == "cuda":
-        total = torch.cuda.get_device_properties(env.device).total_memory
-        cap = torch.cuda.memory_reserved(env.device) + HELPER_MEMORY_MARGIN
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), env.device)
-    started = time.perf_counter()
-    outcome = "ran to the end"
-    try:
-        if kind == "eval":
-            if step >= run.schedule.total_steps:
-                run.stage.use_final_window()
-            evaluate(run.model, args, env, run.stage, val_steps=1)
-        else:
-            loader = BosAlignedLoader(args.train_files, run.stage.batch_size, args.train_max_seq_len,
-                                      env.grad_accum_steps, env.rank, env.world_size, env.device)
-            inputs, targets, cu_seqlens = loader.next_batch(run.stage.batch_size)
-            run.model(inputs, targets, cu_seqlens, run.stage.forward_config())
-    except torch.OutOfMemoryError:
-        outcome = "forward stopped at the helper's memory cap, as intended"
-    print(f"compile helper {job}: compiled in {time.perf_counter() - started:.1f}s "
-          f"({compiled_graph_count()} graphs); {outcome}", flush=True)
-
-
-class CompileHelpers:
-    """The running helper processes of a cold start, one per (kind, step) job; wait() blocks
-    until the job's graph is in the cache (or its helper failed: the caller then compiles it)."""
-
-    def __init__(self, jobs: list, argv: list, args: Hyperparameters, log: Callable):
-        self.log = log
-        self.running = {}
-        # this run's command line, with the data it resolved (--smoke may have made a corpus)
-        argv = [*argv, "--train_files", args.train_files, "--val_files", args.val_files]
-        for kind, step in jobs:
-            output = Path(args.log_dir) / f"{args.run_id}.compile_{kind}_{step}.txt"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with open(output, "w") as out:
-                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
-                                        env={**os.environ, COMPILE_JOB_ENV: f"{kind}:{step}"},
-                                        stdout=out, stderr=subprocess.STDOUT)
-            self.running[(kind, step)] = (proc, output)
-        if jobs:
-            log(f"compile helpers: {len(jobs)} processes compile {', '.join(f'{k} {s}' for k, s in jobs)} "
-                f"(output in {Path(args.log_dir) / args.run_id}.compile_*.txt)")
-
-    def wait(self, kind: str, step: int | None = None) -> None:
-        """Wait for the helper of (kind, step); step None: any helper of that kind."""
-        for key in [k for k in self.running if k[0] == kind and (step is None or k[1] == step)]:
-            proc, output = self.running.pop(key)
-            t0 = time.perf_counter()
-            code = proc.wait()
-            lines = output.read_text(errors="replace").strip().splitlines() or ["(no output)"]
-            waited = f"waited {time.perf_counter() - t0:.1f}s"
-            if code == 0:
-                self.log(f"{lines[-1]} [{waited}]")
-            else:
-                self.log(f"warning: compile helper {key[0]}:{key[1]} failed (exit {code}): {lines[-1]} "
-                         f"[{waited}; full output in {output}]; this process compiles that graph itself")
-
-    def close(self) -> None:
-        """Stop helpers still running (the run ended early, e.g. a SIGTERM during the warm-up)."""
-        for proc, _ in self.running.values():
-            proc.terminate()
-        for proc, _ in self.running.values():
-            proc.wait()
-        self.running.clear()
-
-
-class NoCompileHelpers:
-    def wait(self, kind: str, step: int | None = None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
-            stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog,
-            helpers=None) -> None:
-    """Untimed: run the schedule's warm-up steps (first steps, every stage change +-1, so every
-    train and eval shape is compiled), one final-window validation forward, then put model,
-    optimizer and schedule back to their initial state so the timed run starts fresh.
-    helpers (CompileHelpers): graphs compiled elsewhere; each is waited for before first use."""
-    helpers = helpers or NoCompileHelpers()
-    initial_model = copy.deepcopy(raw_model.state_dict())
-    initial_optimizer = optimizer.state_dict()
-    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
-                              env.grad_accum_steps, env.rank, env.world_size, env.device)
-    steps, eval_steps, final_window = warmup_plan(args, schedule)
-    log(f"warm-up: replaying steps {steps} (validation forward at {eval_steps}"
-        f"{' and with the final window' if final_window else ''}) to compile every shape this run uses")
-    for step in steps:
-        t0 = time.perf_counter()
-        stage.advance(step)
-        helpers.wait("train", step)
-        train_step(model, loader, stage, env)
-        optimizer_step(optimizer, schedule, step, args)
-        if step in eval_steps:     # after the step: stage 1 compiles here while a helper does eval
-            helpers.wait("eval")
-            evaluate(model, args, env, stage, val_steps=1)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        log(f"warm-up step {step} (stage {schedule.stage_index(step) + 1}): "
-            f"{time.perf_counter() - t0:.1f}s, graphs so far {compiled_graph_count()}")
-    if final_window:
-        stage.advance(schedule.total_steps)
-        stage.use_final_window()
-        helpers.wait("eval")
-        evaluate(model, args, env, stage, val_steps=1)
-    del loader
-    model.zero_grad(set_to_none=True)
-    raw_model.load_state_dict(initial_model)
-    optimizer.load_state_dict(initial_optimizer)
-    optimizer.reset()
-    stage.reset()
 
 
 CHECKPOINT_FORMAT = "train_speedrun checkpoint v1"
@@ -3469,8 +3039,290 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
 
 
 # =============================================================================
-# SECTION: main
+# SECTION: warm-up
+# Compiling every graph before the clock starts, and on one GPU in parallel helper processes.
 # =============================================================================
+
+# ---- cold start: compile the later stages in helper processes ----------------------------------
+# Every (stage batch shape, train/eval) pair is its own graph, ~1 minute of compile each on an
+# H100, and one process compiles them one after another. With one GPU, helper processes compile
+# the later stages' and the validation graphs while this process compiles stage 1. They share
+# the on-disk caches (configure_compile_cache), so the warm-up then loads those graphs in seconds.
+
+COMPILE_JOB_ENV = "SPEEDRUN_COMPILE_JOB"     # in a helper's environment: "train:STEP" or "eval:STEP"
+HELPER_MEMORY_MARGIN = 1 << 30               # bytes a helper may allocate beyond its model
+
+
+def helper_compile_jobs(args: Hyperparameters, schedule: TrainingSchedule) -> list:
+    """(kind, step) for each graph the warm-up would compile after stage 1's training graph:
+    ("train", first step of each later stage with a new batch size) and ("eval", step) once."""
+    steps, eval_steps, final_window = warmup_plan(args, schedule)
+    if not steps:
+        return []
+    jobs, batch_sizes = [], {schedule.lookup(steps[0])[0].batch_size}
+    for step in steps:
+        batch_size = schedule.lookup(step)[0].batch_size
+        if batch_size not in batch_sizes:
+            jobs.append(("train", step))
+            batch_sizes.add(batch_size)
+    if eval_steps or final_window:
+        jobs.append(("eval", eval_steps[0] if eval_steps else schedule.total_steps))
+    return jobs
+
+
+def use_compile_helpers(args: Hyperparameters, env: DistEnv) -> bool:
+    # several ranks already compile side by side, one per GPU; helpers are for the one-GPU case
+    return args.parallel_compile and args.compile and env.world_size == 1
+
+
+def run_compile_helper(args: Hyperparameters, job: str) -> None:
+    """A helper process: build the same model, compile the graph of one (kind, step), exit.
+
+    The forward that follows the compile is not wanted (several helpers running full forwards at
+    once would not fit in GPU memory): GPU memory is capped at what the model holds plus
+    HELPER_MEMORY_MARGIN, so the forward stops at an early activation with an out-of-memory
+    error after the graph was compiled and cached. The backward graph is compiled and cached
+    together with the forward (configure_compile_cache)."""
+    kind, step = job.split(":")
+    step = int(step)
+    env = init_distributed(args.device)
+    run = build_training_run(args, env)
+    # the stage changes the warm-up makes before this step, in its order: YaRN rescales the rotary
+    # tables at each, so the tables (and a backend's float softmax scale) match the main process
+    for earlier in [s for s in warmup_plan(args, run.schedule)[0] if s < step] + [step]:
+        run.stage.advance(earlier)
+    if env.device.type == "cuda":
+        total = torch.cuda.get_device_properties(env.device).total_memory
+        cap = torch.cuda.memory_reserved(env.device) + HELPER_MEMORY_MARGIN
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), env.device)
+    started = time.perf_counter()
+    outcome = "ran to the end"
+    try:
+        if kind == "eval":
+            if step >= run.schedule.total_steps:
+                run.stage.use_final_window()
+            evaluate(run.model, args, env, run.stage, val_steps=1)
+        else:
+            loader = BosAlignedLoader(args.train_files, run.stage.batch_size, args.train_max_seq_len,
+                                      env.grad_accum_steps, env.rank, env.world_size, env.device)
+            inputs, targets, cu_seqlens = loader.next_batch(run.stage.batch_size)
+            run.model(inputs, targets, cu_seqlens, run.stage.forward_config())
+    except torch.OutOfMemoryError:
+        outcome = "forward stopped at the helper's memory cap, as intended"
+    print(f"compile helper {job}: compiled in {time.perf_counter() - started:.1f}s "
+          f"({compiled_graph_count()} graphs); {outcome}", flush=True)
+
+
+class CompileHelpers:
+    """The running helper processes of a cold start, one per (kind, step) job; wait() blocks
+    until the job's graph is in the cache (or its helper failed: the caller then compiles it)."""
+
+    def __init__(self, jobs: list, argv: list, args: Hyperparameters, log: Callable):
+        self.log = log
+        self.running = {}
+        # this run's command line, with the data it resolved (--smoke may have made a corpus)
+        argv = [*argv, "--train_files", args.train_files, "--val_files", args.val_files]
+        for kind, step in jobs:
+            output = Path(args.log_dir) / f"{args.run_id}.compile_{kind}_{step}.txt"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w") as out:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
+                                        env={**os.environ, COMPILE_JOB_ENV: f"{kind}:{step}"},
+                                        stdout=out, stderr=subprocess.STDOUT)
+            self.running[(kind, step)] = (proc, output)
+        if jobs:
+            log(f"compile helpers: {len(jobs)} processes compile {', '.join(f'{k} {s}' for k, s in jobs)} "
+                f"(output in {Path(args.log_dir) / args.run_id}.compile_*.txt)")
+
+    def wait(self, kind: str, step: int | None = None) -> None:
+        """Wait for the helper of (kind, step); step None: any helper of that kind."""
+        for key in [k for k in self.running if k[0] == kind and (step is None or k[1] == step)]:
+            proc, output = self.running.pop(key)
+            t0 = time.perf_counter()
+            code = proc.wait()
+            lines = output.read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            waited = f"waited {time.perf_counter() - t0:.1f}s"
+            if code == 0:
+                self.log(f"{lines[-1]} [{waited}]")
+            else:
+                self.log(f"warning: compile helper {key[0]}:{key[1]} failed (exit {code}): {lines[-1]} "
+                         f"[{waited}; full output in {output}]; this process compiles that graph itself")
+
+    def close(self) -> None:
+        """Stop helpers still running (the run ended early, e.g. a SIGTERM during the warm-up)."""
+        for proc, _ in self.running.values():
+            proc.terminate()
+        for proc, _ in self.running.values():
+            proc.wait()
+        self.running.clear()
+
+
+class NoCompileHelpers:
+    def wait(self, kind: str, step: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: TrainingSchedule,
+            stage: StageState, args: Hyperparameters, env: DistEnv, log: RunLog,
+            helpers=None) -> None:
+    """Untimed: run the schedule's warm-up steps (first steps, every stage change +-1, so every
+    train and eval shape is compiled), one final-window validation forward, then put model,
+    optimizer and schedule back to their initial state so the timed run starts fresh.
+    helpers (CompileHelpers): graphs compiled elsewhere; each is waited for before first use."""
+    helpers = helpers or NoCompileHelpers()
+    initial_model = copy.deepcopy(raw_model.state_dict())
+    initial_optimizer = optimizer.state_dict()
+    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
+                              env.grad_accum_steps, env.rank, env.world_size, env.device)
+    steps, eval_steps, final_window = warmup_plan(args, schedule)
+    log(f"warm-up: replaying steps {steps} (validation forward at {eval_steps}"
+        f"{' and with the final window' if final_window else ''}) to compile every shape this run uses")
+    for step in steps:
+        t0 = time.perf_counter()
+        stage.advance(step)
+        helpers.wait("train", step)
+        train_step(model, loader, stage, env)
+        optimizer_step(optimizer, schedule, step, args)
+        if step in eval_steps:     # after the step: stage 1 compiles here while a helper does eval
+            helpers.wait("eval")
+            evaluate(model, args, env, stage, val_steps=1)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        log(f"warm-up step {step} (stage {schedule.stage_index(step) + 1}): "
+            f"{time.perf_counter() - t0:.1f}s, graphs so far {compiled_graph_count()}")
+    if final_window:
+        stage.advance(schedule.total_steps)
+        stage.use_final_window()
+        helpers.wait("eval")
+        evaluate(model, args, env, stage, val_steps=1)
+    del loader
+    model.zero_grad(set_to_none=True)
+    raw_model.load_state_dict(initial_model)
+    optimizer.load_state_dict(initial_optimizer)
+    optimizer.reset()
+    stage.reset()
+
+
+# =============================================================================
+# SECTION: main
+# The command line (generated from Hyperparameters), the checks before anything starts, main().
+# =============================================================================
+
+# True/False options that are on by default get a --no-NAME form; the others are plain switches
+TOGGLED_OPTIONS = ("compile", "parallel_compile")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """One option per Hyperparameters field; an option not given stays None (parse_args then
+    keeps the default, or the --smoke / --device cpu one)."""
+    p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
+        prog="train_speedrun.py", description="modded-nanogpt record #68, our implementation (see README: speedrun)")
+    for f in dataclasses.fields(Hyperparameters):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        help_text = meta["help"] + (f" (default {f.default})" if meta["show_default"] else "")
+        name = "--" + f.name
+        if f.type is bool or f.type == "bool":
+            action = argparse.BooleanOptionalAction if f.name in TOGGLED_OPTIONS else "store_true"
+            p.add_argument(name, action=action, default=None, help=help_text)
+        elif meta["choices"]:
+            p.add_argument(name, choices=meta["choices"], help=help_text)
+        else:
+            kind = int if f.type in (int, "int") else str
+            metavar = "DIR" if f.name.endswith(("_dir", "_cache")) else None
+            p.add_argument(name, type=kind, metavar=metavar, help=help_text)
+    return p
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    """Command line -> validated Hyperparameters. Bad values exit with a one-line error."""
+    given = {k: v for k, v in vars(build_arg_parser().parse_args(argv)).items() if v is not None}
+    values = dataclasses.asdict(Hyperparameters())
+    if given.get("smoke"):
+        values.update(SMOKE_OVERRIDES)
+    if given.get("device") == "cpu" and "compile" not in given:
+        values["compile"] = False   # Inductor on CPU costs minutes and buys nothing for tests
+    values.update(given)
+    if not values["train_files"] or not values["val_files"]:
+        raise SystemExit("error: --train_files and --val_files must be non-empty globs")
+    if "train_files" not in given and "DATA_PATH" in os.environ:
+        values["train_files"] = os.path.join(os.environ["DATA_PATH"], values["train_files"])
+    if "val_files" not in given and "DATA_PATH" in os.environ:
+        values["val_files"] = os.path.join(os.environ["DATA_PATH"], values["val_files"])
+    if given.get("max_steps") == 0:
+        raise SystemExit("error: --max_steps 0 would train no step; give N >= 1, or leave it out to run "
+                         "the whole schedule")
+    if values["device"] == "cpu":   # options that only act on a GPU: refused rather than ignored
+        for option in ("gpu_type", "attn"):
+            if given.get(option, "auto") != "auto":
+                raise SystemExit(f"error: --{option} {given[option]} needs a CUDA GPU; with --device cpu "
+                                 f"leave it out ({'attention runs sdpa' if option == 'attn' else 'no FP8, no MFU'})")
+    if values["init_from"] == "resume" and "run_id" not in given:
+        raise SystemExit("error: --init_from resume needs the --run_id of the run to continue (its checkpoints "
+                         "are in --log_dir/RUN_ID/)")
+    args = Hyperparameters(**values)
+    if not args.run_id:
+        args.run_id = str(uuid.uuid4())
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Hyperparameters) -> None:
+    def fail(msg):
+        raise SystemExit(f"error: {msg}")
+    if args.num_scheduled_iterations < 3:
+        fail(f"--num_scheduled_iterations {args.num_scheduled_iterations} is too small: "
+             "the schedule has 3 stages, give at least 3 steps")
+    if args.num_extension_iterations < 0:
+        fail("--num_extension_iterations must be >= 0")
+    if args.muon_warmup_steps < 0 or args.muon_cooldown_steps < 0:
+        fail("--muon_warmup_steps and --muon_cooldown_steps must be >= 0")
+    if args.val_loss_every < 0 or args.max_steps < 0:
+        fail(f"--val_loss_every and --max_steps must be >= 0 (got {args.val_loss_every}, {args.max_steps}); "
+             "--val_loss_every 0 validates only at the end, --max_steps takes N >= 1 (leave it out for the "
+             "whole schedule)")
+    if args.train_max_seq_len <= 0 or args.train_max_seq_len % 16:
+        fail(f"--train_max_seq_len {args.train_max_seq_len} must be a positive multiple of 16")
+    if args.batch_seq_len <= 0 or args.batch_seq_len % 16:
+        fail(f"batch_seq_len {args.batch_seq_len} must be a positive multiple of 16")
+    # every rank's validation micro-batch (val_batch_size / 8 for all world sizes) must be a
+    # multiple of FlexAttention's 128-token tile, the strictest backend (flex is the fallback)
+    if args.val_batch_size <= 0 or args.val_batch_size % (8 * 128):
+        fail(f"--val_batch_size {args.val_batch_size} must be a positive multiple of 1024 "
+             "(8 micro-batches x 128-token attention tiles)")
+    if not 0 <= args.seed <= 2**62:
+        fail(f"--seed must lie in [0, 2**62] (got {args.seed})")
+    if not args.run_id or "/" in args.run_id or args.run_id in (".", "..") or len(args.run_id) > 200:
+        fail(f"--run_id {args.run_id!r} must be a plain file name (no '/', at most 200 characters), "
+             "the log goes to --log_dir")
+    for option, folder in (("--log_dir", args.log_dir), ("--compile_cache", args.compile_cache)):
+        if folder:
+            check_writable_folder(option, folder)
+    if args.val_tokens <= 0 or args.val_tokens % args.val_batch_size:
+        fail(f"--val_tokens {args.val_tokens} must be a positive multiple of "
+             f"--val_batch_size {args.val_batch_size}")
+
+
+def check_writable_folder(option: str, folder: str) -> None:
+    """Before any work: the folder exists or can be made, and takes a file (one-line error if not).
+    Creates nothing (the run makes it): parsing the arguments leaves no empty folder behind."""
+    problem = prepare_data.output_folder_problem(folder)
+    if problem:
+        raise SystemExit(f"error: {option} {problem}; pass a folder you can write to")
+
+
+def environment_int(name: str, default: int) -> int:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK as a number, or a one-line error."""
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise SystemExit(f"error: environment variable {name}={text!r} is not a whole number "
+                         "(torchrun sets it; unset it for a single-process run)")
+    return int(text)
+
 
 def check_data(args: Hyperparameters, world_size: int) -> None:
     """Before the log, the model or a compile: every shard's header is whole (magic, version, size),

@@ -10,10 +10,16 @@
 #               by the 560 s limit at step 250; ~360 s on the warm cache of a second call), so give it a
 #               command of its own, after corpus in an earlier one, and repeat it on a warm machine
 #   vs_compare  vs_short's upstream log against the attempt's seed 0 (seconds, no GPU needed)
+#   ab_warm     a change to our trainer, before/after: fill each side's compile cache (each side's
+#               300 + 10 run is stopped once its warm-up is done), so that ab_run fits one command
+#   ab_run      both sides' 300 + 10 run (seed 0) one after the other on the warm caches, then
+#               benchmarks/ab_compare.py (val within 0.005, per-stage step time within 1%)
 # Usage: bash benchmarks/gpu_attempt.sh OUTDIR STEP [STEP...]
 #        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68: record #68's train_gpt.py and
 #        triton_kernels.py, e.g. `git -C modded-nanogpt show 9e53f9e3:train_gpt.py`); GPT2_TIKTOKEN_FILE
-#        for offline BPE
+#        for offline BPE; SEED=N: vs_* start both sides from the same weights (vs_upstream.py --seed);
+#        BEFORE=folder holding the 'before' train_speedrun.py and prepare_data.py
+#        (default .carry/before, e.g. `git show COMMIT:train_speedrun.py > .carry/before/...`)
 set -uo pipefail
 out=$1; shift; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -23,8 +29,11 @@ attempt=/tmp/attempt/h200
 upstream=${UPSTREAM:-ref/upstream68}
 data=(--train_files "$corpus/fineweb_train_*.bin" --val_files "$corpus/fineweb_val_*.bin")
 short=(--num_scheduled_iterations 300 --num_extension_iterations 10 --val_loss_every 50)
+before=${BEFORE:-.carry/before}
+ab=(--attn flex --seed 0 --log_dir /tmp/ab "${data[@]}" "${short[@]}")
+ab_trainer() { if [ "$1" = before ]; then echo "$before/train_speedrun.py"; else echo train_speedrun.py; fi; }
 vs=(python3 benchmarks/vs_upstream.py --upstream "$upstream" "${data[@]}" --out_dir /tmp/vs68
-    --cache_dir "$cache" --ours_args "--attn flex")
+    --cache_dir "$cache" --ours_args "--attn flex" ${SEED:+--seed "$SEED"})
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case $step in
@@ -43,6 +52,21 @@ for step in "$@"; do
     vs_compare) python3 benchmarks/vs_upstream.py --compare /tmp/vs68/short.upstream.txt "$attempt/run0_seed0.txt" \
                     --out_dir "$out" 2>&1 | tail -60
                 ;;
-    *) echo "error: unknown step '$step' (corpus, attempt, vs_steps, vs_short, vs_compare)" >&2; exit 2 ;;
+    ab_warm) mkdir -p /tmp/ab
+             for side in before after; do
+               setsid python3 "$(ab_trainer $side)" "${ab[@]}" --compile_cache "$cache/ab_$side" \
+                   --run_id "warm_$side" > "/tmp/ab/warm_$side.out" 2>&1 &
+               pid=$!
+               until grep -q "warm-up done" "/tmp/ab/warm_$side.out" || ! kill -0 $pid 2>/dev/null; do sleep 2; done
+               kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
+               echo "$side: $(grep -m1 "warm-up done" "/tmp/ab/warm_$side.out" || tail -3 "/tmp/ab/warm_$side.out")"
+             done ;;
+    ab_run) for side in before after; do
+              python3 "$(ab_trainer $side)" "${ab[@]}" --compile_cache "$cache/ab_$side" --run_id "$side" 2>&1 \
+                  | grep -E "warm-up done|^step:[0-9]+/[0-9]+ val|peak"
+            done
+            cp /tmp/ab/before.* /tmp/ab/after.* "$out/" 2>/dev/null
+            python3 benchmarks/ab_compare.py /tmp/ab/before.json /tmp/ab/after.json ;;
+    *) echo "error: unknown step '$step' (corpus, attempt, vs_steps, vs_short, vs_compare, ab_warm, ab_run)" >&2; exit 2 ;;
   esac
 done

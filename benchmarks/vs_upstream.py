@@ -175,6 +175,16 @@ def _insert(text: str, anchor: re.Pattern, what: str, new_lines, after: bool, hi
 
 TRAINING_SECTION = re.compile(r"^[ \t]+# -+ TRAINING SECTION -+[ \t]*$")
 WARMUP_STEPS = re.compile(r"^warmup_steps = sorted\(.*$")
+MODEL_BUILT = re.compile(r"^model(: nn\.Module)? = GPT\($")
+
+
+def add_seed(text: str, seed: int) -> str:
+    """Seed torch's generator just before upstream builds its model (upstream seeds nothing, so
+    each run starts from other weights). The model is built on the CPU in the order ours builds
+    it, so the same --seed gives both sides the same initial weights."""
+    return _insert(text, MODEL_BUILT, "`model: nn.Module = GPT(`",
+                   [f"torch.manual_seed({seed})  # {TAG}: --seed {seed}, the weights ours starts from"],
+                   after=False)
 
 
 def add_step_limit(text: str, steps: int, limit_warmup: bool) -> str:
@@ -755,6 +765,8 @@ def parse_args(argv):
     p.add_argument("--work_dir", default="/tmp/vs_upstream_work", help="where upstream's copy is made")
     p.add_argument("--cache_dir", default="/tmp/vs_upstream_cache",
                    help="compile caches (<dir>/upstream, <dir>/ours) kept for later commands")
+    p.add_argument("--seed", type=int, help="both sides start from the same weights: upstream's copy seeds torch "
+                   "with it before building its model, ours gets --seed (default: upstream unseeded, ours 0)")
     p.add_argument("--ours_args", default="", help="extra train_speedrun.py flags, e.g. '--attn flex'")
     p.add_argument("--time_limit", type=float, help="stop a side still running this many seconds after "
                    "this tool started (its caches stay; the comparison of what ran is still printed)")
@@ -780,6 +792,8 @@ def default_run_id(args) -> str:
         run_id += f"_steps{args.steps}"
     if args.val_every is not None:
         run_id += f"_val{args.val_every}"
+    if args.seed is not None:
+        run_id += f"_seed{args.seed}"
     return run_id + ("_compile" if args.compile_only else "")
 
 
@@ -814,6 +828,8 @@ def upstream_edits(text: str, args, sched: dict, val_tokens: int, run_id: str) -
         values["val_tokens"] = val_tokens
     values["run_id"] = run_id
     edited = set_fields(text, values)
+    if args.seed is not None:
+        edited = add_seed(edited, args.seed)
     if args.compile_only:
         edited = add_step_limit(edited, 0, limit_warmup=False)
     elif args.steps:
@@ -918,6 +934,8 @@ def run(args, started: float) -> int:
                  "--log_dir", str(out_dir), "--run_id", f"{run_id}.ours", "--compile_cache", str(cache / "ours")]
         if args.steps:
             flags += ["--max_steps", str(args.steps)]
+        if args.seed is not None:
+            flags += ["--seed", str(args.seed)]
         flags += shlex.split(args.ours_args)
         if args.nproc == 1:
             cmd = [sys.executable, str(OURS_SCRIPT)] + flags

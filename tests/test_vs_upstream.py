@@ -438,13 +438,31 @@ def test_dry_run_prints_edits_and_commands(synth_upstream, corpus, tmp_path, cap
     assert "note: the val shards hold" in out
 
 
+def test_seed_seeds_upstreams_model_and_passes_ours_the_seed(synth_upstream, corpus, tmp_path, capsys):
+    script = synth_upstream / "train_gpt.py"
+    script.write_text(script.read_text() + "model: nn.Module = GPT(\n    vocab_size=50257,\n).cuda()\n")
+    rc, out, err = run_main(base_argv(synth_upstream, corpus, tmp_path, "--seed", "5", "--dry_run"), capsys)
+    assert rc == 0, err
+    assert "+torch.manual_seed(5)  # vs_upstream.py: --seed 5" in out
+    edited = out[out.index("+torch.manual_seed(5)"):]
+    assert edited.splitlines()[1] == " model: nn.Module = GPT("          # seeded right before the build
+    ours = next(line for line in out.splitlines() if line.startswith("would run ours:"))
+    assert "--seed 5" in ours and "--run_id record_seed5.ours" in ours
+
+
+def test_seed_refused_when_upstream_builds_its_model_elsewhere(synth_upstream, corpus, tmp_path, capsys):
+    rc, _, err = run_main(base_argv(synth_upstream, corpus, tmp_path, "--seed", "5", "--dry_run"), capsys)
+    assert rc == 1 and len(err) == 1 and "could not find the line `model: nn.Module = GPT(`" in err[0]
+
+
 def test_ours_flags_exist_in_train_speedrun():
     """The flags the tool passes to ours are in train_speedrun.py's --help."""
     result = subprocess.run([sys.executable, str(REPO / "train_speedrun.py"), "--help"], capture_output=True,
                             text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     for flag in ("--train_files", "--val_files", "--num_scheduled_iterations", "--num_extension_iterations",
-                 "--val_loss_every", "--val_tokens", "--log_dir", "--run_id", "--compile_cache", "--max_steps"):
+                 "--val_loss_every", "--val_tokens", "--log_dir", "--run_id", "--compile_cache", "--max_steps",
+                 "--seed"):
         assert flag in result.stdout, flag
 
 
