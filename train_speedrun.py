@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #68 (see README).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #70 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -78,7 +78,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1515, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1507, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -135,10 +135,12 @@ SMOKE_OVERRIDES = dict(
 NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
 PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
-VALUE_EMBED_LAYERS = (0, 1, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
+VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
 SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip of layer 3's output into layer 6
 BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
-GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input
+GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
+VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
+                                  # first 6 channels of its input and the first 6 of the embedding
 
 # ---- model constants (rotary, YaRN, bigram hash, FP8 scales, init) ----
 ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
@@ -150,6 +152,7 @@ LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
 LM_HEAD_GRAD_SCALE = 0.75 / 448
 INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
 LM_HEAD_INIT_STD = 0.005
+VALUE_EMBED_INIT_STD = 0.01       # value embeddings start as small gaussians (zeros before #70)
 
 # ---- learned scalars: one fp32 vector `scalars` (PARAM_TABLE["scalars"]), read by name ----
 # Per layer: name -> initial value (a tuple: that many per layer). Each layer function gets its
@@ -797,7 +800,9 @@ def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict, 
     head_dim = q.size(-1)
     gate_in = h[:, :GATE_INPUTS]
     if ve is not None:
-        ve_gate = 2 * torch.sigmoid(F.linear(gate_in, ve_gate_w.type_as(h)))   # (T, heads)
+        # the gate of the value embedding sees part of the embedding itself, except on paired layers
+        ve_gate_in = gate_in if paired else torch.cat([h[:, :VE_GATE_SPLIT], ve[:, :VE_GATE_SPLIT].type_as(h)], -1)
+        ve_gate = 2 * torch.sigmoid(F.linear(ve_gate_in, ve_gate_w.type_as(h)))   # (T, heads)
     if paired:
         # each token's heads become two consecutive positions of half as many heads
         q = apply_rotary(q.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
@@ -912,7 +917,8 @@ class GPT(nn.Module):
         self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
         nn.init.zeros_(self.skip_gate.weight)
         self.skip_gate.weight.label = "skip_gate"
-        self.value_embeds = nn.Parameter(torch.zeros(5 * self.vocab_size, d, dtype=torch.bfloat16))
+        self.value_embeds = nn.Parameter(
+            VALUE_EMBED_INIT_STD * torch.randn(5 * self.vocab_size, d, dtype=torch.bfloat16))
         self.value_embeds.label = "value_embed"
         num_attn = sum(s.has_attn for s in self.layers)
         self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
@@ -3230,7 +3236,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #68, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #70, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -90,7 +90,8 @@ def test_layer_layout_is_the_records():
     assert [s.index for s in specs if not s.has_attn] == [6]
     assert [s.index for s in specs if s.paired] == [0, 2, 5, 9]
     assert [s.index for s in specs if s.long_window] == [3, 10]
-    assert [s.value_slot for s in specs] == [0, 1, None, None, None, None, None, None, 2, 3, 4]
+    # record #70 shifted the first two value embeddings one layer up (layers 1, 2; then 8, 9, 10)
+    assert [s.value_slot for s in specs] == [None, 0, 1, None, None, None, None, None, 2, 3, 4]
     assert [s.attn_slot for s in specs] == [0, 1, 2, 3, 4, 5, None, 6, 7, 8, 9]
 
 
@@ -104,7 +105,11 @@ def test_init_matches_the_record():
     assert model.mlp_bank[:, 0].abs().max() <= bound
     assert torch.equal(model.embed.weight, model.lm_head.weight.T.float())
     assert model.lm_head.weight.float().std().item() == pytest.approx(0.005, rel=0.05)
-    for zero in (model.value_embeds, model.bigram_embed.weight, model.attn_gate_bank,
+    # record #70: value embeddings start as N(0, 0.01) gaussians (drawn in bf16, as recorded)
+    assert model.value_embeds.dtype == torch.bfloat16
+    assert model.value_embeds.float().std().item() == pytest.approx(0.01, rel=0.05)
+    assert model.value_embeds.float().mean().abs().item() < 1e-3
+    for zero in (model.bigram_embed.weight, model.attn_gate_bank,
                  model.ve_gate_bank, model.smear_gate.weight, model.skip_gate.weight, model.x0_lambdas):
         assert zero.abs().max() == 0
     L = 11
@@ -229,6 +234,31 @@ def test_paired_head_layout_matches_direct_per_head_construction():
             torch.testing.assert_close(v[pos, lane], expect_v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x, mixed)
     torch.testing.assert_close(gate, torch.sigmoid(h[:, :12] @ kw["attn_gate_w"].T))
+
+
+def test_value_embedding_gate_reads_half_input_half_embedding_on_unpaired_layers():
+    """Record #70: an unpaired layer's value-embedding gate is sigmoid-linear over the normed
+    input's first 6 channels followed by the embedding's first 6; a paired layer keeps the
+    input's first 12. Checked against that formula written out directly."""
+    T, H, D = 12, 4, 16
+    kw = layer_inputs(T, H, D, seed=3)
+    yarn = ts.Yarn(D, 64)
+    h = ts.norm(1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"])
+    v_plain = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)[:, 2]
+    gate_in = torch.cat([h[:, :6], kw["ve"][:, :6]], dim=-1)
+    expect_gate = 2 * torch.sigmoid(gate_in @ kw["ve_gate_w"].T)              # (T, H)
+    _, _, _, v, _ = ts.attention_inputs(**kw, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+                                        paired=False, key_offset=False)
+    torch.testing.assert_close(v, v_plain + expect_gate[..., None] * kw["ve"].view(T, H, D))
+    # the embedding really enters the gate: changing only its first 6 channels moves v by more
+    # than the direct (ungated) path does
+    kw2 = dict(kw, ve=kw["ve"].clone())
+    kw2["ve"][:, :6] += 1.0
+    _, _, _, v2, _ = ts.attention_inputs(**kw2, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+                                         paired=False, key_offset=False)
+    gate2 = 2 * torch.sigmoid(torch.cat([h[:, :6], kw2["ve"][:, :6]], -1) @ kw["ve_gate_w"].T)
+    torch.testing.assert_close(v2, v_plain + gate2[..., None] * kw2["ve"].view(T, H, D))
+    assert not torch.allclose(gate2, expect_gate)
 
 
 def test_unpaired_rotary_and_key_offset():
