@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -191,6 +191,8 @@ MUON_MOMENTUM_RANGE = (0.85, 0.95)   # NorMuon momentum ramps low -> high, and b
 # ---- optimizer: base rates, then per-parameter multipliers ----
 # Which optimizer, communication pattern and multipliers each labelled parameter gets.
 # "sharded": reduce-scatter the grad, update this rank's slice, all-gather the result.
+# "sparse": the same result for a table whose steps touch few rows: each rank sends every other
+# rank only the rows it touched that the other owns (record #71, the hashed-bigram table).
 # "replicated": all-reduce the grad, every rank updates the whole tensor.
 # Dict order is the order gradient reductions are launched (big banks first: their backward
 # finished first and their comms take longest).
@@ -198,20 +200,20 @@ PARAM_TABLE = {
     "attn":           dict(optim="normuon", comms="sharded"),
     "mlp":            dict(optim="normuon", comms="sharded"),
     "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
-    "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
-    "bigram_embed":   dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
     "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
     "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
     "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
     "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.65, 0.95), lr_mul=5.0, wd_mul=0.0),
+    "bigram_embed":   dict(optim="adam", comms="sparse", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+    "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
 }
 # Order the updates run in: small tensors first while the big reductions are still in flight;
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
 WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
-              "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp"]
+              "lm_head", "bigram_embed", "value_embed", "embed", "attn", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)   # momentum: replaced every
                                                        # step by muon_momentum (MUON_MOMENTUM_RANGE)
@@ -759,14 +761,17 @@ def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
 
 
 def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_embeds: Tensor,
-                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int):
+                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int, bigram_rows: Tensor | None = None):
     """Tokens -> (x0, bigram embeddings, the 5 value embeddings (5, T, d)).
 
     x0 is the normed token embedding after the smear gate mixed a gated part of the previous
-    token's embedding into each position.
+    token's embedding into each position. bigram_rows: bigram_hash(input_seq) precomputed (the
+    training loader hashes on the host, record #71); None hashes here.
     """
     x = F.embedding(input_seq, embed_w)
-    x_bigram = F.embedding(bigram_hash(input_seq, bigram_w.size(0)), bigram_w)
+    if bigram_rows is None:
+        bigram_rows = bigram_hash(input_seq, bigram_w.size(0))
+    x_bigram = F.embedding(bigram_rows, bigram_w)
     ve = value_embeds.view(5, vocab_size, -1)[:, input_seq]
     smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], smear_w.type_as(x)))
     x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
@@ -999,12 +1004,12 @@ class GPT(nn.Module):
     # -- forward --
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor,
-                sched: ForwardScheduleConfig) -> Tensor:
+                sched: ForwardScheduleConfig, bigram_rows: Tensor | None = None) -> Tensor:
         if input_seq.ndim != 1:
             raise ValueError(f"input_seq must be one packed sequence (T,), got {tuple(input_seq.shape)}")
         plan = self.plan_attention(cu_seqlens, input_seq.size(0), sched)
         body = self._compiled_body or self.body
-        return body(input_seq, target_seq, plan, sched.mtp_weights)
+        return body(input_seq, target_seq, plan, sched.mtp_weights, bigram_rows)
 
     def plan_attention(self, cu_seqlens: Tensor, length: int,
                        sched: ForwardScheduleConfig) -> AttentionPlan:
@@ -1046,13 +1051,13 @@ class GPT(nn.Module):
         return y.reshape(-1, heads, y.size(-1)).contiguous()
 
     def body(self, input_seq: Tensor, target_seq: Tensor, plan: AttentionPlan,
-             mtp_weights: Tensor) -> Tensor:
+             mtp_weights: Tensor, bigram_rows: Tensor | None = None) -> Tensor:
         """The forward after attention planning (compile_gpt compiles this as one graph)."""
         H = self.cfg.num_heads
         layer_scalars, model_scalars = self.named_scalars()
         x0, x_bigram, ve = embed_inputs(input_seq, self.embed.weight, self.bigram_embed.weight,
                                         self.value_embeds, self.smear_gate.weight,
-                                        model_scalars["smear_lambda"], self.vocab_size)
+                                        model_scalars["smear_lambda"], self.vocab_size, bigram_rows)
         # unbind the banks once (per-layer indexing would add select-backward kernels)
         attn_w = self.attn_bank.unbind(0)
         attn_gates = self.attn_gate_bank.unbind(0)
@@ -1589,7 +1594,7 @@ class ParamSettings:
     """Per-parameter optimizer settings; lr (and momentum) are rewritten every step."""
     label: str
     optim: str                       # "adam" or "normuon"
-    comms: str                       # "none", "replicated" or "sharded"
+    comms: str                       # "none", "replicated", "sharded" or "sparse" (PARAM_TABLE)
     lr: float
     initial_lr: float
     weight_decay: float
@@ -1704,6 +1709,9 @@ class NorMuonAndAdam:
         self._cautious_bf16 = maybe_compile(cautious_update_bf16_)
         self._cautious_fp32 = maybe_compile(cautious_update_fp32_)
         self._pending_reduce: dict = {}
+        # sparse tables: which rows this rank's batches touched since the table's last update
+        self.touched_rows = {p: np.zeros(p.shape[0], dtype=bool) for p, cfg in self.settings.items()
+                             if cfg.comms == "sparse"}
         self.split_embed = False
         self.lm_head = self.by_label.get("lm_head")
         self.embed = self.by_label.get("embed")
@@ -1714,7 +1722,7 @@ class NorMuonAndAdam:
         comms = row["comms"] if self.world_size > 1 else "none"
         if row["optim"] == "adam":
             chunk = None
-            if comms == "sharded":
+            if comms in ("sharded", "sparse"):
                 if param.shape[0] % self.world_size:
                     raise ValueError(f"{label}: {param.shape[0]} rows do not split over {self.world_size} ranks")
                 chunk = param.shape[0] // self.world_size
@@ -1740,7 +1748,7 @@ class NorMuonAndAdam:
     def _init_state(self) -> None:
         for param, cfg in self.settings.items():
             if cfg.optim == "adam":
-                local = param[:cfg.chunk_size] if cfg.comms == "sharded" else param
+                local = param[:cfg.chunk_size] if cfg.chunk_size is not None else param
                 zeros = torch.zeros(local.shape, dtype=torch.float32, device=param.device)
                 self.state[param] = dict(step=0, exp_avg=zeros, exp_avg_sq=torch.zeros_like(zeros))
                 continue
@@ -1772,10 +1780,59 @@ class NorMuonAndAdam:
         elif cfg.comms == "replicated":
             work = dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
             self._pending_reduce[param] = (work, grad)
+        elif cfg.comms == "sparse":
+            self._pending_reduce[param] = self._launch_sparse_exchange(param, grad, cfg)
         else:
             local = torch.empty((cfg.chunk_size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
             work = dist.reduce_scatter_tensor(local, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
             self._pending_reduce[param] = (work, local)
+
+    def note_touched_rows(self, label: str, rows: np.ndarray) -> None:
+        """A micro-batch read these rows of a sparse table (the loader's host-side bigram rows)."""
+        param = self.by_label.get(label)
+        if param in self.touched_rows:
+            self.touched_rows[param][rows] = True
+
+    def _launch_sparse_exchange(self, param: Tensor, grad: Tensor, cfg: ParamSettings):
+        """The reduce-scatter (average) of a table's gradient when each rank touched few rows: its
+        grad is zero elsewhere, so each rank sends every other rank just the touched rows that
+        rank owns (row counts first, then row numbers and rows) and adds what it receives to its
+        own slice. Returns (work, finish): finish() gives the averaged slice once work is done."""
+        touched = np.flatnonzero(self.touched_rows[param]).astype(np.int64)
+        self.touched_rows[param][:] = False
+        owner_starts = np.arange(self.world_size + 1) * cfg.chunk_size
+        bounds = np.searchsorted(touched, owner_starts)
+        send_counts = np.diff(bounds)
+        send_counts[self.rank] = 0                        # our own rows are already in our slice
+        mine = slice(bounds[self.rank], bounds[self.rank + 1])
+        send_rows = np.concatenate([touched[:mine.start], touched[mine.stop:]])
+        # the counts travel on the host (gloo) so nothing waits for the GPU
+        recv_counts = torch.empty(self.world_size, dtype=torch.int64)
+        dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts), group=self._host_group())
+        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
+        send_idx = torch.from_numpy(send_rows).to(grad.device, non_blocking=True)
+        recv_idx = torch.empty(sum(recv_counts), dtype=torch.int64, device=grad.device)
+        dist.all_to_all_single(recv_idx, send_idx, recv_counts, send_counts)
+        width = grad.shape[1]
+        send_vals = grad[send_idx].contiguous()
+        recv_vals = torch.empty((sum(recv_counts), width), dtype=grad.dtype, device=grad.device)
+        work = dist.all_to_all_single(recv_vals.view(-1), send_vals.view(-1),
+                                      [c * width for c in recv_counts], [c * width for c in send_counts],
+                                      async_op=True)
+        local = grad[self.rank * cfg.chunk_size:(self.rank + 1) * cfg.chunk_size]
+
+        def finish() -> Tensor:
+            local.index_add_(0, recv_idx - self.rank * cfg.chunk_size, recv_vals)
+            return local.mul_(1.0 / self.world_size)     # exact for 2, 4, 8 ranks, like AVG
+        return work, finish
+
+    def _host_group(self):
+        """A gloo group for small host tensors (the default group is NCCL on GPUs)."""
+        if dist.get_backend() == "gloo":
+            return None
+        if not hasattr(self, "_gloo_group"):
+            self._gloo_group = dist.new_group(backend="gloo")
+        return self._gloo_group
 
     def _launch_gather(self, param: Tensor, local: Tensor):
         cfg = self.settings[param]
@@ -1785,7 +1842,7 @@ class NorMuonAndAdam:
     def _local_slice(self, param: Tensor) -> Tensor:
         cfg = self.settings[param]
         full = param.data.view(cfg.reshape) if cfg.optim == "normuon" else param.data
-        if cfg.comms != "sharded":
+        if cfg.chunk_size is None or cfg.comms == "none":
             return full
         return full[self.rank * cfg.chunk_size:(self.rank + 1) * cfg.chunk_size]
 
@@ -1815,12 +1872,14 @@ class NorMuonAndAdam:
             work, grad = self._pending_reduce.pop(param)
             if work is not None:
                 work.wait()
+            if callable(grad):
+                grad = grad()                 # a sparse exchange's averaged slice
             cfg = self.settings[param]
             if cfg.optim == "adam":
                 local = self._adam_step(param, grad, cfg)
             else:
                 local = self._normuon_step(param, grad, cfg)
-            if cfg.comms == "sharded":
+            if cfg.comms in ("sharded", "sparse"):
                 handle = self._launch_gather(param, local)
                 if label == "lm_head":
                     lm_head_gather = handle
@@ -1887,11 +1946,11 @@ class NorMuonAndAdam:
         embed_state["step"] = lm_state["step"]
         for key in ("exp_avg", "exp_avg_sq"):
             full = lm_state[key]
-            if lm_cfg.comms == "sharded":
+            if lm_cfg.comms in ("sharded", "sparse"):
                 full = torch.empty(self.lm_head.shape, dtype=full.dtype, device=full.device)
                 dist.all_gather_into_tensor(full, lm_state[key].contiguous())
             full_t = full.T
-            if embed_cfg.comms == "sharded":
+            if embed_cfg.comms in ("sharded", "sparse"):
                 full_t = full_t[self.rank * embed_cfg.chunk_size:(self.rank + 1) * embed_cfg.chunk_size]
             embed_state[key].copy_(full_t)
         self.split_embed = True
@@ -1899,6 +1958,8 @@ class NorMuonAndAdam:
     def reset(self) -> None:
         """Back to a fresh NorMuon state and tied embeddings (after the compile warm-up)."""
         self.split_embed = False
+        for touched in self.touched_rows.values():
+            touched[:] = False
         for param, cfg in self.settings.items():
             if cfg.optim == "normuon":
                 for key in ("momentum_buffer", "second_moment", "mantissa"):
@@ -1908,7 +1969,9 @@ class NorMuonAndAdam:
         """A copy of this rank's state, keyed by label (sharded state is this rank's slice)."""
         states = {self.settings[p].label: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
                   for p, s in self.state.items()}
-        return dict(states=states, split_embed=self.split_embed)
+        # rows a sparse table's pending (even-step) gradient holds: the next exchange sends them
+        touched = {self.settings[p].label: torch.from_numpy(np.flatnonzero(mask)) for p, mask in self.touched_rows.items()}
+        return dict(states=states, split_embed=self.split_embed, touched_rows=touched)
 
     def load_state_dict(self, saved: dict) -> None:
         for label, saved_state in saved["states"].items():
@@ -1919,6 +1982,9 @@ class NorMuonAndAdam:
                 else:
                     state[key] = value
         self.split_embed = saved.get("split_embed", False)
+        for param, mask in self.touched_rows.items():
+            mask[:] = False
+            mask[saved.get("touched_rows", {}).get(self.settings[param].label, torch.zeros(0, dtype=torch.long)).numpy()] = True
 
 
 # ---- Triton: symmetric Gram products for Polar Express -------------------------------------------
@@ -2134,13 +2200,41 @@ class _Prefetch:
         return self.result
 
 
-def _to_device(inputs: np.ndarray, targets: np.ndarray, cu: np.ndarray, device: torch.device):
-    """int32 inputs, int64 targets, int32 cu_seqlens (converted on the host; pinned for async copies)."""
-    batch = (torch.from_numpy(inputs.astype(np.int32)), torch.from_numpy(targets.astype(np.int64)),
-             torch.from_numpy(cu))
+def bigram_rows_host(tokens: np.ndarray, table_size: int) -> np.ndarray:
+    """bigram_hash on the host: the same rows from the same int32 arithmetic (token ids are below
+    2^16, so the products fit in int32 and neither side wraps)."""
+    t = tokens.astype(np.int32)
+    reserved = np.int32(table_size - 1)
+    rows = np.empty_like(t)
+    rows[0] = reserved
+    rows[1:] = np.bitwise_xor(np.int32(BIGRAM_HASH_A) * t[1:], np.int32(BIGRAM_HASH_B) * t[:-1]) % reserved
+    return rows
+
+
+class MicroBatch(NamedTuple):
+    """One rank's micro-batch on the device; bigram_rows also stays on the host (bigram_rows_host)
+    for the optimizer's sparse exchange. Both None when the loader was given no table size."""
+    inputs: Tensor
+    targets: Tensor
+    cu_seqlens: Tensor
+    bigram_rows: Tensor | None = None
+    bigram_rows_host: np.ndarray | None = None
+
+
+def _to_device(inputs: np.ndarray, targets: np.ndarray, cu: np.ndarray, device: torch.device,
+               bigram_table_size: int | None = None) -> MicroBatch:
+    """int32 inputs, int64 targets, int32 cu_seqlens (converted on the host; pinned for async
+    copies), and with a table size the inputs' bigram rows, hashed here on the host (record #71:
+    the GPU no longer waits for the hash)."""
+    host = [torch.from_numpy(inputs.astype(np.int32)), torch.from_numpy(targets.astype(np.int64)),
+            torch.from_numpy(cu)]
+    rows = None
+    if bigram_table_size is not None:
+        rows = bigram_rows_host(inputs, bigram_table_size)
+        host.append(torch.from_numpy(rows))
     if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-    return batch
+        host = [t.pin_memory().to(device, non_blocking=True) for t in host]
+    return MicroBatch(*host, bigram_rows_host=rows)
 
 
 class BosAlignedLoader:
@@ -2150,8 +2244,9 @@ class BosAlignedLoader:
     step do not depend on the world size. The next shard is loaded while this one is used."""
 
     def __init__(self, pattern: str, batch_size: int, max_seq_len: int, grad_accum_steps: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")):
-        self.pattern, self.max_seq_len = pattern, max_seq_len
+                 rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
+                 bigram_table_size: int | None = None):
+        self.pattern, self.max_seq_len, self.bigram_table_size = pattern, max_seq_len, bigram_table_size
         self.grad_accum_steps, self.rank, self.world_size, self.device = grad_accum_steps, rank, world_size, device
         self.batch_size = batch_size
         self._check(batch_size)
@@ -2188,8 +2283,8 @@ class BosAlignedLoader:
         return _Prefetch(path) if path is not None else None
 
     def next_batch(self, batch_size: int | None = None):
-        """(inputs, targets, cu_seqlens) of this rank's next micro-batch; batch_size (tokens per
-        optimizer step, all ranks) changes the size from now on, as at a stage change."""
+        """This rank's next MicroBatch (inputs, targets, cu_seqlens, bigram rows); batch_size
+        (tokens per optimizer step, all ranks) changes the size from now on, as at a stage change."""
         if batch_size is not None and batch_size != self.batch_size:
             self._check(batch_size)
             self.batch_size = batch_size
@@ -2208,7 +2303,7 @@ class BosAlignedLoader:
         lengths = np.array(ends) - np.array(starts)
         lengths[-1] -= 1            # the run's extra token is only a target
         cu = pad_cu_seqlens(np.cumsum(lengths), tokens_per_rank)
-        return _to_device(buf[:-1], buf[1:], cu, self.device)
+        return _to_device(buf[:-1], buf[1:], cu, self.device, self.bigram_table_size)
 
 
 class SequentialLoader:
@@ -2704,16 +2799,25 @@ def optimizer_step(optimizer: NorMuonAndAdam, schedule: TrainingSchedule, step: 
         optimizer.copy_lm_state_to_embed()
 
 
-def train_step(model, loader: BosAlignedLoader, stage: StageState, env: DistEnv) -> Tensor:
+def training_loader(args: Hyperparameters, env: DistEnv, batch_size: int, raw_model: nn.Module) -> BosAlignedLoader:
+    """This rank's training loader, hashing bigrams on the host for raw_model's table."""
+    return BosAlignedLoader(args.train_files, batch_size, args.train_max_seq_len, env.grad_accum_steps,
+                            env.rank, env.world_size, env.device, raw_model.cfg.bigram_vocab_size)
+
+
+def train_step(model, loader: BosAlignedLoader, stage: StageState, env: DistEnv,
+               optimizer: "NorMuonAndAdam | None" = None) -> Tensor:
     """Forward/backward over this rank's micro-batches. Returns the summed training loss per
-    token, on the device (no sync)."""
+    token, on the device (no sync). The optimizer learns which bigram rows the batches touched."""
     grad_scale = 1.0 / env.grad_accum_steps      # same gradient magnitude for every world size
     total = None
     for _ in range(env.grad_accum_steps):
-        inputs, targets, cu_seqlens = loader.next_batch(stage.batch_size)
-        loss = model(inputs, targets, cu_seqlens, stage.forward_config())
+        batch = loader.next_batch(stage.batch_size)
+        if optimizer is not None and batch.bigram_rows_host is not None:
+            optimizer.note_touched_rows("bigram_embed", batch.bigram_rows_host)
+        loss = model(batch.inputs, batch.targets, batch.cu_seqlens, stage.forward_config(), batch.bigram_rows)
         (loss * grad_scale).backward()
-        per_token = loss.detach() / inputs.numel()
+        per_token = loss.detach() / batch.inputs.numel()
         total = per_token if total is None else total + per_token
     return total / env.grad_accum_steps
 
@@ -2729,8 +2833,8 @@ def evaluate(model, args: Hyperparameters, env: DistEnv, stage: StageState, val_
         val_steps = env.grad_accum_steps * args.val_tokens // args.val_batch_size
     total = torch.zeros((), dtype=torch.float32, device=env.device)
     for _ in range(val_steps):
-        inputs, targets, cu_seqlens = loader.next_batch()
-        total += model(inputs, targets, cu_seqlens, stage.forward_config()).float()
+        batch = loader.next_batch()
+        total += model(batch.inputs, batch.targets, batch.cu_seqlens, stage.forward_config()).float()
     total /= val_steps
     if env.distributed:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -2965,8 +3069,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
     continues at its step with the same loader position, losses and clock."""
     total_steps = schedule.total_steps
     last_step = last_step_of(args, schedule)
-    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
-                              env.grad_accum_steps, env.rank, env.world_size, env.device)
+    loader = training_loader(args, env, stage.batch_size, raw_model)
     progress = resume or dict(step=0, training_ms=0.0, stage_ms=[0.0] * len(schedule.stages),
                               stage_steps=[0] * len(schedule.stages), val_losses=[], train_losses=[],
                               train_loss_sum=None, train_loss_n=0)
@@ -3018,7 +3121,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
         if stop.agreed(step, env):
             stopped_by = stop.signal_name
             break
-        loss = train_step(model, loader, stage, env)
+        loss = train_step(model, loader, stage, env, optimizer)
         optimizer_step(optimizer, schedule, step, args)
         train_loss_sum = loss if train_loss_sum is None else train_loss_sum + loss
         train_loss_n += 1
@@ -3120,10 +3223,8 @@ def run_compile_helper(args: Hyperparameters, job: str) -> None:
                 run.stage.use_final_window()
             evaluate(run.model, args, env, run.stage, val_steps=1)
         else:
-            loader = BosAlignedLoader(args.train_files, run.stage.batch_size, args.train_max_seq_len,
-                                      env.grad_accum_steps, env.rank, env.world_size, env.device)
-            inputs, targets, cu_seqlens = loader.next_batch(run.stage.batch_size)
-            run.model(inputs, targets, cu_seqlens, run.stage.forward_config())
+            batch = training_loader(args, env, run.stage.batch_size, run.raw_model).next_batch()
+            run.model(batch.inputs, batch.targets, batch.cu_seqlens, run.stage.forward_config(), batch.bigram_rows)
     except torch.OutOfMemoryError:
         outcome = "forward stopped at the helper's memory cap, as intended"
     print(f"compile helper {job}: compiled in {time.perf_counter() - started:.1f}s "
@@ -3192,8 +3293,7 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
     helpers = helpers or NoCompileHelpers()
     initial_model = copy.deepcopy(raw_model.state_dict())
     initial_optimizer = optimizer.state_dict()
-    loader = BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
-                              env.grad_accum_steps, env.rank, env.world_size, env.device)
+    loader = training_loader(args, env, stage.batch_size, raw_model)
     steps, eval_steps, final_window = warmup_plan(args, schedule)
     log(f"warm-up: replaying steps {steps} (validation forward at {eval_steps}"
         f"{' and with the final window' if final_window else ''}) to compile every shape this run uses")
@@ -3201,7 +3301,7 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
         t0 = time.perf_counter()
         stage.advance(step)
         helpers.wait("train", step)
-        train_step(model, loader, stage, env)
+        train_step(model, loader, stage, env, optimizer)
         optimizer_step(optimizer, schedule, step, args)
         if step in eval_steps:     # after the step: stage 1 compiles here while a helper does eval
             helpers.wait("eval")

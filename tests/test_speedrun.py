@@ -42,7 +42,7 @@ def corpus(tmp_path_factory):
 def accumulated_grads(model, loader, accum, stage):
     model.zero_grad(set_to_none=True)
     for _ in range(accum):
-        inputs, targets, cu = loader.next_batch(stage.batch_size)
+        inputs, targets, cu, *_ = loader.next_batch(stage.batch_size)
         (model(inputs, targets, cu, stage.forward_config()) / accum).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 

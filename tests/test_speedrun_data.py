@@ -26,7 +26,7 @@ def write_shards(folder, docs_per_shard, prefix="train"):
 def take_all(loader, n, batch_size=None):
     out = []
     for _ in range(n):
-        inputs, targets, cu = loader.next_batch(batch_size) if batch_size else loader.next_batch()
+        inputs, targets, cu, *_ = loader.next_batch(batch_size) if batch_size else loader.next_batch()
         out.append((inputs.numpy(), targets.numpy(), cu.numpy()))
     return out
 
@@ -166,7 +166,7 @@ def test_validation_batches_are_contiguous_rank_slices(tmp_path_factory, lengths
     for rank in range(world):
         loader = ts.SequentialLoader(pattern, batch, accum, rank, world)
         for k in range(count):
-            inputs, targets, cu = (t.numpy() for t in loader.next_batch())
+            inputs, targets, cu = (t.numpy() for t in loader.next_batch()[:3])
             start = k * micro + rank * per_rank
             assert np.array_equal(inputs, stream[start:start + per_rank])
             assert np.array_equal(targets, stream[start + 1:start + per_rank + 1])
@@ -188,3 +188,36 @@ def test_cu_seqlens_slots_like_the_record():
     assert ts.cu_seqlens_slots(49152) == 256
     assert ts.cu_seqlens_slots(262144) == 896
     assert ts.cu_seqlens_slots(16) == 128
+
+
+# ---- record #71: bigram rows hashed on the host by the training loader ----
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 50256), min_size=1, max_size=300), st.sampled_from([50304 * 5, 50304, 1031, 2]))
+def test_host_bigram_rows_equal_the_models_hash(tokens, table_size):
+    import torch
+    tokens = np.array(tokens, dtype=np.uint16)
+    host = ts.bigram_rows_host(tokens, table_size)
+    device = ts.bigram_hash(torch.from_numpy(tokens.astype(np.int32)), table_size)
+    assert host.dtype == np.int32 and np.array_equal(host, device.numpy())
+    assert host[0] == table_size - 1 and np.all((host >= 0) & (host < table_size))
+
+
+def test_training_loader_hands_the_bigram_rows_and_the_model_uses_them(tmp_path):
+    import torch
+    pattern = write_shards(tmp_path, [make_docs([40, 70, 30, 90, 50, 60] * 6)])
+    loader = ts.BosAlignedLoader(pattern, 8 * 64, 64, 8, bigram_table_size=1031)
+    batch = loader.next_batch()
+    assert torch.equal(batch.bigram_rows, ts.bigram_hash(batch.inputs, 1031))
+    assert np.array_equal(batch.bigram_rows_host, batch.bigram_rows.numpy())
+    assert ts.BosAlignedLoader(pattern, 8 * 64, 64, 8).next_batch().bigram_rows is None
+    torch.manual_seed(0)
+    model = ts.GPT(ts.ModelConfig.smoke(attn_backend="sdpa", compile_mode="none", bigram_vocab_size=1031,
+                                        max_seq_len=512, val_max_len=512))
+    with torch.no_grad():
+        model.bigram_embed.weight.normal_()          # zero-initialised: make the rows matter
+    sched = ts.ForwardScheduleConfig(torch.tensor([1.0, 0.5]), 128, 384)
+    given_rows = model(batch.inputs, batch.targets, batch.cu_seqlens, sched, batch.bigram_rows)
+    hashed_here = model(batch.inputs, batch.targets, batch.cu_seqlens, sched)
+    shifted = model(batch.inputs, batch.targets, batch.cu_seqlens, sched, (batch.bigram_rows + 1) % 1031)
+    assert torch.equal(given_rows, hashed_here) and not torch.equal(given_rows, shifted)

@@ -4,6 +4,7 @@ import os
 import socket
 
 import pytest
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -296,7 +297,7 @@ def test_record_bank_sharding_shapes_per_rank(world_size):
                 assert state["second_moment"].shape == (n // world_size, r, 1)   # r >= c for both banks
                 assert cfg.lr_mul == (2.0 if label == "mlp" else 1.0)             # sqrt(3072/768)
                 covered[label] += range(rank * cfg.chunk_size, (rank + 1) * cfg.chunk_size)
-            elif cfg.comms == "sharded":
+            elif cfg.comms in ("sharded", "sparse"):     # sparse: bigram_embed since record #71
                 assert state["exp_avg"].shape == (q.shape[0] // world_size, *q.shape[1:])
             else:
                 assert state["exp_avg"].shape == q.shape
@@ -341,6 +342,8 @@ def _free_port():
 def _run_steps(opt, named, grads_per_step):
     for step, grads in enumerate(grads_per_step):
         set_grads(named, grads)
+        # dense gradients: every row of the sparse table counts as touched
+        opt.note_touched_rows("bigram_embed", np.arange(grads["bigram_embed"].shape[0]))
         opt.set_schedule(1.0, 0.9)
         opt.step(do_adam=ts.is_adam_step(step))
         if step == 1:
@@ -380,6 +383,71 @@ def test_two_gloo_ranks_match_world_size_one(tmp_path):
     for label, q in named:
         assert not torch.equal(q.detach(), start[label]), label      # every parameter moved
         torch.testing.assert_close(got[label], q.detach(), rtol=1e-4, atol=1e-6, msg=label)
+
+
+# ---- record #71: the sparse exchange of a table's gradient equals the dense reduce-scatter ----
+
+def _sparse_rank_grads(step, rank, rows, width, world_size):
+    """Each rank touches its own random rows (some shared, some owned by other ranks) over two
+    steps; grads are zero elsewhere, as an embedding's backward leaves them. Returns
+    (touched rows per step, grads per step)."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    touched = torch.randperm(rows, generator=g)[: rows // 3].numpy()
+    touched = np.concatenate([touched, [0, rows - 1]])        # every rank touches the first and last row
+    grad = torch.zeros(rows, width)
+    grad[touched] = torch.randn(len(touched), width, generator=g)
+    return touched, grad
+
+
+def _sparse_worker(rank, world_size, port, comms, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        table = dict(ts.PARAM_TABLE, bigram_embed=dict(ts.PARAM_TABLE["bigram_embed"], comms=comms))
+        ts.PARAM_TABLE.clear()
+        ts.PARAM_TABLE.update(table)
+        named = tiny_params(d=8, vocab=24)            # bigram_embed: 48 rows, splits over 2 and 4 ranks
+        opt = ts.NorMuonAndAdam(named, world_size=world_size, rank=rank)
+        rows, width = named[4][1].shape
+        for step in range(4):                         # Adam runs on steps 1 and 3 with two steps of grads
+            grads = random_grads(named, seed=500 + step)
+            touched, grads["bigram_embed"] = _sparse_rank_grads(step, rank, rows, width, world_size)
+            for label, q in named:
+                q.grad = grads[label].clone() if q.grad is None or label != "bigram_embed" else q.grad + grads[label]
+            opt.note_touched_rows("bigram_embed", touched)
+            opt.set_schedule(1.0, 0.9)
+            opt.step(do_adam=ts.is_adam_step(step))
+        if rank == 0:
+            torch.save({label: q.detach().clone() for label, q in named}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sparse_table_exchange_equals_dense_reduce_scatter(tmp_path, world_size):
+    results = {}
+    for comms in ("sparse", "sharded"):
+        out = tmp_path / f"{comms}.pt"
+        mp.spawn(_sparse_worker, args=(world_size, _free_port(), comms, str(out)), nprocs=world_size)
+        results[comms] = torch.load(out)
+    start = dict(tiny_params(d=8, vocab=24))["bigram_embed"]
+    assert not torch.equal(results["sparse"]["bigram_embed"], start)
+    for label, dense in results["sharded"].items():
+        torch.testing.assert_close(results["sparse"][label], dense, rtol=1e-6, atol=1e-7, msg=label)
+
+
+def test_touched_rows_survive_a_checkpoint_and_not_a_reset():
+    """An even step's touched rows are pending like its Adam gradient: a checkpoint keeps them."""
+    named = tiny_params(d=8, vocab=24)
+    opt = ts.NorMuonAndAdam(named, world_size=2)      # (one rank's view; no exchange is run)
+    opt.note_touched_rows("bigram_embed", np.array([3, 5, 5, 40]))
+    saved = opt.state_dict()
+    assert saved["touched_rows"]["bigram_embed"].tolist() == [3, 5, 40]
+    fresh = ts.NorMuonAndAdam(tiny_params(d=8, vocab=24), world_size=2)
+    fresh.load_state_dict(saved)
+    assert np.flatnonzero(fresh.touched_rows[fresh.by_label["bigram_embed"]]).tolist() == [3, 5, 40]
+    fresh.reset()
+    assert not fresh.touched_rows[fresh.by_label["bigram_embed"]].any()
 
 
 def test_compiled_update_math_traces_as_full_graphs(monkeypatch):
