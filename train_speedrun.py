@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #70 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #72 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -72,13 +72,14 @@ class Hyperparameters:
     val_files: str = option("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards (under $DATA_PATH if set)")
     val_tokens: int = option(10_485_760, "validation tokens: fixed, so val losses of different runs compare")
     val_batch_size: int = option(4 * 64 * 1024 * 8, "validation tokens per 8 micro-batch forwards over all ranks")
-    train_max_seq_len: int = option(128 * 16, "longest document piece a training batch holds")
+    train_max_seq_len: int = option(128 * 16, "longest document piece a training batch holds: caps STAGE_TABLE's "
+                                                "per-stage max_seq_len")
     # stage batch = stage_seqs[i] x batch_seq_len x 8 tokens (8 micro-batches over all ranks); set
     # by --smoke, edited with STAGE_TABLE below rather than on the command line
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1507, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1490, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -173,17 +174,20 @@ MODEL_SCALARS = dict(
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
 # (short, long) attention windows in WINDOW_BLOCK-token blocks (layers in LONG_WINDOW_LAYERS get
 # the long one); mtp_start / mtp_end: multi-token-prediction weights (next token, +2, +3), linear
-# over the stage. A stage's batch is --stage_seqs[i] x --batch_seq_len x 8 tokens (the extension
-# keeps the last); its lr_mul follows the batch (about (batch ratio)^0.5-0.6).
+# over the stage; max_seq_len: longest document piece in the stage's batches (short sequences
+# first, record #72; --train_max_seq_len caps it). A stage's batch is --stage_seqs[i] x
+# --batch_seq_len x 8 tokens (the extension keeps the last); its lr_mul follows the batch (about
+# (batch ratio)^0.5-0.6).
 STAGE_TABLE = [
-    dict(duration=1 / 3, lr_mul=1.00, windows=(1, 3), mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
-    dict(duration=1 / 3, lr_mul=1.52, windows=(3, 7), mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
-    dict(duration=1 / 3, lr_mul=1.73, windows=(5, 11), mtp_start=(1.0,), mtp_end=(1.0,)),
-    dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,)),
+    dict(duration=1 / 3, lr_mul=1.00, windows=(1, 3), mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0),
+         max_seq_len=896),
+    dict(duration=1 / 3, lr_mul=1.52, windows=(3, 7), mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0), max_seq_len=2048),
+    dict(duration=1 / 3, lr_mul=1.73, windows=(5, 11), mtp_start=(1.0,), mtp_end=(1.0,), max_seq_len=2048),
+    dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,), max_seq_len=2048),
 ]
 FINAL_WINDOW_BLOCKS = 20          # long window of the final validation only (longer than training saw)
 COOLDOWN_FRAC = 0.55              # the last 55% of the scheduled steps blend lr_mul linearly into ...
-LR_FLOOR = 0.1                    # ... this multiplier (held through the extension)
+LR_FLOOR = 0.15                   # ... this multiplier (held through the extension; 0.1 before #72)
 SPLIT_EMBED_STAGE = 2             # embed and lm_head are untied at this stage's first (odd) step
 MUON_MOMENTUM_RANGE = (0.85, 0.95)   # NorMuon momentum ramps low -> high, and back at the end
                                      # (over --muon_warmup_steps / --muon_cooldown_steps)
@@ -316,10 +320,12 @@ def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
 
 @dataclass
 class ForwardScheduleConfig:
-    """What the schedule changes between steps: MTP weights (tensor) and windows (tokens)."""
+    """What the schedule changes between steps: MTP weights (tensor), windows (tokens), and the
+    longest training document piece (flash-attn's max_seqlen; None: ModelConfig's)."""
     mtp_weights: Tensor
     ws_short: int
     ws_long: int
+    max_seq_len: int | None = None
 
 
 # ---- rotary embedding -------------------------------------------------------------------------
@@ -1016,7 +1022,7 @@ class GPT(nn.Module):
         """Masks, offsets and scales for every kind of layer, built once per forward outside any
         compiled graph, so windows and scales never specialize a graph."""
         backend = self.cfg.attn_backend
-        max_len = self.cfg.train_max_seq_len if self.training else self.cfg.val_max_len
+        max_len = (sched.max_seq_len or self.cfg.train_max_seq_len) if self.training else self.cfg.val_max_len
         with_backward = self.training and torch.is_grad_enabled()
         kinds = {}
         for long_window, paired in self.attention_kinds:
@@ -2282,12 +2288,15 @@ class BosAlignedLoader:
         path = next(self._files, None)
         return _Prefetch(path) if path is not None else None
 
-    def next_batch(self, batch_size: int | None = None):
+    def next_batch(self, batch_size: int | None = None, max_seq_len: int | None = None):
         """This rank's next MicroBatch (inputs, targets, cu_seqlens, bigram rows); batch_size
-        (tokens per optimizer step, all ranks) changes the size from now on, as at a stage change."""
+        (tokens per optimizer step, all ranks) and max_seq_len (longest document piece) change
+        them from now on, as at a stage change."""
         if batch_size is not None and batch_size != self.batch_size:
             self._check(batch_size)
             self.batch_size = batch_size
+        if max_seq_len is not None:
+            self.max_seq_len = max_seq_len
         tokens_per_rank = self.batch_size // (self.grad_accum_steps * self.world_size)
         runs = self.shard.take(tokens_per_rank, self.max_seq_len, self.world_size)
         while runs is None:
@@ -2382,15 +2391,18 @@ class TrainingStage:
     mtp_start: tuple                 # multi-token-prediction weights at the stage's first step ...
     mtp_end: tuple                   # ... and at its end (linear in between)
     duration: float | None = None    # fraction of the scheduled iterations; None = extension stage
+    max_seq_len: int = 2048          # longest document piece in a training batch
 
 
-def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24)) -> list:
+def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24), max_seq_len: int = 2048) -> list:
     """STAGE_TABLE's stages with their batch sizes: stage i holds stage_seqs[i] sequences of
     batch_seq_len tokens per micro-batch (the extension keeps the last), MICRO_BATCHES_PER_STEP
-    micro-batches per step whatever the world size."""
+    micro-batches per step whatever the world size; document pieces of at most the row's
+    max_seq_len, capped by max_seq_len (--train_max_seq_len)."""
     tokens_per_seq_slot = batch_seq_len * MICRO_BATCHES_PER_STEP   # one more sequence per micro-batch
     return [TrainingStage(row["lr_mul"], stage_seqs[min(i, len(stage_seqs) - 1)] * tokens_per_seq_slot,
-                          tuple(row["windows"]), tuple(row["mtp_start"]), tuple(row["mtp_end"]), row["duration"])
+                          tuple(row["windows"]), tuple(row["mtp_start"]), tuple(row["mtp_end"]), row["duration"],
+                          min(row["max_seq_len"], max_seq_len))
             for i, row in enumerate(STAGE_TABLE)]
 
 
@@ -2447,7 +2459,7 @@ class TrainingSchedule:
 
 
 def training_schedule(args: Hyperparameters) -> TrainingSchedule:
-    return TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs),
+    return TrainingSchedule(reference_stages(args.batch_seq_len, args.stage_seqs, args.train_max_seq_len),
                             args.num_scheduled_iterations, args.num_extension_iterations)
 
 
@@ -2473,10 +2485,11 @@ def padded(values: list, width: int) -> list:
 
 
 class StageState:
-    """What the model sees of the schedule at the current step: windows, MTP weights, batch size.
+    """What the model sees of the schedule at the current step: windows, MTP weights, batch size
+    and longest document piece.
 
     Owns the side effects of a stage change: YaRN rescaling of the rotary tables when the long
-    window grows, and the loader's new batch size.
+    window grows, and the loader's new batch size and sequence length.
     """
 
     def __init__(self, schedule: TrainingSchedule, model: nn.Module, device: torch.device):
@@ -2493,7 +2506,7 @@ class StageState:
     def reset(self) -> None:
         first = self.schedule.stages[0]
         self.ws_short, self.ws_long = first.window_blocks
-        self.batch_size = first.batch_size
+        self.batch_size, self.max_seq_len = first.batch_size, first.max_seq_len
         self.mtp_weights = self._mtp[0]
         self.model.yarn.reset()
         self.model.yarn_paired_head.reset()
@@ -2506,7 +2519,7 @@ class StageState:
             self.model.yarn.apply(old_tokens, new_tokens)
             self.model.yarn_paired_head.apply(old_tokens, new_tokens)
         self.ws_short, self.ws_long = new_short, new_long
-        self.batch_size = stage.batch_size
+        self.batch_size, self.max_seq_len = stage.batch_size, stage.max_seq_len
         self.mtp_weights = self._mtp[min(step, len(self._mtp) - 1)]
 
     def use_final_window(self) -> None:
@@ -2516,7 +2529,8 @@ class StageState:
     def forward_config(self):
         return ForwardScheduleConfig(mtp_weights=self.mtp_weights,
                                      ws_short=self.ws_short * WINDOW_BLOCK,
-                                     ws_long=self.ws_long * WINDOW_BLOCK)
+                                     ws_long=self.ws_long * WINDOW_BLOCK,
+                                     max_seq_len=self.max_seq_len)
 
 
 # =============================================================================
@@ -2812,7 +2826,7 @@ def train_step(model, loader: BosAlignedLoader, stage: StageState, env: DistEnv,
     grad_scale = 1.0 / env.grad_accum_steps      # same gradient magnitude for every world size
     total = None
     for _ in range(env.grad_accum_steps):
-        batch = loader.next_batch(stage.batch_size)
+        batch = loader.next_batch(stage.batch_size, stage.max_seq_len)
         if optimizer is not None and batch.bigram_rows_host is not None:
             optimizer.note_touched_rows("bigram_embed", batch.bigram_rows_host)
         loss = model(batch.inputs, batch.targets, batch.cu_seqlens, stage.forward_config(), batch.bigram_rows)
@@ -3223,7 +3237,8 @@ def run_compile_helper(args: Hyperparameters, job: str) -> None:
                 run.stage.use_final_window()
             evaluate(run.model, args, env, run.stage, val_steps=1)
         else:
-            batch = training_loader(args, env, run.stage.batch_size, run.raw_model).next_batch()
+            batch = training_loader(args, env, run.stage.batch_size, run.raw_model).next_batch(
+                run.stage.batch_size, run.stage.max_seq_len)
             run.model(batch.inputs, batch.targets, batch.cu_seqlens, run.stage.forward_config(), batch.bigram_rows)
     except torch.OutOfMemoryError:
         outcome = "forward stopped at the helper's memory cap, as intended"
@@ -3336,7 +3351,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #70, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #72, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

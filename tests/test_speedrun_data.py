@@ -102,6 +102,17 @@ def test_batch_size_change_takes_effect_at_once(tmp_path):
         loader.next_batch(24 * 8)
 
 
+def test_max_seq_len_change_takes_effect_at_once(tmp_path):
+    """Record #72's stage change: the loader cuts documents at the new length from the next batch."""
+    pattern = write_shards(tmp_path, [make_docs([100] * 200)])
+    loader = ts.BosAlignedLoader(pattern, 64 * 8, 64, grad_accum_steps=8)
+    pieces = lambda batch: np.diff(batch.cu_seqlens.numpy())
+    assert pieces(loader.next_batch()).max() == 64
+    short = loader.next_batch(None, 16)
+    assert loader.max_seq_len == 16 and 0 < pieces(short).max() <= 16
+    assert pieces(loader.next_batch(64 * 8, 48)).max() == 48
+
+
 def test_next_shard_loads_in_background_and_tail_is_dropped(tmp_path):
     shard_a, shard_b = make_docs([30] * 10, seed=2), make_docs([30] * 10, seed=3)
     pattern = write_shards(tmp_path, [shard_a, shard_b])

@@ -1,7 +1,9 @@
 """Schedule and configuration of the speedrun trainer: pure step -> setting functions."""
+import functools
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 import train_speedrun as ts
@@ -18,25 +20,27 @@ def make_schedule(scheduled, extension, args=None):
 # ---- the record's numbers ----
 
 def test_record_schedule_numbers():
-    s = make_schedule(1515, 40)
-    assert s.boundaries == [(0, 505), (505, 1010), (1010, 1515), (1515, 1555)]
-    assert s.total_steps == 1555
-    assert s.split_step == 1011
-    assert s.warmup_steps() == [0, 1, 2, 504, 505, 506, 1009, 1010, 1011, 1514, 1515, 1516]
+    s = make_schedule(1490, 40)                      # record #72's step counts
+    assert s.boundaries == [(0, 497), (497, 993), (993, 1490), (1490, 1530)]   # round(1490 / 3) = 497
+    assert s.total_steps == 1530
+    assert s.split_step == 993                       # stage 3 starts on an odd step already
+    assert s.warmup_steps() == [0, 1, 2, 496, 497, 498, 992, 993, 994, 1489, 1490, 1491]
     stages = s.stages
+    assert [st_.max_seq_len for st_ in stages] == [896, 2048, 2048, 2048]   # short documents first (#72)
     assert [st_.batch_size for st_ in stages] == [8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8, 24 * 2048 * 8]
     assert [st_.window_blocks for st_ in stages] == [(1, 3), (3, 7), (5, 11), (6, 13)]
     assert [st_.lr_mul for st_ in stages[:3]] == [1.0, 1.52, 1.73]
     assert s.final_window_blocks == 20
     assert s.mtp_weights(0) == [1.0, 0.5, 0.25]
-    assert s.mtp_weights(505) == [1.0, 0.5]
-    assert s.mtp_weights(1010) == [1.0]
-    # cooldown starts at int(1515 * 0.45) = 681 and ends at 0.1x
-    assert s.lr_multiplier(680) == 1.52
-    assert s.lr_multiplier(681) == 1.52
-    assert s.lr_multiplier(682) < 1.52
-    assert s.lr_multiplier(1515) == pytest.approx(0.1)
-    assert s.lr_multiplier(1554) == pytest.approx(0.1)
+    assert s.mtp_weights(497) == [1.0, 0.5]
+    assert s.mtp_weights(993) == [1.0]
+    # cooldown starts at int(1490 * 0.45) = 670 (1490 * 0.44999999999999996 = 670.49...) and ends
+    # at the floor, 0.15x since record #72
+    assert s.lr_multiplier(669) == 1.52
+    assert s.lr_multiplier(670) == 1.52
+    assert s.lr_multiplier(671) < 1.52
+    assert s.lr_multiplier(1490) == pytest.approx(0.15)
+    assert s.lr_multiplier(1529) == pytest.approx(0.15)
 
 
 def test_record_muon_momentum():
@@ -127,10 +131,10 @@ def test_lr_multiplier_every_step(sched):
             assert lr == stage.lr_mul
         else:
             t = min(1.0, (step - cd_start) / (scheduled - cd_start))
-            assert lr == pytest.approx(stage.lr_mul + (0.1 - stage.lr_mul) * t)
-            assert 0.1 - 1e-12 <= lr <= stage.lr_mul + 1e-12
+            assert lr == pytest.approx(stage.lr_mul + (0.15 - stage.lr_mul) * t)
+            assert 0.15 - 1e-12 <= lr <= stage.lr_mul + 1e-12
         if step >= scheduled:
-            assert lr == pytest.approx(0.1)
+            assert lr == pytest.approx(0.15)
 
 
 @settings(max_examples=25, deadline=None)
@@ -218,7 +222,7 @@ def test_adam_only_on_odd_steps():
 
 def test_parse_args_defaults_are_the_record():
     a = ts.parse_args([])
-    assert (a.num_scheduled_iterations, a.num_extension_iterations) == (1507, 40)   # record #70
+    assert (a.num_scheduled_iterations, a.num_extension_iterations) == (1490, 40)   # record #72
     assert (a.muon_warmup_steps, a.muon_cooldown_steps) == (300, 50)
     assert (a.val_tokens, a.val_batch_size, a.train_max_seq_len) == (10485760, 2097152, 2048)
     assert a.val_loss_every == 250 and a.compile and a.device == "cuda" and a.attn == "auto"
@@ -307,3 +311,26 @@ def test_helpers_only_for_one_compiled_process():
     assert not ts.use_compile_helpers(ts.parse_args([]), env2)          # ranks compile side by side
     assert not ts.use_compile_helpers(ts.parse_args(["--no-parallel_compile"]), env1)
     assert not ts.use_compile_helpers(ts.parse_args(["--no-compile"]), env1)
+
+
+# ---- record #72: the sequence-length schedule ----
+
+@functools.cache
+def tiny_model():
+    return ts.GPT(ts.ModelConfig.smoke(vocab_size=1024, bigram_vocab_size=1031, attn_backend="sdpa",
+                                       compile_mode="none", max_seq_len=512, val_max_len=512))
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedules, st.sampled_from([128, 512, 896, 1024, 2048, 4096]))
+def test_max_seq_len_follows_the_stage_and_the_cap(sched, cap):
+    """Every step's longest document piece is its stage's STAGE_TABLE max_seq_len capped by
+    --train_max_seq_len; StageState hands it to the loader and the model at each step."""
+    s = ts.TrainingSchedule(ts.reference_stages(2048, (8, 16, 24), cap), *sched)
+    state = ts.StageState(s, tiny_model(), torch.device("cpu"))
+    for step in range(s.total_steps):
+        state.advance(step)
+        want = min(ts.STAGE_TABLE[s.stage_index(step)]["max_seq_len"], cap)
+        assert state.max_seq_len == want and state.forward_config().max_seq_len == want
+    state.reset()
+    assert state.max_seq_len == min(896, cap)
