@@ -106,7 +106,7 @@ class Hyperparameters:
                                 show_default=False)
     parallel_compile: bool = option(True, "one GPU: compile the later stages' and the validation graphs in helper "
                                           "processes while this one compiles stage 1")
-    smoke: bool = option(False, "tiny model and schedule that runs every code path in about a minute",
+    smoke: bool = option(False, "tiny model and schedule that runs every code path (2-4 minutes on 2 CPU cores)",
                          show_default=False)
 
 
@@ -175,9 +175,9 @@ MODEL_SCALARS = dict(
 # (short, long) attention windows in WINDOW_BLOCK-token blocks (layers in LONG_WINDOW_LAYERS get
 # the long one); mtp_start / mtp_end: multi-token-prediction weights (next token, +2, +3), linear
 # over the stage; max_seq_len: longest document piece in the stage's batches (short sequences
-# first, record #72; --train_max_seq_len caps it). A stage's batch is --stage_seqs[i] x
-# --batch_seq_len x 8 tokens (the extension keeps the last); its lr_mul follows the batch (about
-# (batch ratio)^0.5-0.6).
+# first, record #72; --train_max_seq_len caps it). A stage's batch is stage_seqs[i] x
+# batch_seq_len x 8 tokens (Hyperparameters fields; the extension keeps the last); its lr_mul
+# follows the batch (about (batch ratio)^0.5-0.6).
 STAGE_TABLE = [
     dict(duration=1 / 3, lr_mul=1.00, windows=(1, 3), mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0),
          max_seq_len=896),
@@ -2097,8 +2097,8 @@ QUICK_INDEX_TOKENS = 6_000_000   # BOS positions found up front; the rest of a s
 def find_shards(pattern: str, what: str) -> list:
     files = sorted(glob.glob(pattern))
     if not files:
-        raise SystemExit(f"error: no {what} shards match {pattern!r}; build them with "
-                         f"`python3 prepare_data.py ...` or pass --{what}_files")
+        raise SystemExit(f"error: no {what} shards match {pattern!r}; build them with `python3 prepare_data.py "
+                         f"fineweb10B` (or `prepare_data.py text DIR --format fineweb`) or pass --{what}_files")
     return [Path(f) for f in files]
 
 
@@ -3501,8 +3501,11 @@ def main(argv=None) -> dict | None:
     if env.master and cpu_warning(args):
         print(cpu_warning(args), file=sys.stderr, flush=True)
     checkpoint = None      # (step, this rank's payload, model state) when resuming
-    if args.init_from == "resume" and not smoke_data_pending(args):
-        checkpoint = read_resume_checkpoint(args, env)   # a bad checkpoint fails before minutes of compiling
+    if args.init_from == "resume":    # a missing or bad checkpoint fails before the log and the compile
+        if smoke_data_pending(args):
+            find_resume_checkpoint(args, env.world_size)  # read once the smoke corpus exists, below
+        else:
+            checkpoint = read_resume_checkpoint(args, env)
     log = RunLog(env, args.log_dir, args.run_id)
     helpers = NoCompileHelpers()
 

@@ -1,5 +1,6 @@
-"""Two runs of train_speedrun.py side by side, from their JSON summaries (the trainer writes
-RUN_ID.json beside its log): a change to the trainer measured before/after on one card.
+"""Two train_speedrun.py runs side by side from their JSON summaries: a change, before/after.
+
+The trainer writes RUN_ID.json beside its log; run both sides on one card with one schedule.
 
   python3 benchmarks/ab_compare.py logs/before.json logs/after.json [--max_val_diff 0.005]
       [--max_time_ratio 1.01]
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before")
     p.add_argument("after")
-    p.add_argument("--max_val_diff", type=float, default=0.005, help="largest |val loss difference| allowed")
-    p.add_argument("--max_time_ratio", type=float, default=1.01, help="largest per-stage step time ratio allowed")
+    p.add_argument("--max_val_diff", type=float, default=0.005, help="largest |val loss difference| allowed (default 0.005)")
+    p.add_argument("--max_time_ratio", type=float, default=1.01, help="largest per-stage step time ratio allowed (default 1.01)")
     args = p.parse_args(argv)
     before, after = load_summary(args.before), load_summary(args.after)
     stages, vals, worst = compare(before, after)

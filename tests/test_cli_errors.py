@@ -301,6 +301,9 @@ CASES = [
     ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume"], {}, "--init_from resume needs the --run_id"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "none"], {},
      "--init_from resume: no checkpoint in runs/none/"),
+    # --smoke at its default data path (corpus not written yet): still refused before any log file
+    ("speedrun", [*SMOKE, "--init_from", "resume", "--log_dir", "runs", "--run_id", "none"], {},
+     "--init_from resume: no checkpoint in runs/none/"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "corrupt"], {},
      "checkpoint runs/corrupt/state_step000003.pt cannot be read"),
     ("speedrun", [*SMOKE, *GOOD_SHARDS, "--init_from", "resume", "--log_dir", "runs", "--run_id", "old"], {},
