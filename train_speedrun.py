@@ -1805,6 +1805,9 @@ class NorMuonAndAdam:
         rank owns (row counts first, then row numbers and rows) and adds what it receives to its
         own slice. Returns (work, finish): finish() gives the averaged slice once work is done."""
         touched = np.flatnonzero(self.touched_rows[param]).astype(np.int64)
+        if touched.size == 0:   # every batch reads the table: nothing noted means a caller forgot
+            raise RuntimeError(f"{cfg.label}: no touched rows were noted since its last update; pass the "
+                               "optimizer to train_step (it calls note_touched_rows for each micro-batch)")
         self.touched_rows[param][:] = False
         owner_starts = np.arange(self.world_size + 1) * cfg.chunk_size
         bounds = np.searchsorted(touched, owner_starts)

@@ -20,8 +20,7 @@ def main(argv):
     env = T.init_distributed(args.device)
     run = T.build_training_run(args, env)
     cfg, model, opt, sched, stage = run.cfg, run.model, run.optimizer, run.schedule, run.stage
-    loader = T.BosAlignedLoader(args.train_files, stage.batch_size, args.train_max_seq_len,
-                                env.grad_accum_steps, env.rank, env.world_size, env.device)
+    loader = T.training_loader(args, env, stage.batch_size, run.raw_model)
     cuda = env.device.type == "cuda"
 
     def timed(fn):
@@ -35,7 +34,7 @@ def main(argv):
 
     def one_step(step):
         stage.advance(step)
-        T.train_step(model, loader, stage, env)
+        T.train_step(model, loader, stage, env, opt)
         T.optimizer_step(opt, sched, step, args)
 
     print(f"compile mode {cfg.compile_mode}, attention {cfg.attn_backend}, fp8 {cfg.use_fp8}")
@@ -43,8 +42,9 @@ def main(argv):
           f"{T.compiled_graph_count()} graphs")
     for step in range(3, 9):
         stage.advance(step)
-        t_data = timed(lambda: [loader.next_batch(stage.batch_size) for _ in range(env.grad_accum_steps)])
-        t_fb = timed(lambda: T.train_step(model, loader, stage, env))
+        t_data = timed(lambda: [loader.next_batch(stage.batch_size, stage.max_seq_len)
+                                for _ in range(env.grad_accum_steps)])
+        t_fb = timed(lambda: T.train_step(model, loader, stage, env, opt))
         t_opt = timed(lambda: T.optimizer_step(opt, sched, step, args))
         t_all = timed(lambda: one_step(step))
         print(f"step {step}: data x{env.grad_accum_steps} {t_data:.1f} ms | fwd+bwd x{env.grad_accum_steps} "

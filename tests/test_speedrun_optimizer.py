@@ -469,3 +469,12 @@ def test_compiled_update_math_traces_as_full_graphs(monkeypatch):
     for (label, qc), (_, qe) in zip(named_c, named_e):
         torch.testing.assert_close(qc.detach().float(), qe.detach().float(), rtol=1e-2, atol=1e-3, msg=label)
     torch._dynamo.reset()
+
+
+def test_a_sparse_exchange_with_no_noted_rows_is_refused():
+    """A loop that forgets to note the rows would silently drop every other rank's gradient."""
+    named = tiny_params(d=8, vocab=24)
+    opt = ts.NorMuonAndAdam(named, world_size=2)      # refused before any collective runs
+    table = opt.by_label["bigram_embed"]
+    with pytest.raises(RuntimeError, match="no touched rows were noted"):
+        opt._launch_sparse_exchange(table, torch.ones_like(table), opt.settings[table])
