@@ -602,6 +602,38 @@ def read_log(path):
     return path.read_text(errors="replace") if path.exists() else "(no log)"
 
 
+def wait_until_under_way(log, under_way, timeout):
+    """Poll the job's log until under_way(its text) holds; fail with the log if it never does."""
+    deadline = time.monotonic() + timeout
+    while not under_way(read_log(log)):
+        assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
+        time.sleep(0.2)
+
+
+def past_iter(n):
+    """under_way: the baseline has logged the loss of iteration n or later."""
+    return lambda text: max((int(i) for i, _ in LOSS_LINE.findall(text)), default=0) >= n
+
+
+def preempt_beside_a_reference(cluster, job_id, log, reference_cmd, cwd, under_way, start_timeout,
+                               finish_timeout):
+    """Run reference_cmd (the same job through the wrapper outside Slurm, uninterrupted) while the
+    job gets USR1 on its batch shell once under_way(its log), as --signal=B:USR1@T would; wait for
+    the requeue and for both to end. Returns (job info, reference exit code, reference output)."""
+    reference = subprocess.Popen(reference_cmd, cwd=cwd, env=job_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_under_way(log, under_way, start_timeout)
+        cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+        cluster.wait_for_job(job_id, lambda j: int(j.get("Restarts", 0)) >= 1, 60, "a requeue")
+        info = cluster.wait_until_done(job_id, timeout=finish_timeout)
+        output, _ = reference.communicate(timeout=finish_timeout)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    return info, reference.returncode, output
+
+
 def training_losses(metrics_path):
     """iter -> training loss, from the trainer's metrics.jsonl."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
@@ -629,29 +661,15 @@ def test_slurm_preemption_requeues_and_resumes_exactly(cluster, char_data, job_d
     args = tiny_run_args(char_data, job_dir / "preempted", iters=iters, eval_interval=500)
     job_id, log = submit(cluster, job_dir, "preempt", str(REPO / "train_baseline.py"), *args)
 
-    # The same run, uninterrupted, through the wrapper outside Slurm, meanwhile.
+    # The same run, uninterrupted, through the wrapper outside Slurm, meanwhile; USR1 once
+    # training is under way.
     reference_out = job_dir / "reference"
-    reference = subprocess.Popen(
-        ["bash", str(WRAPPER), str(REPO / "train_baseline.py"),
-         *tiny_run_args(char_data, reference_out, iters=iters, eval_interval=500)],
-        cwd=job_dir, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    try:
-        # Signal the batch shell as --signal=B:USR1@120 would, once training is under way.
-        deadline = time.monotonic() + 90
-        while max((int(i) for i, _ in LOSS_LINE.findall(read_log(log))), default=0) < 100:
-            assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
-            time.sleep(0.2)
-        cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
-
-        cluster.wait_for_job(job_id, lambda j: int(j.get("Restarts", 0)) >= 1, 60, "a requeue")
-        info = cluster.wait_until_done(job_id, timeout=180)
-        reference_log, _ = reference.communicate(timeout=180)
-    finally:
-        if reference.poll() is None:
-            reference.kill()
+    reference_cmd = ["bash", str(WRAPPER), str(REPO / "train_baseline.py"),
+                     *tiny_run_args(char_data, reference_out, iters=iters, eval_interval=500)]
+    info, reference_status, reference_log = preempt_beside_a_reference(
+        cluster, job_id, log, reference_cmd, job_dir, past_iter(100), start_timeout=90, finish_timeout=180)
     text = read_log(log)
-    assert reference.returncode == 0, reference_log
+    assert reference_status == 0, reference_log
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
     assert info["Restarts"] == "1", text
 
@@ -676,10 +694,7 @@ def test_slurm_srun_launch_path_relays_preemption(cluster, char_data, job_dir):
     job_id, log = submit(cluster, job_dir, "srun", str(REPO / "train_baseline.py"),
                          *tiny_run_args(char_data, job_dir / "out", iters=iters, eval_interval=400),
                          env=dict(job_env(), USE_SRUN="1"))
-    deadline = time.monotonic() + 90
-    while max((int(i) for i, _ in LOSS_LINE.findall(read_log(log))), default=0) < 100:
-        assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
-        time.sleep(0.2)
+    wait_until_under_way(log, past_iter(100), timeout=90)
     cluster.run(["scancel", "--signal=USR1", job_id])
     info = cluster.wait_until_done(job_id, timeout=120)
     text = read_log(log)
@@ -764,22 +779,11 @@ def test_slurm_preemption_requeues_and_resumes_a_speedrun_exactly(cluster, job_d
             "--train_files", data[0], "--val_files", data[1]]
     job_id, log = submit(cluster, job_dir, "speedrun", *args)
     # the same run, uninterrupted, through the wrapper outside Slurm, meanwhile
-    reference = subprocess.Popen(["bash", str(WRAPPER), *args, "--run_id", "reference"], cwd=job_dir, env=job_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while "step:2/8 train_time" not in read_log(log):
-            assert time.monotonic() < deadline, f"training never got going:\n{read_log(log)}"
-            time.sleep(0.2)
-        cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
-        cluster.wait_for_job(job_id, lambda j: int(j.get("Restarts", 0)) >= 1, 60, "a requeue")
-        info = cluster.wait_until_done(job_id, timeout=240)
-        reference_out, _ = reference.communicate(timeout=240)
-    finally:
-        if reference.poll() is None:
-            reference.kill()
+    info, reference_status, reference_out = preempt_beside_a_reference(
+        cluster, job_id, log, ["bash", str(WRAPPER), *args, "--run_id", "reference"], job_dir,
+        lambda text: "step:2/8 train_time" in text, start_timeout=120, finish_timeout=240)
     text = read_log(log)
-    assert reference.returncode == 0, reference_out
+    assert reference_status == 0, reference_out
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
     run_id = f"speedrun_job{job_id}"
     assert re.search(rf"checkpoint: logs/{run_id}/state_step0000\d\d.pt", text), text
