@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #72 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #73 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -79,7 +79,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1490, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1450, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -137,7 +137,8 @@ NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
 PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
-SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip of layer 3's output into layer 6
+SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's stream after its
+                                        # attention, added where layer 6 starts
 BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
 VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
@@ -157,18 +158,30 @@ VALUE_EMBED_INIT_STD = 0.01       # value embeddings start as small gaussians (z
 
 # ---- learned scalars: one fp32 vector `scalars` (PARAM_TABLE["scalars"]), read by name ----
 # Per layer: name -> initial value (a tuple: that many per layer). Each layer function gets its
-# layer's values as a dict (GPT.body), so a new per-layer gate is a row here plus its use in one
+# layer's values in a dict (GPT.body), so a new per-layer gate is a row here plus its use in one
 # layer function. Then the model-wide ones. Stored in this order, as the record lays them out.
 LAYER_SCALARS = dict(
-    resid_lambda=1.1,             # scale of the residual stream entering the layer
     attn_lambdas=(0.5, 1.0),      # (qkv, out) projection scales of an attention layer
-    bigram_lambda=0.1,            # how much hashed-bigram embedding enters the layer
 )
 MODEL_SCALARS = dict(
     smear_lambda=0.0,             # strength of the smear gate (previous token into x0)
     backout_lambda=0.5,           # fraction of BACKOUT_LAYER's output removed before the head
     skip_lambda=-1.5,             # skip-gate bias: sigmoid(-1.5) ~ 0.18 at the start
 )
+
+# ---- residual stream: per-layer lambdas, each its own parameter (record #73) ----
+# Every sublayer (attention, then MLP) writes  lane <- resid * lane + post * output  into each
+# lane of the residual stream. From PARALLEL_LANES_FROM on the stream has two lanes (partitioned
+# hyperconnections): attention reads lane 0, the MLP reads lane 1, both write both; the head
+# reads their mean. Attention outputs also carry x0 and the hashed-bigram embedding (x0_lambdas,
+# bigram_lambdas; layer 0 takes its bigram part into the stream before it instead).
+PARALLEL_LANES_FROM = 7
+RESID_LAMBDA_INIT = 1.1 ** 0.5    # per sublayer, so 1.1 per layer as before #73
+POST_LAMBDA_INIT = 1.0            # (layer, sublayer, lane) ...
+LANE1_ATTN_POST_INIT = 1.5        # ... except attention's write into lane 1
+X0_LAMBDA_INIT = 0.0
+BIGRAM_LAMBDA_INIT = 0.05
+LAYER_LAMBDA_PARAMS = ("post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas")
 
 # ---- schedule: one row per stage; the last row is the extension after the scheduled steps ----
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
@@ -186,7 +199,7 @@ STAGE_TABLE = [
     dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,), max_seq_len=2048),
 ]
 FINAL_WINDOW_BLOCKS = 20          # long window of the final validation only (longer than training saw)
-COOLDOWN_FRAC = 0.55              # the last 55% of the scheduled steps blend lr_mul linearly into ...
+COOLDOWN_FRAC = 0.60              # the last 60% of the scheduled steps blend lr_mul linearly into ...
 LR_FLOOR = 0.15                   # ... this multiplier (held through the extension; 0.1 before #72)
 SPLIT_EMBED_STAGE = 2             # embed and lm_head are untied at this stage's first (odd) step
 MUON_MOMENTUM_RANGE = (0.85, 0.95)   # NorMuon momentum ramps low -> high, and back at the end
@@ -208,16 +221,20 @@ PARAM_TABLE = {
     "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
     "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
     "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
-    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.65, 0.95), lr_mul=5.0, wd_mul=0.0),
-    "bigram_embed":   dict(optim="adam", comms="sparse", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+    "bigram_embed":   dict(optim="adam", comms="sparse", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
+    "post_lambdas":   dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
+    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
+    "bigram_lambdas": dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
+    "resid_lambdas":  dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
     "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
 }
 # Order the updates run in: small tensors first while the big reductions are still in flight;
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
-WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "x0_lambdas",
-              "lm_head", "bigram_embed", "value_embed", "embed", "attn", "mlp"]
+WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
+              "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed",
+              "lm_head", "embed", "attn", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)   # momentum: replaced every
                                                        # step by muon_momentum (MUON_MOMENTUM_RANGE)
@@ -749,8 +766,8 @@ def flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
 
 
 # ---- the forward, as pure functions of tensors ------------------------------------------------
-# Weights come in as arguments and a layer's learned scalars as one dict `lam` (LAYER_SCALARS
-# plus x0_lambda), so tests can call each piece alone. Python bool/int arguments are structure;
+# Weights come in as arguments and a layer's learned scalars as one dict `lam` (its rows of
+# LAYER_SCALARS and of the residual lambdas), so tests can call each piece alone. Python bool/int arguments are structure;
 # everything that changes during training (windows, scales, lambdas, rotary tables) is a tensor,
 # so a stage change never specializes the compiled graph.
 
@@ -784,25 +801,16 @@ def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_emb
     return norm(x), x_bigram, ve
 
 
-def mix_layer_input(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict) -> Tensor:
-    """Residual stream entering a layer: scaled stream + scaled x0 + scaled bigram embedding.
-    x0 None: the first layer, where the stream IS x0 (the record folds the two scales there)."""
-    if x0 is None:
-        return (lam["resid_lambda"] + lam["x0_lambda"]) * x + lam["bigram_lambda"] * x_bigram
-    return lam["resid_lambda"] * x + lam["x0_lambda"] * x0 + lam["bigram_lambda"] * x_bigram
-
-
-def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict, qkv_w: Tensor,
-                     cos: Tensor, sin: Tensor, attn_gate_w: Tensor, ve: Tensor | None,
-                     ve_gate_w: Tensor | None, num_heads: int, paired: bool, key_offset: bool):
-    """First half of an attention layer: mix the input, project, QK-norm, rotate, add value
-    embeddings. Returns (new stream, q, k, v in the attention layout, output gate (T, heads)).
+def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tensor,
+                     attn_gate_w: Tensor, ve: Tensor | None, ve_gate_w: Tensor | None,
+                     num_heads: int, paired: bool, key_offset: bool):
+    """First half of an attention layer: norm the lane it reads, project, QK-norm, rotate, add
+    value embeddings. Returns (q, k, v in the attention layout, output gate (T, heads)).
 
     Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
     token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
     reshapes — and its rotary angle is that of position 2t + h % 2 (the paired tables).
     """
-    x = mix_layer_input(x, x0, x_bigram, lam)
     h = norm(x)
     T = h.size(0)
     qkv = F.linear(h, lam["attn_lambdas"][0] * qkv_w.type_as(h)).view(T, 3 * num_heads, -1)
@@ -835,28 +843,32 @@ def attention_inputs(x: Tensor, x0: Tensor | None, x_bigram: Tensor, lam: dict, 
             v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
     gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
     # v may still be a strided view of the projection: hand every layer kind the same layout
-    return x, q, k, v.contiguous(), gate
+    return q, k, v.contiguous(), gate
 
 
-def attention_output_and_mlp(x: Tensor, y: Tensor, gate: Tensor, out_w: Tensor, lam: dict,
-                             fc_w: Tensor, proj_w: Tensor) -> Tensor:
-    """Second half of an attention layer: gate the heads, project out, add; then the MLP."""
+def attention_output(y: Tensor, gate: Tensor, out_w: Tensor, lam: dict) -> Tensor:
+    """Second half of an attention layer: gate each head's output, project back to the stream."""
     T, heads = gate.shape
     y = y.reshape(T, heads, -1) * gate.unsqueeze(-1)
-    y = F.linear(y.reshape(T, -1), lam["attn_lambdas"][1] * out_w.type_as(y))
-    x = x + y
-    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+    return F.linear(y.reshape(T, -1), lam["attn_lambdas"][1] * out_w.type_as(y))
 
 
-def mlp_only_layer(x: Tensor, x0: Tensor, x_bigram: Tensor, lam: dict, fc_w: Tensor, proj_w: Tensor,
-                   skip: Tensor | None, skip_gate_w: Tensor | None, skip_lambda: Tensor | None) -> Tensor:
-    """The attention-free layer, which also receives the gated skip connection."""
-    if skip is not None:
-        gate = torch.sigmoid(skip_lambda) * 2 * torch.sigmoid(
-            F.linear(x0[:, :GATE_INPUTS], skip_gate_w.type_as(x0)))
-        x = x + gate * skip
-    x = mix_layer_input(x, x0, x_bigram, lam)
-    return x + relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+    return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+
+
+def input_injection(x0: Tensor, x_bigram: Tensor, lam: dict, first_layer: bool) -> Tensor:
+    """What an attention output carries besides attention: scaled x0 and bigram embeddings.
+    The first layer's bigram part entered the stream before it (GPT.body), so only x0 here."""
+    inject = x0 * lam["x0_lambdas"][0].type_as(x0)
+    if first_layer:
+        return inject
+    return inject + x_bigram * lam["bigram_lambdas"][0].type_as(x_bigram)
+
+
+def write_lanes(lanes: tuple, out: Tensor, resid: Tensor, post: Tensor) -> tuple:
+    """One sublayer's write into each lane of the residual stream: lane <- resid*lane + post[lane]*out."""
+    return tuple(resid.type_as(lane) * lane + out * post[j].type_as(out) for j, lane in enumerate(lanes))
 
 
 def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
@@ -962,14 +974,23 @@ class GPT(nn.Module):
         self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
-        self.x0_lambdas = nn.Parameter(torch.zeros(L))
-        self.x0_lambdas.label = "x0_lambdas"
-        # LAYER_SCALARS (each repeated per layer), then MODEL_SCALARS, then padding. The record
-        # pads for 3L+3 entries although it holds 4L+3 (so 51 at 8 ranks, not a multiple of 8);
-        # kept as is: the shape is part of its checkpoints and only rank-replicated anyway.
+        # residual-stream lambdas (record #73), indexed [layer, sublayer (0 attention, 1 MLP)
+        # (, lane)]. The record stores them flat per sublayer (2L, ...): same values, same order.
+        # x0 and bigram only enter with attention outputs: their MLP entries are never read (the
+        # record keeps them too).
+        post = torch.full((L, 2, 2), POST_LAMBDA_INIT)
+        post[PARALLEL_LANES_FROM:, 0, 1] = LANE1_ATTN_POST_INIT
+        self.post_lambdas = nn.Parameter(post)
+        self.x0_lambdas = nn.Parameter(torch.full((L, 2), X0_LAMBDA_INIT))
+        self.bigram_lambdas = nn.Parameter(torch.full((L, 2), BIGRAM_LAMBDA_INIT))
+        self.resid_lambdas = nn.Parameter(torch.full((L, 2), RESID_LAMBDA_INIT))
+        for name in LAYER_LAMBDA_PARAMS:
+            getattr(self, name).label = name
+        # LAYER_SCALARS (each repeated per layer), then MODEL_SCALARS, then padding to a multiple
+        # of the world size (replicated anyway; the record pads the same way).
         inits = [torch.tensor(v, dtype=torch.float32).repeat(L) for v in LAYER_SCALARS.values()]
         inits += [torch.tensor([v], dtype=torch.float32) for v in MODEL_SCALARS.values()]
-        pad = (-3 * L - 3) % cfg.world_size
+        pad = -sum(t.numel() for t in inits) % cfg.world_size
         self.scalars = nn.Parameter(torch.cat(inits + [torch.ones(pad)]))
         self.scalars.label = "scalars"
 
@@ -998,6 +1019,13 @@ class GPT(nn.Module):
             model_wide[name] = flat[start]
             start += 1
         return per_layer, model_wide
+
+    def layer_lambdas(self, i: int, layer_scalars: dict) -> dict:
+        """Layer i's learned scalars by name: its LAYER_SCALARS values and its rows of the
+        residual lambdas (indexed [sublayer] or [sublayer, lane])."""
+        lam = {name: values[i] for name, values in layer_scalars.items()}
+        lam.update({name: getattr(self, name)[i] for name in LAYER_LAMBDA_PARAMS})
+        return lam
 
     def cast_to_bf16(self) -> "GPT":
         """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
@@ -1044,7 +1072,7 @@ class GPT(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, plan: AttentionPlan) -> Tensor:
         """Attention in the layer's layout -> (T, heads, head_dim), contiguous, for every layer
-        kind (so one compiled attention_output_and_mlp graph serves them all)."""
+        kind (the same layout for every layer kind)."""
         a = plan.kinds[(spec.long_window, spec.paired)]
         if plan.backend == "flex":
             y = flex_window_attention(q, k, v, a.mask, a.scale_tensor)
@@ -1072,33 +1100,37 @@ class GPT(nn.Module):
         proj_w = self.mlp_bank[:, 1].unbind(0)
         d = x0.size(-1)
         T = input_seq.size(0)
-        x, skip, x_backout = x0, None, None
+        first = self.layer_lambdas(0, layer_scalars)
+        lanes = (x0 + x_bigram * first["bigram_lambdas"][0].type_as(x_bigram),)
+        skip, x_backout = None, None
         for spec in self.layers:
             i = spec.index
-            lam = {name: values[i] for name, values in layer_scalars.items()}
-            lam["x0_lambda"] = self.x0_lambdas[i]
+            lam = self.layer_lambdas(i, layer_scalars)
+            if i == PARALLEL_LANES_FROM:
+                lanes = (lanes[0], lanes[0])                  # the second lane starts as a copy
+            if i == SKIP_TO_LAYER:
+                gate = torch.sigmoid(model_scalars["skip_lambda"]) * 2 * torch.sigmoid(
+                    F.linear(x0[:, :GATE_INPUTS], self.skip_gate.weight.type_as(x0)))
+                lanes = tuple(lane + gate * skip for lane in lanes)
             if spec.has_attn:
                 yarn = self.yarn_paired_head if spec.paired else self.yarn
                 cos, sin = yarn.tables(T)
                 qkvo = attn_w[spec.attn_slot]
                 slot = spec.value_slot
-                x, q, k, v, gate = attention_inputs(
-                    x, None if i == 0 else x0, x_bigram, lam, qkvo[:3 * d], cos, sin,
-                    attn_gates[spec.attn_slot], None if slot is None else ve[slot],
-                    None if slot is None else ve_gates[slot],
+                q, k, v, gate = attention_inputs(
+                    lanes[0], lam, qkvo[:3 * d], cos, sin, attn_gates[spec.attn_slot],
+                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window)
                 y = self.attend(q, k, v, spec, plan)
-                x = attention_output_and_mlp(x, y, gate, qkvo[3 * d:], lam, fc_w[i], proj_w[i])
-            else:
-                receives_skip = i == SKIP_TO_LAYER
-                x = mlp_only_layer(x, x0, x_bigram, lam, fc_w[i], proj_w[i],
-                                   skip if receives_skip else None,
-                                   self.skip_gate.weight if receives_skip else None,
-                                   model_scalars["skip_lambda"] if receives_skip else None)
+                out = attention_output(y, gate, qkvo[3 * d:], lam) + input_injection(x0, x_bigram, lam, i == 0)
+                lanes = write_lanes(lanes, out, lam["resid_lambdas"][0], lam["post_lambdas"][0])
             if i == SKIP_FROM_LAYER:
-                skip = x
+                skip = lanes[0]
+            out = mlp_output(lanes[-1], fc_w[i], proj_w[i])     # the last lane: lane 1 once there are two
+            lanes = write_lanes(lanes, out, lam["resid_lambdas"][1], lam["post_lambdas"][1])
             if i == BACKOUT_LAYER:
-                x_backout = x
+                x_backout = lanes[0]
+        x = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5
         head = self.lm_head
         return output_loss(x, x_backout, model_scalars["backout_lambda"], head.weight, target_seq,
                            mtp_weights, head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
@@ -3354,7 +3386,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #72, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #73, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -52,11 +52,16 @@ def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25), device="cpu"):
 
 RECORD_SHAPES = {
     "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
-    "attn_bank": (10, 3072, 768), "mlp_bank": (12, 2, 3072, 768), "x0_lambdas": (11,),
-    "scalars": (51,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
+    "attn_bank": (10, 3072, 768), "mlp_bank": (12, 2, 3072, 768),
+    "post_lambdas": (11, 2, 2), "x0_lambdas": (11, 2), "bigram_lambdas": (11, 2), "resid_lambdas": (11, 2),
+    "scalars": (32,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
     "bigram_embed.weight": (50304 * 5, 768),
 }
+# record #73 (699e93c8) keeps the residual lambdas flat per sublayer: w_post (22, 2, 1), x0_lambda,
+# bigram_lambda, resid_lambda (22,). Ours are the same numbers indexed by layer first.
+UPSTREAM_FLAT_LAMBDAS = {"post_lambdas": (22, 2, 1), "x0_lambdas": (22,), "bigram_lambdas": (22,),
+                         "resid_lambdas": (22,)}
 RECORD_LABELS = {
     "value_embeds": "value_embed", "attn_bank": "attn", "mlp_bank": "mlp",
     "smear_gate.weight": "smear_gate", "skip_gate.weight": "skip_gate", "lm_head.weight": "lm_head",
@@ -69,6 +74,9 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, grad_accum_steps=1, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
+    for name, flat in UPSTREAM_FLAT_LAMBDAS.items():
+        assert math.prod(flat) == math.prod(shapes[name])
+    assert sum(p.numel() for p in model.parameters()) == 543_818_974   # the record's count at 699e93c8 (its shapes summed by hand)
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     assert model.attn_bank.reshape == (40, 768, 768)
@@ -81,7 +89,7 @@ def test_record_config_parameters_names_shapes_labels():
 def test_scalars_padding_follows_the_record_formula(world_size):
     with torch.device("meta"):
         model = ts.GPT(small_cfg(world_size=world_size, grad_accum_steps=8 // world_size))
-    assert model.scalars.numel() == 4 * 11 + 3 + (-3 * 11 - 3) % world_size
+    assert model.scalars.numel() == 2 * 11 + 3 + (-2 * 11 - 3) % world_size   # record #73 on
     assert model.lm_head.grad_s == pytest.approx(0.75 / 448 / (8 // world_size))
 
 
@@ -114,8 +122,15 @@ def test_init_matches_the_record():
         assert zero.abs().max() == 0
     L = 11
     s = model.scalars
-    assert torch.all(s[:L] == 1.1) and torch.all(s[L:3 * L:2] == 0.5) and torch.all(s[L + 1:3 * L:2] == 1.0)
-    assert torch.all(s[3 * L:4 * L] == 0.1) and s[4 * L:4 * L + 3].tolist() == [0.0, 0.5, -1.5]
+    assert torch.all(s[:2 * L:2] == 0.5) and torch.all(s[1:2 * L:2] == 1.0)
+    assert s[2 * L:2 * L + 3].tolist() == [0.0, 0.5, -1.5]
+    # record #73: residual lambdas sqrt(1.1) per sublayer, bigram 0.05, every write 1.0 except
+    # attention's write into the second lane (layers 7-10), 1.5
+    assert torch.all(model.resid_lambdas == torch.tensor(1.1 ** 0.5))
+    assert torch.all(model.bigram_lambdas == 0.05)
+    expected_post = torch.ones(L, 2, 2)
+    expected_post[7:, 0, 1] = 1.5
+    assert torch.equal(model.post_lambdas, expected_post)
 
 
 def test_same_seed_same_weights_and_cast_to_bf16():
@@ -124,7 +139,7 @@ def test_same_seed_same_weights_and_cast_to_bf16():
         assert torch.equal(p, q), n
     a.cast_to_bf16()
     fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
-    assert fp32 == {"x0_lambdas", "scalars"}
+    assert fp32 == {"post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "scalars"}
     assert a.attn_bank.label == "attn" and a.attn_bank.reshape == (40, 64, 64)   # attrs survive
 
 
@@ -191,9 +206,8 @@ def layer_inputs(T=64, H=4, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = H * D
     r = lambda *s: torch.randn(*s, generator=g)
-    lam = dict(resid_lambda=torch.tensor(1.1), x0_lambda=torch.tensor(0.3),
-               bigram_lambda=torch.tensor(0.1), attn_lambdas=torch.tensor([0.5, 1.0]))
-    return dict(x=r(T, d), x0=r(T, d), x_bigram=r(T, d), lam=lam, qkv_w=r(3 * d, d) / d ** 0.5,
+    lam = dict(attn_lambdas=torch.tensor([0.5, 1.0]))
+    return dict(x=r(T, d), lam=lam, qkv_w=r(3 * d, d) / d ** 0.5,
                 attn_gate_w=r(H, 12), ve=r(T, d), ve_gate_w=r(H, 12))
 
 
@@ -212,11 +226,10 @@ def test_paired_head_layout_matches_direct_per_head_construction():
     kw = layer_inputs(T, H, D)
     yarn = ts.Yarn(D, 64, paired=True)
     cos, sin = yarn.tables(T)
-    x, q, k, v, gate = ts.attention_inputs(**kw, cos=cos, sin=sin, num_heads=H, paired=True,
-                                           key_offset=False)
+    q, k, v, gate = ts.attention_inputs(**kw, cos=cos, sin=sin, num_heads=H, paired=True,
+                                        key_offset=False)
     # direct: per token t and head h
-    mixed = 1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"]
-    h = ts.norm(mixed)
+    h = ts.norm(kw["x"])
     qkv = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)
     q_heads, k_heads, v_heads = ts.norm(qkv[:, 0]), ts.norm(qkv[:, 1]), qkv[:, 2]
     ve_gate = 2 * torch.sigmoid(h[:, :12] @ kw["ve_gate_w"].T)
@@ -232,7 +245,6 @@ def test_paired_head_layout_matches_direct_per_head_construction():
                                        atol=2e-2, rtol=2e-2)
             expect_v = v_heads[t, head] + ve_gate[t, head] * kw["ve"][t].view(H, D)[head]
             torch.testing.assert_close(v[pos, lane], expect_v, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x, mixed)
     torch.testing.assert_close(gate, torch.sigmoid(h[:, :12] @ kw["attn_gate_w"].T))
 
 
@@ -243,18 +255,18 @@ def test_value_embedding_gate_reads_half_input_half_embedding_on_unpaired_layers
     T, H, D = 12, 4, 16
     kw = layer_inputs(T, H, D, seed=3)
     yarn = ts.Yarn(D, 64)
-    h = ts.norm(1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"])
+    h = ts.norm(kw["x"])
     v_plain = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)[:, 2]
     gate_in = torch.cat([h[:, :6], kw["ve"][:, :6]], dim=-1)
     expect_gate = 2 * torch.sigmoid(gate_in @ kw["ve_gate_w"].T)              # (T, H)
-    _, _, _, v, _ = ts.attention_inputs(**kw, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+    _, _, v, _ = ts.attention_inputs(**kw, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
                                         paired=False, key_offset=False)
     torch.testing.assert_close(v, v_plain + expect_gate[..., None] * kw["ve"].view(T, H, D))
     # the embedding really enters the gate: changing only its first 6 channels moves v by more
     # than the direct (ungated) path does
     kw2 = dict(kw, ve=kw["ve"].clone())
     kw2["ve"][:, :6] += 1.0
-    _, _, _, v2, _ = ts.attention_inputs(**kw2, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+    _, _, v2, _ = ts.attention_inputs(**kw2, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
                                          paired=False, key_offset=False)
     gate2 = 2 * torch.sigmoid(torch.cat([h[:, :6], kw2["ve"][:, :6]], -1) @ kw["ve_gate_w"].T)
     torch.testing.assert_close(v2, v_plain + gate2[..., None] * kw2["ve"].view(T, H, D))
@@ -267,15 +279,15 @@ def test_unpaired_rotary_and_key_offset():
     yarn = ts.Yarn(D, 64)
     cos, sin = yarn.tables(T)
     common = dict(cos=cos, sin=sin, num_heads=H, paired=False)
-    _, q, k, v, _ = ts.attention_inputs(**kw, **common, key_offset=False)
-    _, q2, k2, v2, _ = ts.attention_inputs(**kw, **common, key_offset=True)
+    q, k, v, _ = ts.attention_inputs(**kw, **common, key_offset=False)
+    q2, k2, v2, _ = ts.attention_inputs(**kw, **common, key_offset=True)
     half = D // 2
     assert torch.equal(q, q2) and torch.equal(v, v2)
     assert torch.equal(k2[..., :half], k[..., :half])              # rotated half: untouched
     assert torch.equal(k2[1:, :, half:], k[:-1, :, half:])        # stationary half: from t-1
     assert torch.equal(k2[0, :, half:], k[0, :, half:])
     # rotation of the first half, identity on the stationary half
-    h = ts.norm(1.1 * kw["x"] + 0.3 * kw["x0"] + 0.1 * kw["x_bigram"])
+    h = ts.norm(kw["x"])
     q_heads = ts.norm((h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)[:, 0])
     freq = yarn.angular_freq.tolist()
     for t in (0, 5, 11):
@@ -283,13 +295,73 @@ def test_unpaired_rotary_and_key_offset():
     torch.testing.assert_close(q[..., half:], q_heads[..., half:])
 
 
-def test_first_layer_folds_x0_into_the_stream():
-    kw = layer_inputs(seed=2)
-    kw["x0"] = None
-    yarn = ts.Yarn(16, 64)
-    x, *_ = ts.attention_inputs(**kw, cos=yarn.cos[:64], sin=yarn.sin[:64], num_heads=4,
-                                paired=False, key_offset=False)
-    torch.testing.assert_close(x, (1.1 + 0.3) * kw["x"] + 0.1 * kw["x_bigram"])
+def record_stream_reference(model, inputs, targets, cu, schedule):
+    """Record #73's residual stream written out from its equations, sublayer by sublayer (flat
+    index s = 2*layer + {0 attention, 1 MLP}, as the record stores its lambdas), reusing the
+    model's own attention and MLP pieces; returns the eval loss."""
+    L, d, H = 11, model.cfg.model_dim, model.cfg.num_heads
+    resid = model.resid_lambdas.flatten()
+    x0_lam, bigram_lam = model.x0_lambdas.flatten(), model.bigram_lambdas.flatten()
+    w_post = model.post_lambdas.reshape(2 * L, 2)                # [sublayer, lane]
+    per_layer, wide = model.named_scalars()
+    plan = model.plan_attention(cu, inputs.numel(), schedule)
+    x0, xb, ve = ts.embed_inputs(inputs, model.embed.weight, model.bigram_embed.weight, model.value_embeds,
+                                 model.smear_gate.weight, wide["smear_lambda"], model.vocab_size)
+    lane0, lane1 = x0 + bigram_lam[0] * xb, None
+    saved = backout = None
+    for spec in model.layers:
+        i, a, m = spec.index, 2 * spec.index, 2 * spec.index + 1
+        if i == 7:
+            lane1 = lane0
+        if i == 6:
+            g = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
+            lane0 = lane0 + g * saved
+        if spec.has_attn:
+            lam = {"attn_lambdas": per_layer["attn_lambdas"][i]}
+            qkvo = model.attn_bank[spec.attn_slot]
+            yarn = model.yarn_paired_head if spec.paired else model.yarn
+            cos, sin = yarn.tables(inputs.numel())
+            slot = spec.value_slot
+            q, k, v, gate = ts.attention_inputs(
+                lane0, lam, qkvo[:3 * d], cos, sin, model.attn_gate_bank[spec.attn_slot],
+                None if slot is None else ve[slot], None if slot is None else model.ve_gate_bank[slot],
+                num_heads=H, paired=spec.paired, key_offset=spec.long_window)
+            out = ts.attention_output(model.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
+            out = out + x0 * x0_lam[a] + (0 if i == 0 else xb * bigram_lam[a])
+            new0 = resid[a] * lane0 + out * w_post[a, 0]
+            lane1 = None if lane1 is None else resid[a] * lane1 + out * w_post[a, 1]
+            lane0 = new0
+        if i == 3:
+            saved = lane0
+        mlp_in = lane0 if lane1 is None else lane1
+        out = ts.relu_square_mlp(ts.norm(mlp_in), model.mlp_bank[i, 0], model.mlp_bank[i, 1])
+        new0 = resid[m] * lane0 + out * w_post[m, 0]
+        lane1 = None if lane1 is None else resid[m] * lane1 + out * w_post[m, 1]
+        lane0 = new0
+        if i == 7:
+            backout = lane0
+    x = ts.norm((lane0 + lane1) / 2 - wide["backout_lambda"] * backout)
+    logits = ts.softcap(x @ model.lm_head.weight.float())
+    return F.cross_entropy(logits, targets)
+
+
+def test_residual_stream_is_the_records_sublayer_equations():
+    """Record #73's partitioned hyperconnections: one lane through layer 6, two from layer 7
+    (attention reads lane 0, the MLP lane 1, each sublayer writes both with its own post
+    lambdas), the head reads their mean. Every lambda is perturbed away from its init."""
+    model = make_model(seed=5).eval()
+    inputs, targets, cu = batch(T=128, docs=(70, 58))
+    with torch.no_grad():
+        for p in (model.resid_lambdas, model.post_lambdas, model.x0_lambdas, model.bigram_lambdas):
+            p.add_(0.3 * torch.randn_like(p))
+        expected = record_stream_reference(model, inputs, targets, cu, sched())
+        got = model(inputs, targets, cu, sched())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the MLP entries of x0/bigram lambdas are never read (the record keeps them anyway)
+    model.train()
+    model(inputs, targets, cu, sched()).backward()
+    assert model.x0_lambdas.grad[:, 1].abs().max() == 0 and model.bigram_lambdas.grad[:, 1].abs().max() == 0
+    assert model.x0_lambdas.grad[:, 0].abs().sum() > 0
 
 
 # ---- YaRN ---------------------------------------------------------------------------------------
