@@ -173,8 +173,9 @@ MODEL_SCALARS = dict(
 # Every sublayer (attention, then MLP) writes  lane <- resid * lane + post * output  into each
 # lane of the residual stream. From PARALLEL_LANES_FROM on the stream has two lanes (partitioned
 # hyperconnections): attention reads lane 0, the MLP reads lane 1, both write both; the head
-# reads their mean. Attention outputs also carry x0 and the hashed-bigram embedding (x0_lambdas,
-# bigram_lambdas; layer 0 takes its bigram part into the stream before it instead).
+# reads their mean. Before that, attention writes its output unscaled (post 1, not learned; record
+# #74). x0 and the hashed-bigram embedding enter lane 0 with each attention output (x0_lambdas,
+# bigram_lambdas, one per layer; layer 0 takes its bigram part into the stream before it).
 PARALLEL_LANES_FROM = 7
 RESID_LAMBDA_INIT = 1.1 ** 0.5    # per sublayer, so 1.1 per layer as before #73
 POST_LAMBDA_INIT = 1.0            # (layer, sublayer, lane) ...
@@ -860,15 +861,21 @@ def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
 def input_injection(x0: Tensor, x_bigram: Tensor, lam: dict, first_layer: bool) -> Tensor:
     """What an attention output carries besides attention: scaled x0 and bigram embeddings.
     The first layer's bigram part entered the stream before it (GPT.body), so only x0 here."""
-    inject = x0 * lam["x0_lambdas"][0].type_as(x0)
+    inject = x0 * lam["x0_lambdas"].type_as(x0)
     if first_layer:
         return inject
-    return inject + x_bigram * lam["bigram_lambdas"][0].type_as(x_bigram)
+    return inject + x_bigram * lam["bigram_lambdas"].type_as(x_bigram)
 
 
-def write_lanes(lanes: tuple, out: Tensor, resid: Tensor, post: Tensor) -> tuple:
-    """One sublayer's write into each lane of the residual stream: lane <- resid*lane + post[lane]*out."""
-    return tuple(resid.type_as(lane) * lane + out * post[j].type_as(out) for j, lane in enumerate(lanes))
+def write_lanes(lanes: tuple, out: Tensor, resid: Tensor, post: Tensor | None,
+                inject: Tensor | None = None) -> tuple:
+    """One sublayer's write into each lane of the residual stream: lane <- resid*lane + post[lane]*out
+    (post None: out as it is), then lane 0 also gets `inject`."""
+    new = []
+    for j, lane in enumerate(lanes):
+        lane = resid.type_as(lane) * lane + (out if post is None else out * post[j].type_as(out))
+        new.append(lane + inject if j == 0 and inject is not None else lane)
+    return tuple(new)
 
 
 def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
@@ -974,15 +981,14 @@ class GPT(nn.Module):
         self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
-        # residual-stream lambdas (record #73), indexed [layer, sublayer (0 attention, 1 MLP)
-        # (, lane)]. The record stores them flat per sublayer (2L, ...): same values, same order.
-        # x0 and bigram only enter with attention outputs: their MLP entries are never read (the
-        # record keeps them too).
+        # residual-stream lambdas (record #73), indexed [layer(, sublayer (0 attention, 1 MLP)
+        # (, lane))], as the record stores them since #74. Single-lane layers never read their
+        # attention post lambdas (the record keeps them).
         post = torch.full((L, 2, 2), POST_LAMBDA_INIT)
         post[PARALLEL_LANES_FROM:, 0, 1] = LANE1_ATTN_POST_INIT
         self.post_lambdas = nn.Parameter(post)
-        self.x0_lambdas = nn.Parameter(torch.full((L, 2), X0_LAMBDA_INIT))
-        self.bigram_lambdas = nn.Parameter(torch.full((L, 2), BIGRAM_LAMBDA_INIT))
+        self.x0_lambdas = nn.Parameter(torch.full((L,), X0_LAMBDA_INIT))
+        self.bigram_lambdas = nn.Parameter(torch.full((L,), BIGRAM_LAMBDA_INIT))
         self.resid_lambdas = nn.Parameter(torch.full((L, 2), RESID_LAMBDA_INIT))
         for name in LAYER_LAMBDA_PARAMS:
             getattr(self, name).label = name
@@ -1021,8 +1027,8 @@ class GPT(nn.Module):
         return per_layer, model_wide
 
     def layer_lambdas(self, i: int, layer_scalars: dict) -> dict:
-        """Layer i's learned scalars by name: its LAYER_SCALARS values and its rows of the
-        residual lambdas (indexed [sublayer] or [sublayer, lane])."""
+        """Layer i's learned scalars by name: its LAYER_SCALARS values and its entries of the
+        residual lambdas (x0/bigram: 0-dim; resid: [sublayer]; post: [sublayer, lane])."""
         lam = {name: values[i] for name, values in layer_scalars.items()}
         lam.update({name: getattr(self, name)[i] for name in LAYER_LAMBDA_PARAMS})
         return lam
@@ -1101,7 +1107,7 @@ class GPT(nn.Module):
         d = x0.size(-1)
         T = input_seq.size(0)
         first = self.layer_lambdas(0, layer_scalars)
-        lanes = (x0 + x_bigram * first["bigram_lambdas"][0].type_as(x_bigram),)
+        lanes = (x0 + x_bigram * first["bigram_lambdas"].type_as(x_bigram),)
         skip, x_backout = None, None
         for spec in self.layers:
             i = spec.index
@@ -1122,8 +1128,10 @@ class GPT(nn.Module):
                     None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window)
                 y = self.attend(q, k, v, spec, plan)
-                out = attention_output(y, gate, qkvo[3 * d:], lam) + input_injection(x0, x_bigram, lam, i == 0)
-                lanes = write_lanes(lanes, out, lam["resid_lambdas"][0], lam["post_lambdas"][0])
+                out = attention_output(y, gate, qkvo[3 * d:], lam)
+                post = lam["post_lambdas"][0] if len(lanes) == 2 else None
+                lanes = write_lanes(lanes, out, lam["resid_lambdas"][0], post,
+                                    inject=input_injection(x0, x_bigram, lam, i == 0))
             if i == SKIP_FROM_LAYER:
                 skip = lanes[0]
             out = mlp_output(lanes[-1], fc_w[i], proj_w[i])     # the last lane: lane 1 once there are two
@@ -1398,16 +1406,18 @@ def _softcapped_ce_bwd_kernel(
 
 
 @triton.jit
-def _transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dst (n_cols, n_rows) = src (n_rows, n_cols)^T, both contiguous; tiles go through registers
-    (tl.trans) so loads and stores are both coalesced."""
+def _transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols, src_stride, dst_stride,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ADD: tl.constexpr):
+    """dst (n_cols, n_rows) = src (n_rows, n_cols)^T (ADD: +=), rows of both contiguous; tiles go
+    through registers (tl.trans) so loads and stores are both coalesced."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    tile = tl.load(src_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=ok)
-    tl.store(dst_ptr + cols.to(tl.int64)[:, None] * n_rows + rows[None, :], tl.trans(tile),
-             mask=tl.trans(ok))
+    tile = tl.trans(tl.load(src_ptr + rows.to(tl.int64)[:, None] * src_stride + cols[None, :], mask=ok))
+    dst_ptrs = dst_ptr + cols.to(tl.int64)[:, None] * dst_stride + rows[None, :]
+    if ADD:
+        tile = (tl.load(dst_ptrs, mask=tl.trans(ok)).to(tl.float32) + tile.to(tl.float32)).to(tile.dtype)
+    tl.store(dst_ptrs, tile, mask=tl.trans(ok))
 
 
 def _softcapped_ce_forward_triton(logits: Tensor, targets: Tensor, mtp_weights: Tensor,
@@ -1447,14 +1457,18 @@ def _softcapped_ce_backward_triton(grad_losses: Tensor, logits: Tensor, lse: Ten
     return grad
 
 
-def _transpose_triton(src: Tensor, tile=(64, 128), num_warps: int = 4) -> Tensor:
-    """Contiguous (n_cols, n_rows) copy of a 2-D tensor: 0.6 ms for 16384 x 50304 fp8 on H100."""
-    src = src.contiguous()
+def _transpose_triton(src: Tensor, dst: Tensor | None = None, add: bool = False, tile=(64, 128),
+                      num_warps: int = 4) -> Tensor:
+    """dst = src^T (a new contiguous tensor if dst is None), or dst += src^T: 0.6 ms for
+    16384 x 50304 fp8 on H100. The optimizer's tied embedding uses it too (record #74)."""
+    src = src if src.stride(-1) == 1 else src.contiguous()
     n_rows, n_cols = src.shape
-    dst = src.new_empty((n_cols, n_rows))
+    if dst is None:
+        dst = src.new_empty((n_cols, n_rows))
+    assert dst.shape == (n_cols, n_rows) and dst.stride(-1) == 1, "dst must be src^T-shaped, rows contiguous"
     grid = (triton.cdiv(n_rows, tile[0]), triton.cdiv(n_cols, tile[1]))
-    _transpose_kernel[grid](src, dst, n_rows, n_cols, BLOCK_R=tile[0], BLOCK_C=tile[1],
-                            num_warps=num_warps)
+    _transpose_kernel[grid](src, dst, n_rows, n_cols, src.stride(0), dst.stride(0),
+                            BLOCK_R=tile[0], BLOCK_C=tile[1], ADD=add, num_warps=num_warps)
     return dst
 
 
@@ -1555,7 +1569,8 @@ def _allow_many_graphs(limit: int = 64) -> None:
 
 # ---- Polar Express orthogonalization (arXiv 2505.16932) -----------------------------------------
 # Five odd-polynomial steps X <- a X + (b A + c A A) X with A = X X^T, drive every singular value of
-# X towards 1. Coefficients as in the record: optimized for 5 iterations, safety factor 2e-2,
+# X towards 1. A tall X multiplies from the right instead, X <- a X + X (b A + c A A) with
+# A = X^T X (the same map, transposed; record #74: no transposed copies of the MLP matrices). Coefficients as in the record: optimized for 5 iterations, safety factor 2e-2,
 # cushion 2. The safety factor also inflates the Frobenius norm used to pre-scale X, so the
 # spectral norm starts safely below 1.
 POLAR_EXPRESS_COEFFS = (
@@ -1588,6 +1603,13 @@ def xxt(A: Tensor, out: Tensor) -> Tensor:
     return xxt_reference(A, out)
 
 
+def xtx(A: Tensor, out: Tensor) -> Tensor:
+    """out = A^T @ A: the Gram kernel on the transposed view (no copy)."""
+    if _use_triton(A):
+        return _xtx_triton(A, out)
+    return xxt_reference(A.mT, out)
+
+
 def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
     if _use_triton(A):
         return _ba_plus_caa_triton(A, alpha, beta, out)
@@ -1597,31 +1619,34 @@ def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
 def polar_express(G: Tensor, split_baddbmm: bool = False) -> Tensor:
     """Approximate orthogonal polar factor U V^T of G (..., m, n), computed in bf16 like the record.
 
-    split_baddbmm: do C = B @ X then C += a X as two ops instead of one baddbmm; faster for the
-    tall MLP matrices, where baddbmm reading X twice forces a defensive copy.
+    split_baddbmm: do C = X B (or B X) then C += a X as two ops instead of one baddbmm; faster for
+    the tall MLP matrices, where baddbmm reading X twice forces a defensive copy.
     """
     X = G.bfloat16()
-    tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation so A = X X^T is the smaller Gram matrix
-        X = X.mT
+    tall = G.size(-2) > G.size(-1)   # multiply from the side that keeps the Gram matrix small
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + POLAR_EXPRESS_EPS)
     X = X.contiguous()
-    gram = X.new_empty((*X.shape[:-1], X.size(-2)))
+    side = X.size(-1) if tall else X.size(-2)
+    gram = X.new_empty((*X.shape[:-2], side, side))
     poly = torch.empty_like(gram)
     nxt = torch.empty_like(X)
     batched = X.ndim > 2
     for a, b, c in POLAR_EXPRESS_COEFFS:
-        xxt(X, out=gram)                                  # gram = X X^T
-        ba_plus_caa(gram, alpha=c, beta=b, out=poly)      # poly = b gram + c gram^2
+        if tall:
+            xtx(X, out=gram)                              # gram = X^T X
+        else:
+            xxt(X, out=gram)                              # gram = X X^T
+        ba_plus_caa(gram, alpha=c, beta=b, out=poly)      # poly = b gram + c gram^2 (symmetric)
+        left, right = (X, poly) if tall else (poly, X)
         if split_baddbmm:
-            torch.matmul(poly, X, out=nxt)
+            torch.matmul(left, right, out=nxt)
             nxt.add_(X, alpha=a)
         elif batched:
-            torch.baddbmm(X, poly, X, beta=a, out=nxt)    # nxt = a X + poly X
+            torch.baddbmm(X, left, right, beta=a, out=nxt)    # nxt = a X + left right
         else:
-            torch.addmm(X, poly, X, beta=a, out=nxt)
+            torch.addmm(X, left, right, beta=a, out=nxt)
         X, nxt = nxt, X                                   # ping-pong the two buffers
-    return X.mT if tall else X
+    return X
 
 
 COMPILED_ADAM_MIN_NUMEL = 1 << 16   # smaller Adam tensors (gates, scalars) update eagerly
@@ -1660,6 +1685,16 @@ def adam_update_(p, grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: 
     p.sub_(update)
 
 
+def nesterov_momentum_(grad: Tensor, buffer: Tensor, momentum: Tensor | float) -> Tensor:
+    """buffer <- lerp(buffer, grad, 1 - momentum); returns grad <- lerp(grad, buffer, momentum),
+    the Nesterov look-ahead NorMuon orthogonalizes (both in place, fp32). momentum: a 0-D host
+    tensor inside torch.compile (a new value is not a recompile), a float in eager mode."""
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(grad.dtype)
+    buffer.lerp_(grad, 1 - momentum)
+    return grad.lerp_(buffer, momentum)
+
+
 def normuon_normalize_(v: Tensor, second_moment: Tensor, beta2: float, red_dim: int) -> Tensor:
     """NorMuon: divide each row (or column) of the orthogonalized update by the running RMS of
     that row, then rescale so every matrix keeps the Frobenius norm it had before."""
@@ -1671,6 +1706,23 @@ def normuon_normalize_(v: Tensor, second_moment: Tensor, beta2: float, red_dim: 
     norm_after = ((mean_sq * n) * inv_rms.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     scale = inv_rms * (norm_before / norm_after.clamp_min(1e-10))
     return v.mul_(scale.to(v.dtype))
+
+
+def transpose_copy_(dst: Tensor, src: Tensor) -> None:
+    """dst = src^T (tied embedding <- lm_head). Triton on CUDA: PyTorch's strided copy writes
+    uncoalesced and occupies every SM while the gathers run (record #74)."""
+    if _use_triton(src):
+        _transpose_triton(src, dst)
+    else:
+        dst.copy_(src.T)
+
+
+def transpose_add_(dst: Tensor, src: Tensor) -> None:
+    """dst += src^T (lm_head's gradient collects the tied embedding's), Triton on CUDA."""
+    if _use_triton(src):
+        _transpose_triton(src, dst, add=True)
+    else:
+        dst.add_(src.T)
 
 
 def cautious_update_bf16_(p: Tensor, mantissa: Tensor, update: Tensor, decay: Tensor, lr: Tensor) -> None:
@@ -1737,6 +1789,7 @@ class NorMuonAndAdam:
         self._step_size = torch.zeros((), dtype=torch.float32)
         self._decay = torch.zeros((), dtype=torch.float32)
         self._lr = torch.zeros((), dtype=torch.float32)
+        self._momentum = torch.zeros((), dtype=torch.float32)
         maybe_compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
         if compile:   # one graph per shape: 3 Adam (embeddings, lm_head), 2 x 2 NorMuon; stay clear of the limit
             _allow_many_graphs()
@@ -1744,6 +1797,9 @@ class NorMuonAndAdam:
         # shape to the start-up, so only the embedding-sized tensors get the fused, compiled update.
         self._adam_update_big = maybe_compile(adam_update_)
         self._normalize = maybe_compile(normuon_normalize_)
+        # one fused fp32 kernel when compiled (record #74); eager lerp_ wants a float weight
+        self._nesterov = maybe_compile(nesterov_momentum_) if compile else \
+            (lambda grad, buffer, momentum: nesterov_momentum_(grad, buffer, momentum.item()))
         self._cautious_bf16 = maybe_compile(cautious_update_bf16_)
         self._cautious_fp32 = maybe_compile(cautious_update_fp32_)
         self._pending_reduce: dict = {}
@@ -1902,7 +1958,7 @@ class NorMuonAndAdam:
             if tied and label == "embed":
                 continue    # its gradient rides on lm_head's, below
             if tied and label == "lm_head" and self.embed is not None and self.embed.grad is not None:
-                param.grad.add_(self.embed.grad.T)
+                transpose_add_(param.grad, self.embed.grad)
             self._launch_reduce(param)
 
         gathers, lm_head_gather = [], None
@@ -1930,7 +1986,7 @@ class NorMuonAndAdam:
         if lm_head_gather is not None:
             lm_head_gather.wait()
         if do_adam and tied and self.embed is not None and self.lm_head is not None:
-            self.embed.data.copy_(self.lm_head.data.T)
+            transpose_copy_(self.embed.data, self.lm_head.data)
         for handle in gathers:
             handle.wait()
 
@@ -1954,10 +2010,8 @@ class NorMuonAndAdam:
 
     def _normuon_step(self, param: Tensor, grad: Tensor, cfg: ParamSettings) -> Tensor:
         state = self.state[param]
-        grad = grad.float()
-        momentum = state["momentum_buffer"]
-        momentum.lerp_(grad, 1 - cfg.momentum)
-        blended = grad.lerp_(momentum, cfg.momentum)            # Nesterov-style look-ahead
+        self._momentum.fill_(cfg.momentum)
+        blended = self._nesterov(grad.float(), state["momentum_buffer"], self._momentum)
         rows, cols = blended.shape[-2:]
         update = polar_express(blended, split_baddbmm=rows > 1024)   # split: faster for tall mlp matrices
         update = self._normalize(update, state["second_moment"], cfg.beta2, -1 if rows >= cols else -2)
@@ -2114,6 +2168,13 @@ def _launch_symmetric_gram(A: Tensor, out: Tensor, alpha: float, beta: float, ad
 
 def _xxt_triton(A: Tensor, out: Tensor, blocks=None) -> Tensor:
     return _launch_symmetric_gram(A, out, 1.0, 0.0, add_self=False, blocks=blocks)
+
+
+def _xtx_triton(A: Tensor, out: Tensor, blocks=None) -> Tensor:
+    # rows of A^T are columns of A: the kernel reads them through the strides; upstream's tile
+    # choice for a 768-wide output (#74)
+    return _launch_symmetric_gram(A.mT, out, 1.0, 0.0, add_self=False,
+                                  blocks=blocks or ((128, 128, 64) if A.size(-1) == 768 else None))
 
 
 def _ba_plus_caa_triton(A: Tensor, alpha: float, beta: float, out: Tensor, blocks=None) -> Tensor:

@@ -37,6 +37,17 @@ def test_polar_express_is_close_to_exact_polar_factor(batch, m, n, log10_conditi
     assert cosine.min() > 0.99, cosine
 
 
+def test_polar_express_tall_right_multiplication_is_the_transposed_wide_map():
+    """Record #74: a tall matrix iterates X <- aX + X(bA + cA^2), A = X^T X, instead of
+    transposing; the same map as the wide iteration on G^T, up to bf16 rounding."""
+    G, _ = _matrix_with_spectrum(2, 96, 32, 1.0, seed=4)
+    for split in (False, True):
+        tall = ts.polar_express(G.float(), split_baddbmm=split).float()
+        wide = ts.polar_express(G.float().mT, split_baddbmm=split).float().mT
+        assert tall.shape == G.shape and tall.is_contiguous()
+        assert ((tall - wide).norm() / wide.norm()).item() < 0.02
+
+
 def test_polar_express_unbatched_matches_batched():
     G, _ = _matrix_with_spectrum(3, 40, 24, 1.0, seed=1)
     batched = ts.polar_express(G.float())
@@ -171,6 +182,33 @@ def check_symmetric_gram(device, dtype, tol):
     A = _randn(100, 64, device=device, dtype=dtype)
     out = torch.empty(100, 100, device=device, dtype=dtype)
     assert _rel_err(ts._xxt_triton(A, out), A.float() @ A.float().T) < tol
+    # X^T X of tall matrices through the transposed view (record #74), batched and not
+    for shape in [(2, 150, 40), (96, 70)]:
+        X = _randn(*shape, device=device, dtype=dtype, seed=7)
+        out = torch.full((*shape[:-2], shape[-1], shape[-1]), float("nan"), device=device, dtype=dtype)
+        assert _rel_err(ts._xtx_triton(X, out, blocks=small), X.float().mT @ X.float()) < tol
+
+
+def check_transpose_copy_and_add(device, dtype, tol):
+    """The tiled transpose (the FP8 loss backward, the tied embedding): copy into a new tensor,
+    into a given one, and accumulate into one; edges not multiples of the tile; exact."""
+    src = _randn(70, 150, device=device, dtype=dtype)
+    assert torch.equal(ts._transpose_triton(src, tile=(16, 32)), src.T)
+    dst = torch.full((150, 70), float("nan"), device=device, dtype=dtype)
+    ts._transpose_triton(src, dst, tile=(32, 64))
+    assert torch.equal(dst, src.T)
+    base = _randn(150, 70, device=device, dtype=dtype, seed=1)
+    dst = base.clone()
+    ts._transpose_triton(src, dst, add=True, tile=(16, 32))
+    assert _rel_err(dst, base.float() + src.float().T) < tol
+    # the optimizer's entry points, a row-strided source (a slice of a wider tensor)
+    wide = _randn(70, 200, device=device, dtype=dtype, seed=2)
+    src = wide[:, :150]
+    dst = torch.empty(150, 70, device=device, dtype=dtype)
+    ts.transpose_copy_(dst, src)
+    assert torch.equal(dst, src.T)
+    ts.transpose_add_(dst, src)
+    assert _rel_err(dst, 2 * src.float().T) < tol
 
 
 def check_linear_relu_square(device, dtype, tol):
@@ -267,7 +305,7 @@ def check_ops_trace_under_compile(device, dtype, tol):
 
 
 KERNEL_CHECKS = {f.__name__: f for f in (
-    check_symmetric_gram, check_linear_relu_square, check_fused_mlp_autograd,
+    check_symmetric_gram, check_transpose_copy_and_add, check_linear_relu_square, check_fused_mlp_autograd,
     check_softcapped_ce_kernels, check_fused_loss_autograd, check_ops_trace_under_compile)}
 INTERPRETER_CHECKS = sorted(set(KERNEL_CHECKS) - {"check_ops_trace_under_compile"})
 
