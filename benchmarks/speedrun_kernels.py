@@ -1,19 +1,29 @@
 """Milliseconds per call of each Triton path of train_speedrun.py against its plain PyTorch
 reference, at the record's shapes (one micro-batch of --tokens), on the current CUDA device.
+With --before PATH: the same cases for an older train_speedrun.py too, interleaved in one process,
+and the ratio after/before per case (kernel-only records: is the new version faster?).
 
-Usage: python benchmarks/speedrun_kernels.py [--tokens 16384]
+Usage: python3 benchmarks/speedrun_kernels.py [--tokens 16384] [--before OLD/train_speedrun.py]
 """
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_speedrun as T  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # prepare_data, imported by every train_speedrun.py
 
 
-def ms_per_call(fn, reps: int = 10) -> float:
+def load_trainer(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ms_per_call(fn, reps: int = 20) -> float:
     fn()  # JIT-compile / autotune outside the timing
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -25,8 +35,9 @@ def ms_per_call(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def kernel_cases(tokens: int) -> dict:
-    """name -> a closure running that op (forward, and backward where the op has one)."""
+def kernel_cases(T, tokens: int) -> dict:
+    """name -> a closure running that op of trainer module T (forward, and backward where the
+    op has one). Only entry points every version since record #68 has."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -40,6 +51,12 @@ def kernel_cases(tokens: int) -> dict:
     mtp = torch.tensor([1.0, 0.5, 0.25], device=dev)
     use_fp8 = T.fp8_supported(dev)
     attn_bank, mlp_bank = randn(40, 768, 768), randn(24, 3072, 768)
+    logits = randn(tokens, 50304, scale=3.0)
+    losses, lse = T._softcapped_ce_forward_triton(logits, targets, mtp)
+    grad_losses = torch.ones_like(losses)
+    embed, lm_head = randn(50304, 768), randn(768, 50304)
+    copy_into = getattr(T, "transpose_copy_", lambda dst, src: dst.copy_(src.T))     # before #74: copy_
+    add_into = getattr(T, "transpose_add_", lambda dst, src: dst.add_(src.T))
     return {
         "polar_express attn (40,768,768)": lambda: T.polar_express(attn_bank),
         "polar_express mlp (24,3072,768)": lambda: T.polar_express(mlp_bank, split_baddbmm=True),
@@ -47,18 +64,19 @@ def kernel_cases(tokens: int) -> dict:
         f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": lambda: T.softcapped_mtp_loss(
             x, targets, mtp, w_head, T.LM_HEAD_X_SCALE, T.LM_HEAD_W_SCALE, T.LM_HEAD_GRAD_SCALE,
             use_fp8).sum().backward(),
+        "ce forward kernel": lambda: T._softcapped_ce_forward_triton(logits, targets, mtp),
+        "ce forward kernel, block 2048": lambda: T._softcapped_ce_forward_triton(logits, targets, mtp, block=2048),
+        "ce backward kernel (e5m2)": lambda: T._softcapped_ce_backward_triton(
+            grad_losses, logits, lse, targets, mtp, 1.0, torch.float8_e5m2),
+        "tied embed <- lm_head^T": lambda: copy_into(embed, lm_head),
+        "lm_head grad += embed grad^T": lambda: add_into(lm_head, embed),
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens of one micro-batch")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: the kernel benchmark needs a CUDA GPU (the references alone run in the CPU tests)")
+def triton_vs_reference(T, tokens: int) -> dict:
     results, saved = {}, T.USE_TRITON_KERNELS
     try:
-        for name, fn in kernel_cases(args.tokens).items():
+        for name, fn in kernel_cases(T, tokens).items():
             T.USE_TRITON_KERNELS = True
             fast = ms_per_call(fn)
             T.USE_TRITON_KERNELS = False
@@ -68,6 +86,36 @@ def main(argv=None) -> dict:
     finally:
         T.USE_TRITON_KERNELS = saved
     return results
+
+
+def before_vs_after(before, after, tokens: int, rounds: int = 3) -> dict:
+    """Each case timed `rounds` times per version, alternating; the best of each is compared."""
+    cases = {"before": kernel_cases(before, tokens), "after": kernel_cases(after, tokens)}
+    best = {side: {name: float("inf") for name in cases[side]} for side in cases}
+    for _ in range(rounds):
+        for side in ("before", "after"):
+            for name, fn in cases[side].items():
+                best[side][name] = min(best[side][name], ms_per_call(fn))
+    for name in cases["after"]:
+        b, a = best["before"][name], best["after"][name]
+        print(f"{name:50s} before {b:8.3f} ms   after {a:8.3f} ms   after/before {a / b:.3f}")
+    return best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens of one micro-batch")
+    parser.add_argument("--before", type=Path, help="an older train_speedrun.py to compare with")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: the kernel benchmark needs a CUDA GPU (the references alone run in the CPU tests)")
+    if args.before is not None and not args.before.is_file():
+        raise SystemExit(f"error: --before {args.before}: no such file (give a train_speedrun.py, e.g. "
+                         f"`git show COMMIT:train_speedrun.py > old.py`)")
+    after = load_trainer(REPO / "train_speedrun.py", "speedrun_after")
+    if args.before is None:
+        return triton_vs_reference(after, args.tokens)
+    return before_vs_after(load_trainer(args.before, "speedrun_before"), after, args.tokens)
 
 
 if __name__ == "__main__":
