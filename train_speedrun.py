@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #76 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #77 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -137,8 +137,8 @@ NO_ATTENTION_LAYER = 6            # layer 6 only has its MLP
 PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
 LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others use the short one
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
-SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's stream after its
-                                        # attention, added where layer 6 starts
+SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's output, added where
+                                        # layer 6 starts (in place of its attention)
 BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
 VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
@@ -169,17 +169,15 @@ MODEL_SCALARS = dict(
     skip_lambda=-1.5,             # skip-gate bias: sigmoid(-1.5) ~ 0.18 at the start
 )
 
-# ---- residual stream: per-layer lambdas, each its own parameter (record #73) ----
-# Every sublayer (attention, then MLP) writes  lane <- resid * lane + post * output  into each
-# lane of the residual stream. From PARALLEL_LANES_FROM on the stream has two lanes (partitioned
-# hyperconnections): attention reads lane 0, the MLP reads lane 1, both write both; the head
-# reads their mean. Before that, attention writes its output unscaled (post 1, not learned; record
-# #74). x0 and the hashed-bigram embedding enter lane 0 with each attention output (x0_lambdas,
-# bigram_lambdas, one per layer; layer 0 takes its bigram part into the stream before it).
-PARALLEL_LANES_FROM = 7
+# ---- residual stream: per-layer lambdas, each its own parameter (records #73-#77) ----
+# Every sublayer (attention, then MLP) writes  x <- resid * x + post * output  into the residual
+# stream; x0 and the hashed-bigram embedding enter with each attention output (x0_lambdas,
+# bigram_lambdas; layer 0 takes its bigram part into the stream before it). The attention layers
+# after ATTN_INPUT_LAYER all read that layer's output instead of the current stream, so they never
+# see the last MLPs' prediction-oriented writes (record #77, replacing #73's two-lane stream).
+ATTN_INPUT_LAYER = 7
 RESID_LAMBDA_INIT = 1.1 ** 0.5    # per sublayer, so 1.1 per layer as before #73
-POST_LAMBDA_INIT = 1.0            # (layer, sublayer, lane) ...
-LANE1_ATTN_POST_INIT = 1.5        # ... except attention's write into lane 1
+POST_LAMBDA_INIT = 1.0
 X0_LAMBDA_INIT = 0.0
 BIGRAM_LAMBDA_INIT = 0.05
 LAYER_LAMBDA_PARAMS = ("post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas")
@@ -867,15 +865,10 @@ def input_injection(x0: Tensor, x_bigram: Tensor, lam: dict, first_layer: bool) 
     return inject + x_bigram * lam["bigram_lambdas"].type_as(x_bigram)
 
 
-def write_lanes(lanes: tuple, out: Tensor, resid: Tensor, post: Tensor | None,
-                inject: Tensor | None = None) -> tuple:
-    """One sublayer's write into each lane of the residual stream: lane <- resid*lane + post[lane]*out
-    (post None: out as it is), then lane 0 also gets `inject`."""
-    new = []
-    for j, lane in enumerate(lanes):
-        lane = resid.type_as(lane) * lane + (out if post is None else out * post[j].type_as(out))
-        new.append(lane + inject if j == 0 and inject is not None else lane)
-    return tuple(new)
+def residual_write(x: Tensor, out: Tensor, resid: Tensor, post: Tensor, inject: Tensor | None = None) -> Tensor:
+    """One sublayer's write into the residual stream: resid * x + post * out (+ inject)."""
+    x = resid.type_as(x) * x + out * post.type_as(out)
+    return x if inject is None else x + inject
 
 
 def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
@@ -981,12 +974,10 @@ class GPT(nn.Module):
         self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
-        # residual-stream lambdas (record #73), indexed [layer(, sublayer (0 attention, 1 MLP)
-        # (, lane))], as the record stores them since #74. Single-lane layers never read their
-        # attention post lambdas (the record keeps them).
-        post = torch.full((L, 2, 2), POST_LAMBDA_INIT)
-        post[PARALLEL_LANES_FROM:, 0, 1] = LANE1_ATTN_POST_INIT
-        self.post_lambdas = nn.Parameter(post)
+        # residual-stream lambdas (record #73 on), indexed [layer(, sublayer: 0 attention, 1 MLP)]
+        # as the record stores them. The attention-free layer never reads its attention entries
+        # (the record keeps them).
+        self.post_lambdas = nn.Parameter(torch.full((L, 2), POST_LAMBDA_INIT))
         self.x0_lambdas = nn.Parameter(torch.full((L,), X0_LAMBDA_INIT))
         self.bigram_lambdas = nn.Parameter(torch.full((L,), BIGRAM_LAMBDA_INIT))
         self.resid_lambdas = nn.Parameter(torch.full((L, 2), RESID_LAMBDA_INIT))
@@ -1028,7 +1019,7 @@ class GPT(nn.Module):
 
     def layer_lambdas(self, i: int, layer_scalars: dict) -> dict:
         """Layer i's learned scalars by name: its LAYER_SCALARS values and its entries of the
-        residual lambdas (x0/bigram: 0-dim; resid: [sublayer]; post: [sublayer, lane])."""
+        residual lambdas (x0/bigram: 0-dim; resid and post: [sublayer])."""
         lam = {name: values[i] for name, values in layer_scalars.items()}
         lam.update({name: getattr(self, name)[i] for name in LAYER_LAMBDA_PARAMS})
         return lam
@@ -1107,38 +1098,36 @@ class GPT(nn.Module):
         d = x0.size(-1)
         T = input_seq.size(0)
         first = self.layer_lambdas(0, layer_scalars)
-        lanes = (x0 + x_bigram * first["bigram_lambdas"].type_as(x_bigram),)
-        skip, x_backout = None, None
+        x = x0 + x_bigram * first["bigram_lambdas"].type_as(x_bigram)
+        skip = x_backout = attn_input = None
         for spec in self.layers:
             i = spec.index
             lam = self.layer_lambdas(i, layer_scalars)
-            if i == PARALLEL_LANES_FROM:
-                lanes = (lanes[0], lanes[0])                  # the second lane starts as a copy
             if i == SKIP_TO_LAYER:
                 gate = torch.sigmoid(model_scalars["skip_lambda"]) * 2 * torch.sigmoid(
                     F.linear(x0[:, :GATE_INPUTS], self.skip_gate.weight.type_as(x0)))
-                lanes = tuple(lane + gate * skip for lane in lanes)
+                x = x + gate * skip
             if spec.has_attn:
                 yarn = self.yarn_paired_head if spec.paired else self.yarn
                 cos, sin = yarn.tables(T)
                 qkvo = attn_w[spec.attn_slot]
                 slot = spec.value_slot
                 q, k, v, gate = attention_inputs(
-                    lanes[0], lam, qkvo[:3 * d], cos, sin, attn_gates[spec.attn_slot],
-                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
+                    x if attn_input is None else attn_input, lam, qkvo[:3 * d], cos, sin,
+                    attn_gates[spec.attn_slot], None if slot is None else ve[slot],
+                    None if slot is None else ve_gates[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window)
                 y = self.attend(q, k, v, spec, plan)
-                out = attention_output(y, gate, qkvo[3 * d:], lam)
-                post = lam["post_lambdas"][0] if len(lanes) == 2 else None
-                lanes = write_lanes(lanes, out, lam["resid_lambdas"][0], post,
-                                    inject=input_injection(x0, x_bigram, lam, i == 0))
+                x = residual_write(x, attention_output(y, gate, qkvo[3 * d:], lam), lam["resid_lambdas"][0],
+                                   lam["post_lambdas"][0], inject=input_injection(x0, x_bigram, lam, i == 0))
+            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i]), lam["resid_lambdas"][1],
+                               lam["post_lambdas"][1])
             if i == SKIP_FROM_LAYER:
-                skip = lanes[0]
-            out = mlp_output(lanes[-1], fc_w[i], proj_w[i])     # the last lane: lane 1 once there are two
-            lanes = write_lanes(lanes, out, lam["resid_lambdas"][1], lam["post_lambdas"][1])
+                skip = x
             if i == BACKOUT_LAYER:
-                x_backout = lanes[0]
-        x = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) * 0.5
+                x_backout = x
+            if i == ATTN_INPUT_LAYER:
+                attn_input = x
         head = self.lm_head
         return output_loss(x, x_backout, model_scalars["backout_lambda"], head.weight, target_seq,
                            mtp_weights, head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
@@ -3451,7 +3440,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #76, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #77, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -53,7 +53,7 @@ def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25), device="cpu"):
 RECORD_SHAPES = {
     "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
     "attn_bank": (10, 3072, 768), "mlp_bank": (12, 2, 3072, 768),
-    "post_lambdas": (11, 2, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
+    "post_lambdas": (11, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
     "scalars": (32,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
     "bigram_embed.weight": (50304 * 5, 768),
@@ -70,7 +70,7 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, grad_accum_steps=1, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    assert sum(p.numel() for p in model.parameters()) == 543_818_952   # the record's count at 20dd1582 (its shapes summed by hand)
+    assert sum(p.numel() for p in model.parameters()) == 543_818_930   # the record's count at 81730c30 (its shapes summed by hand)
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     assert model.attn_bank.reshape == (40, 768, 768)
@@ -118,13 +118,10 @@ def test_init_matches_the_record():
     s = model.scalars
     assert torch.all(s[:2 * L:2] == 0.5) and torch.all(s[1:2 * L:2] == 1.0)
     assert s[2 * L:2 * L + 3].tolist() == [0.0, 0.5, -1.5]
-    # record #73: residual lambdas sqrt(1.1) per sublayer, bigram 0.05, every write 1.0 except
-    # attention's write into the second lane (layers 7-10), 1.5
+    # records #73-#77: residual lambdas sqrt(1.1) per sublayer, bigram 0.05, every write 1.0
     assert torch.all(model.resid_lambdas == torch.tensor(1.1 ** 0.5))
     assert torch.all(model.bigram_lambdas == 0.05)
-    expected_post = torch.ones(L, 2, 2)
-    expected_post[7:, 0, 1] = 1.5
-    assert torch.equal(model.post_lambdas, expected_post)
+    assert torch.equal(model.post_lambdas, torch.ones(L, 2))
 
 
 def test_same_seed_same_weights_and_cast_to_bf16():
@@ -290,77 +287,69 @@ def test_unpaired_rotary_and_key_offset():
 
 
 def record_stream_reference(model, inputs, targets, cu, schedule):
-    """Record #74's residual stream written out from its equations, sublayer by sublayer (flat
-    index s = 2*layer + {0 attention, 1 MLP}), reusing the model's own attention and MLP pieces;
-    returns the eval loss."""
-    L, d, H = 11, model.cfg.model_dim, model.cfg.num_heads
-    resid = model.resid_lambdas.flatten()
+    """Record #77's residual stream written out from its equations, layer by layer, reusing the
+    model's own attention and MLP pieces; returns the stream the head normalizes."""
+    d, H = model.cfg.model_dim, model.cfg.num_heads
+    resid, post = model.resid_lambdas, model.post_lambdas          # [layer, attention/MLP]
     x0_lam, bigram_lam = model.x0_lambdas, model.bigram_lambdas
-    w_post = model.post_lambdas.reshape(2 * L, 2)                # [sublayer, lane]
     per_layer, wide = model.named_scalars()
     plan = model.plan_attention(cu, inputs.numel(), schedule)
     x0, xb, ve = ts.embed_inputs(inputs, model.embed.weight, model.bigram_embed.weight, model.value_embeds,
                                  model.smear_gate.weight, wide["smear_lambda"], model.vocab_size)
-    lane0, lane1 = x0 + bigram_lam[0] * xb, None
-    saved = backout = None
+    x = x0 + bigram_lam[0] * xb
+    skip_gate = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
+    layer3 = layer7 = None
     for spec in model.layers:
-        i, a, m = spec.index, 2 * spec.index, 2 * spec.index + 1
-        if i == 7:
-            lane1 = lane0
-        if i == 6:
-            g = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
-            lane0 = lane0 + g * saved
-        if spec.has_attn:
+        i = spec.index
+        if i == 6:                                  # no attention: the gated skip from layer 3
+            x = x + skip_gate * layer3
+        else:
             lam = {"attn_lambdas": per_layer["attn_lambdas"][i]}
             qkvo = model.attn_bank[spec.attn_slot]
             yarn = model.yarn_paired_head if spec.paired else model.yarn
             cos, sin = yarn.tables(inputs.numel())
             slot = spec.value_slot
             q, k, v, gate = ts.attention_inputs(
-                lane0, lam, qkvo[:3 * d], cos, sin, model.attn_gate_bank[spec.attn_slot],
-                None if slot is None else ve[slot], None if slot is None else model.ve_gate_bank[slot],
+                x if layer7 is None else layer7, lam, qkvo[:3 * d], cos, sin,
+                model.attn_gate_bank[spec.attn_slot], None if slot is None else ve[slot],
+                None if slot is None else model.ve_gate_bank[slot],
                 num_heads=H, paired=spec.paired, key_offset=spec.long_window)
             out = ts.attention_output(model.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
             inject = x0 * x0_lam[i] + (0 if i == 0 else xb * bigram_lam[i])
-            if lane1 is None:                      # one lane: the output goes in unscaled
-                lane0 = resid[a] * lane0 + out + inject
-            else:                                  # x0 and bigram go to lane 0 only
-                lane0, lane1 = resid[a] * lane0 + w_post[a, 0] * out + inject, resid[a] * lane1 + w_post[a, 1] * out
+            x = resid[i, 0] * x + post[i, 0] * out + inject
+        out = ts.relu_square_mlp(ts.norm(x), model.mlp_bank[i, 0], model.mlp_bank[i, 1])
+        x = resid[i, 1] * x + post[i, 1] * out
         if i == 3:
-            saved = lane0
-        mlp_in = lane0 if lane1 is None else lane1
-        out = ts.relu_square_mlp(ts.norm(mlp_in), model.mlp_bank[i, 0], model.mlp_bank[i, 1])
-        new0 = resid[m] * lane0 + out * w_post[m, 0]
-        lane1 = None if lane1 is None else resid[m] * lane1 + out * w_post[m, 1]
-        lane0 = new0
+            layer3 = x
         if i == 7:
-            backout = lane0
-    x = ts.norm((lane0 + lane1) / 2 - wide["backout_lambda"] * backout)
-    logits = ts.softcap(x @ model.lm_head.weight.float())
-    return F.cross_entropy(logits, targets)
+            layer7 = x
+    return x - wide["backout_lambda"] * layer7
 
 
-def test_residual_stream_is_the_records_sublayer_equations():
-    """Records #73/#74's partitioned hyperconnections: one lane through layer 6, two from layer 7
-    (attention reads lane 0, the MLP lane 1, each sublayer writes both with its own post
-    lambdas), the head reads their mean. Every lambda is perturbed away from its init."""
+def test_residual_stream_is_the_records_equations(monkeypatch):
+    """Record #77: one stream; attention layers 8-10 all read layer 7's output (the cached
+    activation) instead of the stream; layer 3's output skips into layer 6; every sublayer writes
+    with its own residual and post lambdas. Every lambda is perturbed away from its init."""
     model = make_model(seed=5).eval()
     inputs, targets, cu = batch(T=128, docs=(70, 58))
     with torch.no_grad():
         for p in (model.resid_lambdas, model.post_lambdas, model.x0_lambdas, model.bigram_lambdas):
             p.add_(0.3 * torch.randn_like(p))
         expected = record_stream_reference(model, inputs, targets, cu, sched())
-        got = model(inputs, targets, cu, sched())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # single-lane layers read neither their attention post lambdas nor their lane-1 ones (the
-    # record keeps them anyway); everything else gets a gradient
+        with monkeypatch.context() as patch:      # the model's final stream instead of its loss
+            patch.setattr(ts, "output_loss", lambda x, x_backout, backout_lambda, *rest: x - backout_lambda * x_backout)
+            got = model(inputs, targets, cu, sched())
+            patch.setattr(ts, "ATTN_INPUT_LAYER", 99)   # (the check can tell: no cached input)
+            uncached = model(inputs, targets, cu, sched())
+    torch.testing.assert_close(got, expected)
+    assert (uncached - expected).abs().max() > 100 * (got - expected).abs().max()
+    # the attention-free layer 6 reads none of its attention-side lambdas (the record keeps them)
     model.train()
     model(inputs, targets, cu, sched()).backward()
-    used = torch.ones(11, 2, 2, dtype=torch.bool)
-    used[:7, 0] = False
-    used[:7, :, 1] = False
-    grad = model.post_lambdas.grad
-    assert grad[~used].abs().max() == 0 and grad[used].abs().min() > 0
+    for p in (model.post_lambdas, model.resid_lambdas):
+        assert p.grad[6, 0] == 0 and p.grad[:6, 0].abs().min() > 0 and p.grad[7:, 0].abs().min() > 0
+        assert p.grad[:, 1].abs().min() > 0
+    assert model.x0_lambdas.grad[6] == 0 and model.bigram_lambdas.grad[6] == 0
 
 
 # ---- YaRN ---------------------------------------------------------------------------------------
