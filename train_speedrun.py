@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #77 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #78 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -203,6 +203,10 @@ LR_FLOOR = 0.15                   # ... this multiplier (held through the extens
 SPLIT_EMBED_STAGE = 2             # embed and lm_head are untied at this stage's first (odd) step
 MUON_MOMENTUM_RANGE = (0.85, 0.95)   # NorMuon momentum ramps low -> high, and back at the end
                                      # (over --muon_warmup_steps / --muon_cooldown_steps)
+# Documents a micro-batch may hold, by its tokens per rank (the length of its cu_seqlens, a fixed
+# shape for the compiled graph): the record's three training sizes get room for just what FineWeb
+# needs (record #78); other sizes ~1 per 300 tokens, rounded up to a multiple of 128.
+MAX_DOCS_PER_MICRO_BATCH = {16384: 64, 32768: 96, 49152: 128}
 
 # ---- optimizer: base rates, then per-parameter multipliers ----
 # Which optimizer, communication pattern and multipliers each labelled parameter gets.
@@ -235,8 +239,9 @@ WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_b
               "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed",
               "lm_head", "embed", "attn", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
-NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.95, weight_decay=1.2)   # momentum: replaced every
-                                                       # step by muon_momentum (MUON_MOMENTUM_RANGE)
+NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2)   # momentum: replaced every
+                                                       # step by muon_momentum (MUON_MOMENTUM_RANGE);
+                                                       # beta2 (NorMuon's second moment): 0.95 before #78
 # The mlp bank alternates c_fc, c_proj: c_proj matrices get this multiple of the NorMuon lr;
 # every NorMuon matrix also gets sqrt(rows / cols) when taller than wide (NorMuonAndAdam).
 MLP_OUTPUT_LR_RATIO = 2.0
@@ -2207,7 +2212,10 @@ def read_shard(path: Path) -> np.ndarray:
 
 def cu_seqlens_slots(tokens_per_rank: int) -> int:
     """Fixed length of the cu_seqlens vector (a fixed shape keeps the compiled graph reusable):
-    room for documents of ~300 tokens on average, rounded up to a multiple of 128."""
+    MAX_DOCS_PER_MICRO_BATCH where it names this size, else room for documents of ~300 tokens on
+    average, rounded up to a multiple of 128."""
+    if tokens_per_rank in MAX_DOCS_PER_MICRO_BATCH:
+        return MAX_DOCS_PER_MICRO_BATCH[tokens_per_rank]
     return max(128, -(-(tokens_per_rank // 300) // 128) * 128)
 
 
@@ -2217,8 +2225,9 @@ def pad_cu_seqlens(boundaries: np.ndarray, tokens_per_rank: int) -> np.ndarray:
     slots = cu_seqlens_slots(tokens_per_rank)
     if len(boundaries) + 1 > slots:
         raise SystemExit(f"error: a micro-batch of {tokens_per_rank} tokens holds {len(boundaries)} "
-                         f"documents, more than the {slots - 1} the model is built for (documents "
-                         "average < 300 tokens); join short documents when building the shards")
+                         f"documents, more than the {slots - 1} the model is built for (cu_seqlens_slots, "
+                         "MAX_DOCS_PER_MICRO_BATCH); join short documents when building the shards, or "
+                         "raise that entry")
     cu = np.full(slots, tokens_per_rank, dtype=np.int32)
     cu[0] = 0
     cu[1:len(boundaries) + 1] = boundaries
@@ -3440,7 +3449,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #77, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #78, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -194,11 +194,26 @@ def test_validation_running_out_is_a_clear_error(tmp_path):
 
 
 def test_cu_seqlens_slots_like_the_record():
-    # next multiple of 128 of tokens // 300, at least 128
-    assert ts.cu_seqlens_slots(16384) == 128
-    assert ts.cu_seqlens_slots(49152) == 256
+    # record #78: the three training micro-batch sizes (tokens per rank) get their own counts
+    assert [ts.cu_seqlens_slots(n) for n in (16384, 32768, 49152)] == [64, 96, 128]
+    # elsewhere (validation, --smoke): the next multiple of 128 of tokens // 300, at least 128
     assert ts.cu_seqlens_slots(262144) == 896
+    assert ts.cu_seqlens_slots(65536) == 256
     assert ts.cu_seqlens_slots(16) == 128
+
+
+def test_record_stage_one_micro_batch_with_too_many_documents_is_a_clear_error(tmp_path):
+    """A stage-1 micro-batch (16384 tokens per rank at 8 ranks) has 64 slots since record #78:
+    63 documents fit, 64 do not."""
+    for docs, fits in ((63, True), (64, False)):
+        length = 16384 // docs + 1                      # docs documents cover the micro-batch
+        pattern = write_shards(tmp_path / str(docs), [make_docs([length] * (docs + 8))])
+        loader = ts.BosAlignedLoader(pattern, 16384 * 8, 2048, grad_accum_steps=8)
+        if fits:
+            assert len(loader.next_batch().cu_seqlens) == 64
+        else:
+            with pytest.raises(SystemExit, match="more than the 63"):
+                loader.next_batch()
 
 
 # ---- record #71: bigram rows hashed on the host by the training loader ----
