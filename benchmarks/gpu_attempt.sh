@@ -14,6 +14,9 @@
 #               300 + 10 run is stopped once its warm-up is done), so that ab_run fits one command
 #   ab_run      both sides' 300 + 10 run (seed 0) one after the other on the warm caches, then
 #               benchmarks/ab_compare.py (val within 0.005, per-stage step time within 1%)
+#   kernels     benchmarks/speedrun_kernels.py --before each file in KERNELS_BEFORE (default
+#               $BEFORE/train_speedrun.py): kernel-only records, older vs this trainer in one process
+#   gpu_tests   the GPU tests of the kernels and the model (pytest -m gpu)
 # Usage: bash benchmarks/gpu_attempt.sh OUTDIR STEP [STEP...]
 #        UPSTREAM=path/to/modded-nanogpt (default ref/upstream68: record #68's train_gpt.py and
 #        triton_kernels.py, e.g. `git -C modded-nanogpt show 9e53f9e3:train_gpt.py`); GPT2_TIKTOKEN_FILE
@@ -48,7 +51,7 @@ for step in "$@"; do
                  | grep -vE "^step:[0-9]*[1-9]/" | tail -60
               cp /tmp/vs68/*.txt /tmp/vs68/*.comparison.* "$out/" 2>/dev/null ;;
     vs_short) "${vs[@]}" --schedule short --side upstream --time_limit 560 2>&1 | grep -vE "^step:[0-9]*[1-9]/" | tail -30
-              cp /tmp/vs68/short.upstream.* "$out/" 2>/dev/null ;;
+              cp /tmp/vs68/short*.upstream.* "$out/" 2>/dev/null ;;
     vs_compare) python3 benchmarks/vs_upstream.py --compare /tmp/vs68/short.upstream.txt "$attempt/run0_seed0.txt" \
                     --out_dir "$out" 2>&1 | tail -60
                 ;;
@@ -67,6 +70,11 @@ for step in "$@"; do
             done
             cp /tmp/ab/before.* /tmp/ab/after.* "$out/" 2>/dev/null
             python3 benchmarks/ab_compare.py /tmp/ab/before.json /tmp/ab/after.json ;;
-    *) echo "error: unknown step '$step' (corpus, attempt, vs_steps, vs_short, vs_compare, ab_warm, ab_run)" >&2; exit 2 ;;
+    kernels) for old in ${KERNELS_BEFORE:-$before/train_speedrun.py}; do
+               echo "--- before: $old"; python3 benchmarks/speedrun_kernels.py --before "$old" 2>&1 | tail -12
+             done ;;
+    gpu_tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speedrun_kernels.py \
+                   tests/test_speedrun_model.py 2>&1 | tail -15 ;;
+    *) echo "error: unknown step '$step' (corpus, attempt, vs_steps, vs_short, vs_compare, ab_warm, ab_run, kernels, gpu_tests)" >&2; exit 2 ;;
   esac
 done

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))   # prepare_data, imported by every train_speedrun
 def load_trainer(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
