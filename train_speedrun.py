@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #78 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #80 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -79,7 +79,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1450, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1440, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -140,6 +140,7 @@ VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates
 SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's output, added where
                                         # layer 6 starts (in place of its attention)
 BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
+QK_HEADS_PER_MATRIX = 2           # NorMuon orthogonalizes W_q and W_k per pair of heads (#80)
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
 VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
                                   # first 6 channels of its input and the first 6 of the embedding
@@ -217,7 +218,8 @@ MAX_DOCS_PER_MICRO_BATCH = {16384: 64, 32768: 96, 49152: 128}
 # Dict order is the order gradient reductions are launched (big banks first: their backward
 # finished first and their comms take longest).
 PARAM_TABLE = {
-    "attn":           dict(optim="normuon", comms="sharded"),
+    "qk":             dict(optim="normuon", comms="sharded"),
+    "vo":             dict(optim="normuon", comms="sharded"),
     "mlp":            dict(optim="normuon", comms="sharded"),
     "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
     "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
@@ -237,7 +239,7 @@ PARAM_TABLE = {
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
 WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
               "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed",
-              "lm_head", "embed", "attn", "mlp"]
+              "lm_head", "embed", "qk", "vo", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2)   # momentum: replaced every
                                                        # step by muon_momentum (MUON_MOMENTUM_RANGE);
@@ -289,6 +291,9 @@ class ModelConfig:
                             f"model_dim={self.model_dim}")
         if self.num_heads % 2:
             problems.append(f"num_heads={self.num_heads} must be even (paired-head layers)")
+        if self.num_heads % QK_HEADS_PER_MATRIX:
+            problems.append(f"num_heads={self.num_heads} must be a multiple of QK_HEADS_PER_MATRIX="
+                            f"{QK_HEADS_PER_MATRIX} (the optimizer's W_q/W_k blocks)")
         if self.head_dim % 4:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
         if self.model_dim < 12:
@@ -323,7 +328,7 @@ class LayerSpec:
     has_attn: bool
     paired: bool              # paired-head attention
     long_window: bool         # long window and the partial key offset
-    attn_slot: int | None     # row in attn_bank and attn_gate_bank
+    attn_slot: int | None     # which attention layer: its matrices in qk_bank/vo_bank, its gate
     value_slot: int | None    # which value embedding (and ve gate) this layer adds to v
 
 
@@ -953,18 +958,30 @@ class GPT(nn.Module):
         self.attn_gate_bank.label = "attn_gate_bank"
         self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
         self.ve_gate_bank.label = "ve_gate_bank"
-        # banks: attention layer -> [W_q; W_k; W_v; W_o] stacked (4d, hdim); the optimizer views it
-        # as 4*num_attn square matrices. MLP layer -> (W_fc, W_proj), each (4d, d), plus one
-        # padding layer so 2*(L+1) = 24 matrices split evenly over 8 ranks.
-        self.attn_bank = nn.Parameter(torch.empty(num_attn, 4 * d, hdim))
-        self.attn_bank.label = "attn"
-        self.attn_bank.reshape = (num_attn * 4, hdim, hdim)
+        # banks the optimizer orthogonalizes matrix by matrix (record #80): qk_bank holds each
+        # attention layer's W_q then W_k as row blocks of QK_HEADS_PER_MATRIX heads, (pair, d);
+        # vo_bank its W_v and W_o, (hdim, hdim) each. Both padded with zero matrices to a multiple
+        # of the world size (60 -> 64 and 20 -> 24 at 8 ranks), like `scalars`. MLP layer ->
+        # (W_fc, W_proj), each (4d, d), plus one padding layer so 2*(L+1) = 24 matrices split
+        # evenly over 8 ranks.
+        self.num_qk_matrices = num_attn * 2 * (H // QK_HEADS_PER_MATRIX)
+        self.num_vo_matrices = num_attn * 2
+        qk_rows = QK_HEADS_PER_MATRIX * cfg.head_dim
+        self.qk_bank = nn.Parameter(torch.empty(next_multiple_of_n(self.num_qk_matrices, cfg.world_size), qk_rows, d))
+        self.qk_bank.label = "qk"
+        self.qk_bank.reshape = tuple(self.qk_bank.shape)
+        self.vo_bank = nn.Parameter(torch.empty(next_multiple_of_n(self.num_vo_matrices, cfg.world_size), hdim, hdim))
+        self.vo_bank.label = "vo"
+        self.vo_bank.reshape = tuple(self.vo_bank.shape)
         self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
         self.mlp_bank.label = "mlp"
         self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
         bound = 3 ** 0.5 * INIT_STD_FACTOR * d ** -0.5       # uniform with that std
         with torch.no_grad():
-            self.attn_bank.uniform_(-bound, bound)
+            self.qk_bank[:self.num_qk_matrices].uniform_(-bound, bound)
+            self.qk_bank[self.num_qk_matrices:].zero_()
+            self.vo_bank[:self.num_vo_matrices].uniform_(-bound, bound)
+            self.vo_bank[self.num_vo_matrices:].zero_()
             self.mlp_bank[:, 0].uniform_(-bound, bound)
             self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
         self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
@@ -1033,7 +1050,7 @@ class GPT(nn.Module):
         """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
         for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
                   self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
-                  self.attn_bank, self.mlp_bank):
+                  self.qk_bank, self.vo_bank, self.mlp_bank):
             p.data = p.data.bfloat16()
         return self
 
@@ -1094,8 +1111,12 @@ class GPT(nn.Module):
         x0, x_bigram, ve = embed_inputs(input_seq, self.embed.weight, self.bigram_embed.weight,
                                         self.value_embeds, self.smear_gate.weight,
                                         model_scalars["smear_lambda"], self.vocab_size, bigram_rows)
-        # unbind the banks once (per-layer indexing would add select-backward kernels)
-        attn_w = self.attn_bank.unbind(0)
+        # each attention layer's [W_q; W_k; W_v; W_o] (4d, hdim) out of the two banks, then unbind
+        # once (per-layer indexing would add select-backward kernels)
+        num_attn = self.num_vo_matrices // 2
+        qk = self.qk_bank[:self.num_qk_matrices].view(num_attn, -1, self.qk_bank.size(-1))
+        vo = self.vo_bank[:self.num_vo_matrices].view(num_attn, -1, self.vo_bank.size(-1))
+        attn_w = torch.cat([qk, vo], dim=1).unbind(0)
         attn_gates = self.attn_gate_bank.unbind(0)
         ve_gates = self.ve_gate_bank.unbind(0)
         fc_w = self.mlp_bank[:, 0].unbind(0)
@@ -3449,7 +3470,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #78, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #80, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

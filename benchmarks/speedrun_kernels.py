@@ -51,7 +51,7 @@ def kernel_cases(T, tokens: int) -> dict:
     targets = torch.randint(0, 50257, (tokens,), device=dev)
     mtp = torch.tensor([1.0, 0.5, 0.25], device=dev)
     use_fp8 = T.fp8_supported(dev)
-    attn_bank, mlp_bank = randn(40, 768, 768), randn(24, 3072, 768)
+    attn_bank, qk_bank, mlp_bank = randn(40, 768, 768), randn(64, 256, 768), randn(24, 3072, 768)
     logits = randn(tokens, 50304, scale=3.0)
     losses, lse = T._softcapped_ce_forward_triton(logits, targets, mtp)
     grad_losses = torch.ones_like(losses)
@@ -60,6 +60,7 @@ def kernel_cases(T, tokens: int) -> dict:
     add_into = getattr(T, "transpose_add_", lambda dst, src: dst.add_(src.T))
     return {
         "polar_express attn (40,768,768)": lambda: T.polar_express(attn_bank),
+        "polar_express qk blocks (64,256,768)": lambda: T.polar_express(qk_bank),
         "polar_express mlp (24,3072,768)": lambda: T.polar_express(mlp_bank, split_baddbmm=True),
         "relu_square_mlp fwd+bwd": lambda: T.relu_square_mlp(x, w_fc, w_proj).sum().backward(),
         f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": lambda: T.softcapped_mtp_loss(

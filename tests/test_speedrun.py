@@ -62,7 +62,7 @@ def test_world_size_1_gradients_equal_two_simulated_ranks(corpus):
     single = accumulated_grads(model, ts.BosAlignedLoader(train_glob, batch, 128, 8, 0, 1), 8, stage)
     ranks = [accumulated_grads(model, ts.BosAlignedLoader(train_glob, batch, 128, 4, r, 2), 4, stage)
              for r in range(2)]
-    assert set(single) == set(ranks[0]) and len(single) == 15   # every parameter (15 since #73)
+    assert set(single) == set(ranks[0]) and len(single) == 16   # every parameter (16 since #80)
     for name, g in single.items():
         averaged = (ranks[0][name] + ranks[1][name]) / 2      # what all-reduce(AVG) delivers
         assert g.abs().max() > 0, name
@@ -101,7 +101,7 @@ def test_max_steps_stops_early_and_saves_a_checkpoint(tmp_path, corpus):
     assert summary["final_val_loss"] is None                          # no final validation at max_steps
     assert [s for s, _ in summary["val_losses"]] == []
     ckpt = torch.load(tmp_path / "r" / "state_step000002.pt", weights_only=False)
-    assert ckpt["step"] == 2 and "attn_bank" in ckpt["model"] and ckpt["args"]["max_steps"] == 2
+    assert ckpt["step"] == 2 and "qk_bank" in ckpt["model"] and ckpt["args"]["max_steps"] == 2
     assert set(ckpt["optimizer"]["states"]) == set(ts.PARAM_TABLE)
     assert not list((tmp_path / "r").glob("*.tmp"))
     assert signal.getsignal(signal.SIGTERM) is not None                # handler restored

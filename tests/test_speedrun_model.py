@@ -52,14 +52,14 @@ def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25), device="cpu"):
 
 RECORD_SHAPES = {
     "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
-    "attn_bank": (10, 3072, 768), "mlp_bank": (12, 2, 3072, 768),
+    "qk_bank": (64, 256, 768), "vo_bank": (24, 768, 768), "mlp_bank": (12, 2, 3072, 768),
     "post_lambdas": (11, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
     "scalars": (32,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
     "bigram_embed.weight": (50304 * 5, 768),
 }
 RECORD_LABELS = {
-    "value_embeds": "value_embed", "attn_bank": "attn", "mlp_bank": "mlp",
+    "value_embeds": "value_embed", "qk_bank": "qk", "vo_bank": "vo", "mlp_bank": "mlp",
     "smear_gate.weight": "smear_gate", "skip_gate.weight": "skip_gate", "lm_head.weight": "lm_head",
     "embed.weight": "embed", "bigram_embed.weight": "bigram_embed",
 }
@@ -70,10 +70,11 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, grad_accum_steps=1, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    assert sum(p.numel() for p in model.parameters()) == 543_818_930   # the record's count at 81730c30 (its shapes summed by hand)
+    assert sum(p.numel() for p in model.parameters()) == 546_964_658   # the record's count at 2c702746, 8 ranks (its shapes summed by hand)
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
-    assert model.attn_bank.reshape == (40, 768, 768)
+    # record #80: W_q/W_k per pair of heads (60 matrices + 4 padding), W_v/W_o whole (20 + 4)
+    assert model.qk_bank.reshape == (64, 256, 768) and model.vo_bank.reshape == (24, 768, 768)
     assert model.mlp_bank.reshape == (24, 3072, 768)
     assert model.lm_head.grad_s == pytest.approx(0.75 / 448)
     assert model.vocab_size == 50304
@@ -102,7 +103,9 @@ def test_init_matches_the_record():
     model = ts.GPT(small_cfg()).requires_grad_(False)
     d = model.cfg.model_dim
     bound = 3 ** 0.5 * 0.5 * d ** -0.5
-    assert model.attn_bank.abs().max() <= bound and model.attn_bank.std().item() == pytest.approx(0.5 * d ** -0.5, rel=0.05)
+    for bank, used in ((model.qk_bank, model.num_qk_matrices), (model.vo_bank, model.num_vo_matrices)):
+        assert bank[:used].abs().max() <= bound and bank[:used].std().item() == pytest.approx(0.5 * d ** -0.5, rel=0.05)
+        assert bank[used:].abs().max() == 0 if bank.size(0) > used else True
     assert model.mlp_bank[:, 1].abs().max() == 0
     assert model.mlp_bank[:, 0].abs().max() <= bound
     assert torch.equal(model.embed.weight, model.lm_head.weight.T.float())
@@ -131,7 +134,8 @@ def test_same_seed_same_weights_and_cast_to_bf16():
     a.cast_to_bf16()
     fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
     assert fp32 == {"post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "scalars"}
-    assert a.attn_bank.label == "attn" and a.attn_bank.reshape == (40, 64, 64)   # attrs survive
+    assert a.qk_bank.label == "qk" and a.qk_bank.reshape == (40, 32, 64)   # attrs survive
+    assert a.vo_bank.label == "vo" and a.vo_bank.reshape == (20, 64, 64)
 
 
 def test_config_errors_are_clear():
@@ -167,6 +171,13 @@ def test_backward_reaches_every_parameter_and_spares_padding():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     assert model.mlp_bank.grad[11].abs().max() == 0          # padding layer of the MLP bank
+    # record #80's banks: every used W_q/W_k block and W_v/W_o gets a gradient, padding none
+    model = make_model(world_size=8, grad_accum_steps=1)
+    model(inputs, targets, cu, sched()).backward()
+    for bank, used in ((model.qk_bank, model.num_qk_matrices), (model.vo_bank, model.num_vo_matrices)):
+        per_matrix = bank.grad.abs().flatten(1).sum(1)
+        assert (per_matrix[:used] > 0).all() and (per_matrix[used:] == 0).all()
+    assert model.vo_bank.size(0) == 24 and model.num_vo_matrices == 20
     used_rows = 5 * 1024
     assert model.value_embeds.grad[inputs.long()].abs().sum() > 0
     assert model.value_embeds.grad.numel() == used_rows * model.cfg.model_dim
@@ -177,7 +188,7 @@ def test_bf16_model_forward_is_finite():
     inputs, targets, cu = batch()
     loss = model(inputs, targets, cu, sched())
     loss.backward()
-    assert torch.isfinite(loss) and model.attn_bank.grad.dtype == torch.bfloat16
+    assert torch.isfinite(loss) and model.qk_bank.grad.dtype == torch.bfloat16
 
 
 def test_bigram_hash_matches_int32_arithmetic():
@@ -286,6 +297,14 @@ def test_unpaired_rotary_and_key_offset():
     torch.testing.assert_close(q[..., half:], q_heads[..., half:])
 
 
+def layer_attention_weights(model, slot):
+    """Attention layer `slot`'s [W_q; W_k; W_v; W_o] picked out of the two banks by index (record
+    #80's layout: W_q then W_k of each layer as head-pair blocks, then W_v, W_o)."""
+    pairs = model.cfg.num_heads // 2
+    qk = [model.qk_bank[slot * 2 * pairs + j] for j in range(2 * pairs)]
+    return torch.cat(qk + [model.vo_bank[2 * slot], model.vo_bank[2 * slot + 1]])
+
+
 def record_stream_reference(model, inputs, targets, cu, schedule):
     """Record #77's residual stream written out from its equations, layer by layer, reusing the
     model's own attention and MLP pieces; returns the stream the head normalizes."""
@@ -305,7 +324,7 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
             x = x + skip_gate * layer3
         else:
             lam = {"attn_lambdas": per_layer["attn_lambdas"][i]}
-            qkvo = model.attn_bank[spec.attn_slot]
+            qkvo = layer_attention_weights(model, spec.attn_slot)
             yarn = model.yarn_paired_head if spec.paired else model.yarn
             cos, sin = yarn.tables(inputs.numel())
             slot = spec.value_slot

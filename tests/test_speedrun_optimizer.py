@@ -22,11 +22,13 @@ def tiny_params(dtype_banks=torch.float32, seed=0, d=8, vocab=16):
         t = torch.nn.Parameter((torch.randn(*shape, generator=g) * 0.5).to(dtype))
         t.label = label
         return t
-    attn = p(2, 4 * d, d, dtype=dtype_banks, label="attn")
-    attn.reshape = (8, d, d)
+    qk = p(8, 4, d, dtype=dtype_banks, label="qk")      # wide, like the record's (256, 768) blocks
+    qk.reshape = (8, 4, d)
+    vo = p(4, d, d, dtype=dtype_banks, label="vo")
+    vo.reshape = (4, d, d)
     mlp = p(2, 2, 4 * d, d, dtype=dtype_banks, label="mlp")
     mlp.reshape = (4, 4 * d, d)
-    params = [attn, mlp,
+    params = [qk, vo, mlp,
               p(6, label="scalars"), p(2 * vocab, d, label="value_embed"), p(2 * vocab, d, label="bigram_embed"),
               p(1, 12, label="smear_gate"), p(1, 12, label="skip_gate"), p(2, 2, 12, label="attn_gate_bank"),
               p(2, 2, 12, label="ve_gate_bank"), p(11, label="x0_lambdas"), p(d, vocab, label="lm_head"),
@@ -98,7 +100,7 @@ def test_adam_single_steps_match_textbook():
     assert opt.state[q]["step"] == 3
 
 
-@pytest.mark.parametrize("label", ["attn", "mlp"])
+@pytest.mark.parametrize("label", ["qk", "vo", "mlp"])
 def test_normuon_single_steps_match_textbook(label, monkeypatch):
     # exact orthogonalization on both sides, so only the NorMuon arithmetic is compared
     monkeypatch.setattr(ts, "polar_express", exact_polar)
@@ -109,7 +111,8 @@ def test_normuon_single_steps_match_textbook(label, monkeypatch):
     lr_ratio = torch.tensor([2.0 if (i % 2 and label == "mlp") else 1.0 for i in range(n)]).view(n, 1, 1).double()
     p = q.detach().double().view(n, r, c).clone()
     buf = torch.zeros_like(p)
-    v2 = torch.zeros(n, r, 1, dtype=torch.float64)      # these banks are square or tall: per row
+    # second moment per row of a square or tall matrix, per column of a wide one (qk)
+    v2 = torch.zeros((n, r, 1) if r >= c else (n, 1, c), dtype=torch.float64)
     for step, (lr_mul, mom) in enumerate([(1.0, 0.85), (0.7, 0.9), (0.5, 0.95)]):
         grads = random_grads(named, seed=10 + step)
         set_grads(named, grads)
@@ -175,7 +178,7 @@ def test_bf16_banks_follow_the_fp32_trajectory_exactly():
         for opt in (opt16, opt32):
             opt.set_schedule(1.0, 0.9)
             opt.step(do_adam=False)
-    for label in ("attn", "mlp"):
+    for label in ("qk", "vo", "mlp"):
         q16, q32 = dict(named16)[label], dict(named32)[label]
         mantissa = opt16.state[q16]["mantissa"].view(q16.shape)
         assert torch.equal(reconstruct_fp32(q16.detach(), mantissa), q32.detach())
@@ -188,14 +191,14 @@ def test_adam_only_on_odd_steps_and_grads_accumulate_meanwhile():
     set_grads(named, random_grads(named, seed=1))
     opt.step(do_adam=False)
     for label, q in named:
-        if label in ("attn", "mlp"):
+        if label in ("qk", "vo", "mlp"):
             assert q.grad is None and not torch.equal(q.detach(), before[label])
         else:
             assert q.grad is not None and torch.equal(q.detach(), before[label])
             assert opt.state[q]["step"] == 0
     opt.step(do_adam=True)
     assert all(q.grad is None for _, q in named)
-    assert all(opt.state[q]["step"] == 1 for label, q in named if label not in ("attn", "mlp", "embed"))
+    assert all(opt.state[q]["step"] == 1 for label, q in named if label not in ("qk", "vo", "mlp", "embed"))
 
 
 def test_tied_embed_follows_lm_head_until_split():
@@ -262,8 +265,9 @@ def test_bad_labels_are_errors():
 
 # ---- sharding over ranks ----
 
-RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads scalars to 32)
-    "attn": ((10, 3072, 768), (40, 768, 768)), "mlp": ((12, 2, 3072, 768), (24, 3072, 768)),
+RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads scalars to 32, qk to 64, vo to 24)
+    "qk": ((64, 256, 768), (64, 256, 768)), "vo": ((24, 768, 768), (24, 768, 768)),
+    "mlp": ((12, 2, 3072, 768), (24, 3072, 768)),
     "scalars": ((32,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 5, 768), None),
     "smear_gate": ((1, 12), None), "skip_gate": ((1, 12), None), "attn_gate_bank": ((10, 6, 12), None),
     "ve_gate_bank": ((5, 6, 12), None), "x0_lambdas": ((11,), None), "post_lambdas": ((11, 2), None),
@@ -285,7 +289,7 @@ def meta_record_params():
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_record_bank_sharding_shapes_per_rank(world_size):
-    covered = {"attn": [], "mlp": []}
+    covered = {"qk": [], "vo": [], "mlp": []}
     for rank in range(world_size):
         opt = ts.NorMuonAndAdam(meta_record_params(), world_size=world_size, rank=rank)
         for label, q in opt.by_label.items():
@@ -296,14 +300,16 @@ def test_record_bank_sharding_shapes_per_rank(world_size):
                 n, r, c = q.reshape
                 assert cfg.chunk_size * world_size == n
                 assert state["momentum_buffer"].shape == (n // world_size, r, c)
-                assert state["second_moment"].shape == (n // world_size, r, 1)   # r >= c for both banks
+                moment = (n // world_size, r, 1) if r >= c else (n // world_size, 1, c)   # qk: wide
+                assert state["second_moment"].shape == moment
                 assert cfg.lr_mul == (2.0 if label == "mlp" else 1.0)             # sqrt(3072/768)
                 covered[label] += range(rank * cfg.chunk_size, (rank + 1) * cfg.chunk_size)
             elif cfg.comms in ("sharded", "sparse"):     # sparse: bigram_embed since record #71
                 assert state["exp_avg"].shape == (q.shape[0] // world_size, *q.shape[1:])
             else:
                 assert state["exp_avg"].shape == q.shape
-    assert sorted(covered["attn"]) == list(range(40)) and sorted(covered["mlp"]) == list(range(24))
+    assert {label: sorted(rows) for label, rows in covered.items()} == \
+        {"qk": list(range(64)), "vo": list(range(24)), "mlp": list(range(24))}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
@@ -316,14 +322,17 @@ def test_mlp_c_proj_matrices_get_double_lr_on_every_rank(world_size):
 
 
 def tiny_params_for_ranks():
-    """Toy banks with the record's matrix counts (40 attn, 24 mlp) so every world size divides."""
+    """Toy banks with the record's matrix counts at 8 ranks (64 qk, 24 vo, 24 mlp) so every world
+    size divides."""
     named = tiny_params(d=8, vocab=8)
     params = dict(named)
-    attn = torch.nn.Parameter(torch.zeros(10, 32, 8))
-    attn.label, attn.reshape = "attn", (40, 8, 8)
+    qk = torch.nn.Parameter(torch.zeros(64, 4, 8))
+    qk.label, qk.reshape = "qk", (64, 4, 8)
+    vo = torch.nn.Parameter(torch.zeros(24, 8, 8))
+    vo.label, vo.reshape = "vo", (24, 8, 8)
     mlp = torch.nn.Parameter(torch.zeros(12, 2, 32, 8))
     mlp.label, mlp.reshape = "mlp", (24, 32, 8)
-    params["attn"], params["mlp"] = attn, mlp
+    params["qk"], params["vo"], params["mlp"] = qk, vo, mlp
     return list(params.items())
 
 

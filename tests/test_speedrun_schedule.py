@@ -20,11 +20,11 @@ def make_schedule(scheduled, extension, args=None):
 # ---- the record's numbers ----
 
 def test_record_schedule_numbers():
-    s = make_schedule(1450, 40)                      # record #73's step counts
-    assert s.boundaries == [(0, 483), (483, 967), (967, 1450), (1450, 1490)]   # round(2900 / 3) = 967
-    assert s.total_steps == 1490
-    assert s.split_step == 967                       # stage 3 starts on an odd step already
-    assert s.warmup_steps() == [0, 1, 2, 482, 483, 484, 966, 967, 968, 1449, 1450, 1451]
+    s = make_schedule(1440, 40)                      # record #80's step counts
+    assert s.boundaries == [(0, 480), (480, 960), (960, 1440), (1440, 1480)]
+    assert s.total_steps == 1480
+    assert s.split_step == 961                       # stage 3 starts on an even step: the next odd one
+    assert s.warmup_steps() == [0, 1, 2, 479, 480, 481, 959, 960, 961, 1439, 1440, 1441]
     stages = s.stages
     assert [st_.max_seq_len for st_ in stages] == [896, 2048, 2048, 2048]   # short documents first (#72)
     assert [st_.batch_size for st_ in stages] == [8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8, 24 * 2048 * 8]
@@ -32,15 +32,15 @@ def test_record_schedule_numbers():
     assert [st_.lr_mul for st_ in stages[:3]] == [1.0, 1.52, 1.73]
     assert s.final_window_blocks == 20
     assert s.mtp_weights(0) == [1.0, 0.5, 0.25]
-    assert s.mtp_weights(483) == [1.0, 0.5]
-    assert s.mtp_weights(967) == [1.0]
-    # cooldown (60% since record #73) starts at int(1450 * 0.4) = 580 (1 - 0.6 = 0.40000000000000002,
-    # times 1450 rounds to 580.0) and ends at the floor, 0.15x since record #72
-    assert s.lr_multiplier(579) == 1.52
-    assert s.lr_multiplier(580) == 1.52
-    assert s.lr_multiplier(581) < 1.52
-    assert s.lr_multiplier(1450) == pytest.approx(0.15)
-    assert s.lr_multiplier(1489) == pytest.approx(0.15)
+    assert s.mtp_weights(480) == [1.0, 0.5]
+    assert s.mtp_weights(960) == [1.0]
+    # cooldown (60% since record #73) starts at int(1440 * 0.4) = 576 (1 - 0.6 = 0.40000000000000002,
+    # times 1440 rounds to 576.0) and ends at the floor, 0.15x since record #72
+    assert s.lr_multiplier(575) == 1.52
+    assert s.lr_multiplier(576) == 1.52
+    assert s.lr_multiplier(577) < 1.52
+    assert s.lr_multiplier(1440) == pytest.approx(0.15)
+    assert s.lr_multiplier(1479) == pytest.approx(0.15)
 
 
 def test_record_muon_momentum():
@@ -222,7 +222,7 @@ def test_adam_only_on_odd_steps():
 
 def test_parse_args_defaults_are_the_record():
     a = ts.parse_args([])
-    assert (a.num_scheduled_iterations, a.num_extension_iterations) == (1450, 40)   # record #73
+    assert (a.num_scheduled_iterations, a.num_extension_iterations) == (1440, 40)   # record #80
     assert (a.muon_warmup_steps, a.muon_cooldown_steps) == (300, 50)
     assert (a.val_tokens, a.val_batch_size, a.train_max_seq_len) == (10485760, 2097152, 2048)
     assert a.val_loss_every == 250 and a.compile and a.device == "cuda" and a.attn == "auto"
