@@ -105,8 +105,8 @@ def before_vs_after(before, after, tokens: int, rounds: int = 3) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens of one micro-batch")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens of one micro-batch (default 16384)")
     parser.add_argument("--before", type=Path, help="an older train_speedrun.py to compare with")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
