@@ -1123,8 +1123,7 @@ class GPT(nn.Module):
         proj_w = self.mlp_bank[:, 1].unbind(0)
         d = x0.size(-1)
         T = input_seq.size(0)
-        first = self.layer_lambdas(0, layer_scalars)
-        x = x0 + x_bigram * first["bigram_lambdas"].type_as(x_bigram)
+        x = x0 + x_bigram * self.bigram_lambdas[0].type_as(x_bigram)   # layer 0's bigram part
         skip = x_backout = attn_input = None
         for spec in self.layers:
             i = spec.index
