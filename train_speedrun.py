@@ -275,8 +275,7 @@ class ModelConfig:
     bigram_vocab_size: int = 50304 * 5   # hashed bigram embedding rows
     use_fp8: bool = False                # FP8 lm_head matmul in training (card must support it)
     attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
-    world_size: int = 1                  # pads `scalars` like the record; sets grad_s with ...
-    grad_accum_steps: int = 8            # ... the accumulation: 8 // world_size
+    world_size: int = 1                  # pads `scalars` and the banks like the record
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
     val_max_len: int = 262144            # tokens per rank in one validation forward
     compile_mode: str = "model"          # GPT.compiled(): one of COMPILE_MODES (compile_gpt)
@@ -482,7 +481,7 @@ def lm_head_logits_reference(x, lm_head_weight_t, x_s, w_s, grad_s, use_fp8) -> 
 
 def lm_head_logits(x: Tensor, lm_head_weight_t: Tensor) -> Tensor:
     """Logits x @ W for W stored transposed (d, vocab), in x's dtype: the eval path (the record
-    never evaluates in FP8; training goes through softcapped_mtp_loss)."""
+    never evaluates in FP8; training goes through softcapped_mtp_loss_sum)."""
     return x @ lm_head_weight_t.type_as(x)
 
 
@@ -522,19 +521,20 @@ def softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t, x_s
     return mtp_losses_from_logits(logits, targets, mtp_weights)
 
 
-def softcapped_mtp_loss(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head_weight_t: Tensor,
-                        x_s: float, w_s: float, grad_s: float, use_fp8: bool) -> Tensor:
-    """Per-position training losses (T,) fp32 for normed hidden x (T, d) and lm_head W (d, vocab).
+def softcapped_mtp_loss_sum(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head_weight_t: Tensor,
+                            x_s: float, w_s: float, grad_s: float, use_fp8: bool) -> Tensor:
+    """The training loss: sum over positions of the MTP-weighted losses (fp32 scalar), for normed
+    hidden x (T, d) and lm_head W (d, vocab).
 
     mtp_weights (n_predict,) fp32; trailing zeros change nothing, so callers may pad it to a fixed
-    length to keep one compiled graph across stages. On CUDA a fused Triton kernel computes the
-    loss and the logits gradient (FP8 e5m2 scaled by grad_s when use_fp8, like the record).
+    length to keep one compiled graph across stages. On CUDA one Triton kernel computes the loss
+    and, in the same pass, the logits gradient (FP8 e5m2 in units of grad_s when use_fp8).
     """
     if _use_triton(x):
         return _FusedSoftcappedMTPLoss.apply(x, targets, mtp_weights, lm_head_weight_t,
                                              x_s, w_s, grad_s, use_fp8)
     return softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t,
-                                         x_s, w_s, grad_s, use_fp8)
+                                         x_s, w_s, grad_s, use_fp8).sum()
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -888,7 +888,7 @@ def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w:
     Training: sum over positions of the MTP-weighted losses. Eval: mean next-token loss."""
     x = norm(x - backout_lambda * x_backout)
     if training:
-        return softcapped_mtp_loss(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8).sum()
+        return softcapped_mtp_loss_sum(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8)
     logits = softcap(lm_head_logits(x, lm_head_w))
     return F.cross_entropy(logits.float(), targets.long(), reduction="mean")
 
@@ -917,14 +917,16 @@ class AttentionPlan:
 class TransposedLMHead(nn.Module):
     """lm_head with its weight stored (model_dim, vocab): the transpose of nn.Linear's layout,
     which the record found faster to accumulate gradients into. GPT.body hands the weight and the
-    FP8 scales to the training loss (softcapped_mtp_loss) and the weight to the eval logits."""
+    FP8 scales to the training loss (softcapped_mtp_loss_sum) and the weight to the eval logits."""
 
-    def __init__(self, model_dim: int, vocab_size: int, use_fp8: bool, grad_accum_steps: int):
+    def __init__(self, model_dim: int, vocab_size: int, use_fp8: bool):
         super().__init__()
         self.use_fp8 = use_fp8
         self.x_s = LM_HEAD_X_SCALE
         self.w_s = LM_HEAD_W_SCALE
-        self.grad_s = LM_HEAD_GRAD_SCALE / grad_accum_steps   # the loss is scaled by 1/accum
+        # per unit gradient of the summed loss: the 1/accum the loop scales the loss by reaches
+        # the backward's matmul scales, not the e5m2 values, so those match at every world size
+        self.grad_s = LM_HEAD_GRAD_SCALE
         self.weight = nn.Parameter(torch.zeros(model_dim, vocab_size, dtype=torch.bfloat16))
 
 
@@ -986,7 +988,7 @@ class GPT(nn.Module):
             self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
         self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
         self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
-        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8, cfg.grad_accum_steps)
+        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8)
         nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
         self.lm_head.weight.label = "lm_head"
         self.embed = nn.Embedding(self.vocab_size, d)
@@ -1347,77 +1349,56 @@ def _softcap_tl(logit, SCALE: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.con
 
 
 @triton.jit
-def _softcapped_ce_fwd_kernel(
-    logits_ptr, targets_ptr, weights_ptr, losses_ptr, lse_ptr,
-    n_rows, n_cols, stride_row,
-    N_PREDICT: tl.constexpr, BLOCK: tl.constexpr,
-    SCALE: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
-):
-    """One program per row: lse of the softcapped row, then sum_k w_k (lse - z[target_{row+k}])."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    cols = tl.arange(0, BLOCK)
-    sum_exp = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        in_row = start + cols < n_cols
-        logit = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
-        z = _softcap_tl(logit, SCALE, SHIFT, DIVISOR)
-        sum_exp += tl.where(in_row, tl.exp(z), 0.0)
-    lse = tl.log(tl.sum(sum_exp, axis=0))
-    tl.store(lse_ptr + row, lse)
-
-    # MTP terms: target k steps ahead, dropped past the end of the batch or with weight 0
-    loss = 0.0
-    for k in tl.static_range(N_PREDICT):
-        inside = row + k < n_rows
-        weight = tl.load(weights_ptr + k).to(tl.float32)
-        target = tl.load(targets_ptr + row + k, mask=inside, other=0).to(tl.int64)
-        used = inside & (weight > 0) & (target >= 0) & (target < n_cols)
-        logit = tl.load(row_ptr + target, mask=used, other=0.0).to(tl.float32)
-        loss += tl.where(used, weight * (lse - _softcap_tl(logit, SCALE, SHIFT, DIVISOR)), 0.0)
-    tl.store(losses_ptr + row, loss)
-
-
-@triton.jit
-def _softcapped_ce_bwd_kernel(
-    grad_ptr, grad_losses_ptr, logits_ptr, lse_ptr, targets_ptr, weights_ptr,
+def _softcapped_ce_fwd_bwd_kernel(
+    logits_ptr, targets_ptr, weights_ptr, losses_ptr, grad_ptr,
     n_rows, n_cols, stride_row, stride_grad_row, grad_multiplier,
-    N_PREDICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    N_PREDICT: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
     SCALE: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
 ):
-    """One (rows x cols) tile of d loss / d logits, given each row's lse from the forward:
-        g_row * (W_row p - sum_k w_k onehot(target_{row+k})) * dz/dlogit * grad_multiplier,
-    W_row = sum of the weights of the row's terms inside the batch. Rows are independent given
-    the lse, so tiles over (rows, vocab) keep every SM busy without per-row reductions."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
-    tile_ok = row_ok[:, None] & (cols < n_cols)[None, :]
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    upstream = tl.load(grad_losses_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    # every per-row factor in one number, so each element costs one multiply less (record #75)
-    row_scale = upstream * (tl.cast(grad_multiplier, tl.float32) * (SCALE / DIVISOR))
+    """Loss and d(sum of losses)/d logits of whole rows, in one launch (record #79). A program
+    takes rows pid, pid + P, ...: pass 1 sums the row's exponentials, pass 2 reads the row again
+    (still in L2: only P rows are in flight) and writes
+        (W_row p - sum_k w_k onehot(target_{row+k})) * dz/dlogit * grad_multiplier,
+    W_row = sum of the weights of the row's terms, p = softmax(z). The logits are read from HBM
+    once and need not be kept for the backward."""
+    ks = tl.arange(0, K_BLOCK)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)   # 49152 x 50304 elements overflow int32 offsets
+        row_ptr = logits_ptr + row64 * stride_row
+        cols = tl.arange(0, BLOCK)
+        sum_exp = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            in_row = start + cols < n_cols
+            logit = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+            sum_exp += tl.where(in_row, tl.exp(_softcap_tl(logit, SCALE, SHIFT, DIVISOR)), 0.0)
+        lse = tl.log(tl.sum(sum_exp, axis=0))
 
-    # the row's MTP targets as a weighted one-hot over this tile's columns
-    weight_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    target_weight = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(N_PREDICT):
-        inside = row_ok & (rows + k < n_rows)
-        weight = tl.where(inside, tl.load(weights_ptr + k).to(tl.float32), 0.0)
-        target = tl.load(targets_ptr + rows + k, mask=inside, other=-1)
-        weight_sum += weight
-        target_weight += tl.where(cols[None, :] == target[:, None], weight[:, None], 0.0)
+        # the row's MTP terms: target k steps ahead; none past the end of the batch
+        inside = (ks < N_PREDICT) & (row + ks < n_rows)
+        weight = tl.load(weights_ptr + ks, mask=ks < N_PREDICT, other=0.0).to(tl.float32)
+        target = tl.load(targets_ptr + row + ks, mask=inside, other=-1).to(tl.int64)
+        used = inside & (weight > 0) & (target >= 0) & (target < n_cols)
+        weight = tl.where(used, weight, 0.0)
+        target_logit = tl.load(row_ptr + target, mask=used, other=0.0).to(tl.float32)
+        loss = tl.sum(weight * (lse - _softcap_tl(target_logit, SCALE, SHIFT, DIVISOR)), axis=0)
+        tl.store(losses_ptr + row, loss)
 
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
-    logit = tl.load(logits_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-    sig = _softcap_sigmoid_tl(logit, SHIFT, DIVISOR)
-    z = SCALE * sig
-    prob = tl.exp(z - lse[:, None])
-    grad_z = weight_sum[:, None] * prob - target_weight
-    # dz/dlogit = (SCALE / DIVISOR) * sig * (1 - sig); the constant rides in row_scale
-    grad = (row_scale[:, None] * grad_z * (sig * (1.0 - sig))).to(grad_ptr.dtype.element_ty)
-    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * stride_grad_row + cols[None, :], grad,
-             mask=tile_ok)
+        weight_sum = tl.sum(weight, axis=0)
+        # dz/dlogit = (SCALE / DIVISOR) sig (1 - sig); the constant joins the multiplier
+        row_scale = tl.cast(grad_multiplier, tl.float32) * (SCALE / DIVISOR)
+        grad_row_ptr = grad_ptr + row64 * stride_grad_row
+        for start in range(0, n_cols, BLOCK):
+            in_row = start + cols < n_cols
+            logit = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+            sig = _softcap_sigmoid_tl(logit, SHIFT, DIVISOR)
+            prob = tl.exp(SCALE * sig - lse)
+            target_weight = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k in tl.static_range(N_PREDICT):   # term k's (target, weight) as two scalars
+                target_k = tl.sum(tl.where(ks == k, target, 0), axis=0)
+                weight_k = tl.sum(tl.where(ks == k, weight, 0.0), axis=0)
+                target_weight += tl.where(start + cols == target_k, weight_k, 0.0)
+            grad = row_scale * (weight_sum * prob - target_weight) * (sig * (1.0 - sig))
+            tl.store(grad_row_ptr + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -1435,41 +1416,27 @@ def _transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols, src_stride, dst_stride,
     tl.store(dst_ptrs, tile, mask=tl.trans(ok))
 
 
-def _softcapped_ce_forward_triton(logits: Tensor, targets: Tensor, mtp_weights: Tensor,
-                                  block: int = 1024, num_warps: int = 4):
-    """(losses, lse), both fp32 (rows,), for logits (rows, vocab). One program per row;
-    1024 x 4 warps measured best on H100 (0.72 ms at 16384 x 50304, ~2.3 TB/s)."""
+def _softcapped_ce_fwd_bwd_triton(logits: Tensor, targets: Tensor, mtp_weights: Tensor,
+                                  grad_multiplier: float, grad_dtype: torch.dtype, block: int = 4096,
+                                  num_warps: int = 8, programs_per_sm: int = 2):
+    """(losses fp32 (rows,), grad_multiplier * d sum(losses) / d logits as grad_dtype) for logits
+    (rows, vocab). programs_per_sm bounds the rows in flight so pass 2 finds them in L2: 2 x 8
+    warps per SM like the record's CUDA kernel (2 blocks of 256 threads, its row in shared
+    memory); 132 SMs x 2 rows x 100 KB stay well inside a 50 MB L2. Not yet timed on a GPU:
+    `benchmarks/speedrun_kernels.py` times these settings and others."""
     logits = logits.contiguous()
     n_rows, n_cols = logits.shape
     losses = logits.new_empty(n_rows, dtype=torch.float32)
-    lse = logits.new_empty(n_rows, dtype=torch.float32)
-    _softcapped_ce_fwd_kernel[(n_rows,)](
-        logits, targets.long().contiguous(), mtp_weights.contiguous(), losses, lse,
-        n_rows, n_cols, logits.stride(0),
-        N_PREDICT=mtp_weights.numel(), BLOCK=block,
-        SCALE=SOFTCAP_SCALE, SHIFT=SOFTCAP_SHIFT, DIVISOR=SOFTCAP_DIVISOR, num_warps=num_warps,
-    )
-    return losses, lse
-
-
-def _softcapped_ce_backward_triton(grad_losses: Tensor, logits: Tensor, lse: Tensor,
-                                   targets: Tensor, mtp_weights: Tensor, grad_multiplier: float,
-                                   grad_dtype: torch.dtype, tile=(32, 128), num_warps: int = 4):
-    """Gradient of sum(grad_losses * losses) w.r.t. logits, times grad_multiplier, as grad_dtype.
-    Tile (32, 128) x 4 warps measured fastest on H100 (1.38 ms at 16384 x 50304)."""
-    logits = logits.contiguous()
-    n_rows, n_cols = logits.shape
     grad = logits.new_empty((n_rows, n_cols), dtype=grad_dtype)
-    block_r, block_c = tile
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
-    _softcapped_ce_bwd_kernel[grid](
-        grad, grad_losses.contiguous(), logits, lse, targets.long().contiguous(),
-        mtp_weights.contiguous(), n_rows, n_cols, logits.stride(0), grad.stride(0),
-        float(grad_multiplier),
-        N_PREDICT=mtp_weights.numel(), BLOCK_R=block_r, BLOCK_C=block_c,
+    programs = max(1, min(n_rows, _num_programs(logits.device) * programs_per_sm))
+    n_predict = mtp_weights.numel()
+    _softcapped_ce_fwd_bwd_kernel[(programs,)](
+        logits, targets.long().contiguous(), mtp_weights.contiguous(), losses, grad,
+        n_rows, n_cols, logits.stride(0), grad.stride(0), float(grad_multiplier),
+        N_PREDICT=n_predict, K_BLOCK=max(2, triton.next_power_of_2(n_predict)), BLOCK=block,
         SCALE=SOFTCAP_SCALE, SHIFT=SOFTCAP_SHIFT, DIVISOR=SOFTCAP_DIVISOR, num_warps=num_warps,
     )
-    return grad
+    return losses, grad
 
 
 def _transpose_triton(src: Tensor, dst: Tensor | None = None, add: bool = False, tile=(64, 128),
@@ -1493,46 +1460,45 @@ def _fp8_scale(like: Tensor, value: float) -> Tensor:
 
 
 class _FusedSoftcappedMTPLoss(torch.autograd.Function):
-    """Logits (FP8 e4m3 _scaled_mm, or a bf16 matmul) -> fused per-row loss. Backward writes the
-    logits gradient once (e5m2 scaled by 1/grad_s with FP8) and feeds it to the two matmuls."""
+    """Logits (FP8 e4m3 _scaled_mm, or a bf16 matmul) -> the summed loss. The forward already
+    computes the logits gradient (e5m2 in units of grad_s with FP8; record #79): the loss is a sum,
+    so the backward's incoming gradient is one number, applied through the two matmuls' scales."""
 
     @staticmethod
     def forward(ctx, x, targets, mtp_weights, w_t, x_s, w_s, grad_s, use_fp8):
         if use_fp8:
             logits, lhs, rhs = _fp8_lm_head_forward(x, w_t, x_s, w_s)   # and the e4m3 operands
+            losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
+                                                                1.0 / grad_s, torch.float8_e5m2)
         else:
             logits = x @ w_t.type_as(x)
             lhs, rhs = x, w_t
-        losses, lse = _softcapped_ce_forward_triton(logits, targets, mtp_weights)
-        ctx.save_for_backward(logits, lse, targets, mtp_weights, lhs, rhs)
+            losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
+                                                                1.0, logits.dtype)
+        ctx.save_for_backward(grad_logits, lhs, rhs)
         ctx.scales = (x_s, w_s, grad_s, use_fp8)
         ctx.w_dtype = w_t.dtype
-        return losses
+        return losses.sum()
 
     @staticmethod
-    def backward(ctx, grad_losses):
-        logits, lse, targets, mtp_weights, x_saved, w_saved = ctx.saved_tensors
+    def backward(ctx, grad_loss):
+        grad_logits, x_saved, w_saved = ctx.saved_tensors
         x_s, w_s, grad_s, use_fp8 = ctx.scales
         if use_fp8:
-            # e5m2 logits gradient, row-major for grad_x; FP8 GEMMs want both operands K-major,
-            # so grad_w needs it transposed too (a tiled Triton transpose: byte-wide
-            # .T.contiguous() is ~10x slower in eager); so does the saved input
-            grad_f8 = _softcapped_ce_backward_triton(grad_losses, logits, lse, targets, mtp_weights,
-                                                     1.0 / grad_s, torch.float8_e5m2)
-            grad_f8_t = _transpose_triton(grad_f8)
-            grad_x = torch._scaled_mm(grad_f8, w_saved.T, out_dtype=torch.bfloat16,
-                                      scale_a=_fp8_scale(grad_f8, grad_s),
-                                      scale_b=_fp8_scale(grad_f8, w_s), use_fast_accum=False)
-            # the e4m3 input, K-major for the same reason (record #76: a byte-wide strided copy
-            # was the slow part)
-            grad_w = torch._scaled_mm(_transpose_triton(x_saved), grad_f8_t.T,
-                                      out_dtype=torch.float32, scale_a=_fp8_scale(grad_f8, x_s),
-                                      scale_b=_fp8_scale(grad_f8, grad_s), use_fast_accum=False)
+            # one e5m2 unit of the logits gradient is grad_s times the incoming gradient
+            grad_unit = grad_loss.float() * grad_s
+            # FP8 GEMMs want both operands K-major: grad_w needs the gradient transposed (a tiled
+            # Triton transpose: byte-wide .T.contiguous() is ~10x slower in eager) and the saved
+            # e4m3 input too (record #76: a byte-wide strided copy was the slow part)
+            grad_x = torch._scaled_mm(grad_logits, w_saved.T, out_dtype=torch.bfloat16,
+                                      scale_a=grad_unit, scale_b=_fp8_scale(grad_logits, w_s),
+                                      use_fast_accum=False)
+            grad_w = torch._scaled_mm(_transpose_triton(x_saved), _transpose_triton(grad_logits).T,
+                                      out_dtype=torch.float32, scale_a=_fp8_scale(grad_logits, x_s),
+                                      scale_b=grad_unit, use_fast_accum=False)
         else:
-            grad_logits = _softcapped_ce_backward_triton(grad_losses, logits, lse, targets,
-                                                         mtp_weights, 1.0, logits.dtype)
-            grad_x = grad_logits @ w_saved.type_as(grad_logits).T
-            grad_w = x_saved.T @ grad_logits
+            grad_x = (grad_logits @ w_saved.type_as(grad_logits).T) * grad_loss
+            grad_w = (x_saved.T @ grad_logits) * grad_loss
         return grad_x, None, None, grad_w.to(ctx.w_dtype), None, None, None, None
 
 
@@ -2827,7 +2793,7 @@ def model_config_for(args: Hyperparameters, env: DistEnv, use_fp8: bool, backend
     train_len = max(args.stage_seqs) * args.batch_seq_len                       # largest training micro-batch
     base = ModelConfig.smoke() if args.smoke else ModelConfig()
     return dataclasses.replace(base, use_fp8=use_fp8, attn_backend=backend, world_size=env.world_size,
-                               grad_accum_steps=env.grad_accum_steps, train_max_seq_len=args.train_max_seq_len,
+                               train_max_seq_len=args.train_max_seq_len,
                                val_max_len=val_len, max_seq_len=max(val_len, train_len),
                                compile_mode="model" if args.compile else "none")
 

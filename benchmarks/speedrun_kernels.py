@@ -53,26 +53,37 @@ def kernel_cases(T, tokens: int) -> dict:
     use_fp8 = T.fp8_supported(dev)
     attn_bank, qk_bank, mlp_bank = randn(40, 768, 768), randn(64, 256, 768), randn(24, 3072, 768)
     logits = randn(tokens, 50304, scale=3.0)
-    losses, lse = T._softcapped_ce_forward_triton(logits, targets, mtp)
-    grad_losses = torch.ones_like(losses)
     embed, lm_head = randn(50304, 768), randn(768, 50304)
     copy_into = getattr(T, "transpose_copy_", lambda dst, src: dst.copy_(src.T))     # before #74: copy_
     add_into = getattr(T, "transpose_add_", lambda dst, src: dst.add_(src.T))
-    return {
+    scales = (T.LM_HEAD_X_SCALE, T.LM_HEAD_W_SCALE, T.LM_HEAD_GRAD_SCALE, use_fp8)
+    if hasattr(T, "softcapped_mtp_loss_sum"):   # record #79 on: loss and logits gradient in one kernel
+        loss = lambda: T.softcapped_mtp_loss_sum(x, targets, mtp, w_head, *scales).backward()
+        ce_kernels = lambda **kw: T._softcapped_ce_fwd_bwd_triton(logits, targets, mtp, 1.0,
+                                                                  torch.float8_e5m2, **kw)
+    else:
+        loss = lambda: T.softcapped_mtp_loss(x, targets, mtp, w_head, *scales).sum().backward()
+
+        def ce_kernels():
+            losses, lse = T._softcapped_ce_forward_triton(logits, targets, mtp)
+            T._softcapped_ce_backward_triton(torch.ones_like(losses), logits, lse, targets, mtp,
+                                             1.0, torch.float8_e5m2)
+    cases = {
         "polar_express attn (40,768,768)": lambda: T.polar_express(attn_bank),
         "polar_express qk blocks (64,256,768)": lambda: T.polar_express(qk_bank),
         "polar_express mlp (24,3072,768)": lambda: T.polar_express(mlp_bank, split_baddbmm=True),
         "relu_square_mlp fwd+bwd": lambda: T.relu_square_mlp(x, w_fc, w_proj).sum().backward(),
-        f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": lambda: T.softcapped_mtp_loss(
-            x, targets, mtp, w_head, T.LM_HEAD_X_SCALE, T.LM_HEAD_W_SCALE, T.LM_HEAD_GRAD_SCALE,
-            use_fp8).sum().backward(),
-        "ce forward kernel": lambda: T._softcapped_ce_forward_triton(logits, targets, mtp),
-        "ce forward kernel, block 2048": lambda: T._softcapped_ce_forward_triton(logits, targets, mtp, block=2048),
-        "ce backward kernel (e5m2)": lambda: T._softcapped_ce_backward_triton(
-            grad_losses, logits, lse, targets, mtp, 1.0, torch.float8_e5m2),
+        f"softcapped_mtp_loss fwd+bwd (fp8={use_fp8})": loss,
+        "ce loss + logits gradient kernels (e5m2)": ce_kernels,
         "tied embed <- lm_head^T": lambda: copy_into(embed, lm_head),
         "lm_head grad += embed grad^T": lambda: add_into(lm_head, embed),
     }
+    if hasattr(T, "_softcapped_ce_fwd_bwd_triton"):   # launch settings of the fused kernel
+        for block, warps, per_sm in [(1024, 4, 4), (1024, 4, 64), (2048, 8, 2), (2048, 8, 4),
+                                     (4096, 8, 2), (4096, 16, 1), (8192, 16, 1), (8192, 8, 2)]:
+            cases[f"  fused ce: block {block}, {warps} warps, {per_sm} per SM"] = (
+                lambda b=block, w=warps, p=per_sm: ce_kernels(block=b, num_warps=w, programs_per_sm=p))
+    return cases
 
 
 def triton_vs_reference(T, tokens: int) -> dict:
@@ -99,7 +110,11 @@ def before_vs_after(before, after, tokens: int, rounds: int = 3) -> dict:
             for name, fn in cases[side].items():
                 best[side][name] = min(best[side][name], ms_per_call(fn))
     for name in cases["after"]:
-        b, a = best["before"][name], best["after"][name]
+        a = best["after"][name]
+        if name not in best["before"]:   # a case only the new version has
+            print(f"{name:50s} before      n/a      after {a:8.3f} ms")
+            continue
+        b = best["before"][name]
         print(f"{name:50s} before {b:8.3f} ms   after {a:8.3f} ms   after/before {a / b:.3f}")
     return best
 

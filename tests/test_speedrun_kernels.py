@@ -89,7 +89,7 @@ def test_mtp_loss_and_gradient_match_naive_definition(rows, dim, vocab, weights,
     w_t = (torch.randn(dim, vocab, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     mtp = torch.tensor(weights, dtype=torch.float64)
-    got = ts.softcapped_mtp_loss(x, targets, mtp, w_t, 1.0, 1.0, 1.0, use_fp8=False)
+    got = ts.softcapped_mtp_loss_reference(x, targets, mtp, w_t, 1.0, 1.0, 1.0, use_fp8=False)
     want = _naive_mtp_losses(x, targets, mtp, w_t)
     torch.testing.assert_close(got, want)
     upstream = torch.randn(rows, generator=gen, dtype=torch.float64)
@@ -97,20 +97,23 @@ def test_mtp_loss_and_gradient_match_naive_definition(rows, dim, vocab, weights,
     want_grads = torch.autograd.grad(want, (x, w_t), upstream)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+    # the training loss is their sum
+    total = ts.softcapped_mtp_loss_sum(x, targets, mtp, w_t, 1.0, 1.0, 1.0, use_fp8=False)
+    torch.testing.assert_close(total, want.sum())
 
 
 def test_mtp_loss_zero_padded_weights_change_nothing():
     x, w_t = torch.randn(6, 4), torch.randn(4, 11)
     targets = torch.randint(0, 11, (6,))
-    short = ts.softcapped_mtp_loss(x, targets, torch.tensor([1.0, 0.5]), w_t, 1, 1, 1, False)
-    padded = ts.softcapped_mtp_loss(x, targets, torch.tensor([1.0, 0.5, 0.0]), w_t, 1, 1, 1, False)
+    short = ts.softcapped_mtp_loss_reference(x, targets, torch.tensor([1.0, 0.5]), w_t, 1, 1, 1, False)
+    padded = ts.softcapped_mtp_loss_reference(x, targets, torch.tensor([1.0, 0.5, 0.0]), w_t, 1, 1, 1, False)
     torch.testing.assert_close(short, padded)
 
 
 def test_mtp_single_weight_is_plain_softcapped_cross_entropy():
     x, w_t = torch.randn(5, 4), torch.randn(4, 9)
     targets = torch.randint(0, 9, (5,))
-    losses = ts.softcapped_mtp_loss(x, targets, torch.tensor([1.0]), w_t, 1, 1, 1, False)
+    losses = ts.softcapped_mtp_loss_reference(x, targets, torch.tensor([1.0]), w_t, 1, 1, 1, False)
     expected = F.cross_entropy(ts.softcap(x @ w_t), targets, reduction="none")
     torch.testing.assert_close(losses, expected)
 
@@ -245,20 +248,20 @@ def check_softcapped_ce_kernels(device, dtype, tol):
     vocab = 2100  # not a multiple of the 1024-wide column block
     logits = _randn(37, vocab, device=device, dtype=dtype, scale=4.0)
     targets = torch.randint(0, vocab, (37,), generator=torch.Generator().manual_seed(0)).to(device)
-    for weights in ([1.0], [1.0, 0.5, 0.25], [1.0, 0.0, 0.0]):
+    targets[5] = targets[6] = targets[7]   # one row whose MTP targets are all the same token
+    for weights in ([1.0], [1.0, 0.5, 0.25], [1.0, 0.0, 0.0], [1.0, 0.5, 0.25, 0.125, 0.1]):
         mtp = torch.tensor(weights, device=device)
-        losses, lse = ts._softcapped_ce_forward_triton(logits, targets, mtp)
         exact_logits = logits.float().requires_grad_()
         want = ts.mtp_losses_from_logits(exact_logits, targets, mtp)
-        assert _rel_err(losses, want) < tol
-        assert _rel_err(lse, torch.logsumexp(ts.softcap(logits.float()), -1)) < tol
-        upstream = _randn(37, device=device, dtype=torch.float32, seed=1)
-        (want_grad,) = torch.autograd.grad(want, exact_logits, upstream)
-        got = ts._softcapped_ce_backward_triton(upstream, logits, lse, targets, mtp, 2.0, dtype)
-        assert _rel_err(got, 2.0 * want_grad) < tol
-        # small tiles: several row tiles; and the (vocab, rows) copy the FP8 path makes
-        got = ts._softcapped_ce_backward_triton(upstream, logits, lse, targets, mtp, 2.0, dtype,
-                                                tile=(16, 256))
+        (want_grad,) = torch.autograd.grad(want.sum(), exact_logits)
+        # one program per row, and fewer programs than rows (each takes several rows in turn)
+        for programs_per_sm in (64, 1):
+            losses, got = ts._softcapped_ce_fwd_bwd_triton(logits, targets, mtp, 2.0, dtype,
+                                                           programs_per_sm=programs_per_sm)
+            assert _rel_err(losses, want) < tol
+            assert _rel_err(got, 2.0 * want_grad) < tol
+        # a 256-wide column block: the row is 9 blocks, the last one partial
+        losses, got = ts._softcapped_ce_fwd_bwd_triton(logits, targets, mtp, 2.0, dtype, block=256)
         assert _rel_err(got, 2.0 * want_grad) < tol
         assert torch.equal(ts._transpose_triton(got, tile=(16, 32)), got.T)
 
@@ -268,13 +271,14 @@ def check_fused_loss_autograd(device, dtype, tol):
     w_t = _randn(32, 1500, device=device, dtype=dtype, scale=0.3, seed=1).requires_grad_()
     targets = torch.randint(0, 1500, (40,), generator=torch.Generator().manual_seed(0)).to(device)
     mtp = torch.tensor([1.0, 0.5, 0.25], device=device)
-    upstream = _randn(40, device=device, dtype=torch.float32, seed=2)
+    # the incoming gradient of the summed loss (the loop's 1/accum) reaches both matmuls
+    upstream = torch.tensor(0.375, device=device)
     got = ts._FusedSoftcappedMTPLoss.apply(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False)
     got_grads = torch.autograd.grad(got, (x, w_t), upstream)
     leaves = [t.detach().float().requires_grad_() for t in (x, w_t)]
-    want = ts.softcapped_mtp_loss_reference(leaves[0], targets, mtp, leaves[1], 1, 1, 1, False)
+    want = ts.softcapped_mtp_loss_reference(leaves[0], targets, mtp, leaves[1], 1, 1, 1, False).sum()
     want_grads = torch.autograd.grad(want, leaves, upstream)
-    assert _rel_err(got, want) < tol
+    assert got.dim() == 0 and _rel_err(got, want) < tol
     for g, w in zip(got_grads, want_grads):
         assert _rel_err(g, w) < tol
 
@@ -291,7 +295,7 @@ def check_ops_trace_under_compile(device, dtype, tol):
 
     def loss_fn(x, w_fc, w_proj, w_t):
         h = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj).flatten(0, 1)
-        return ts._FusedSoftcappedMTPLoss.apply(h, targets, mtp, w_t, 1.0, 1.0, 1.0, False).sum()
+        return ts._FusedSoftcappedMTPLoss.apply(h, targets, mtp, w_t, 1.0, 1.0, 1.0, False)
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     params = (x, w_fc, w_proj, w_t)
@@ -391,15 +395,18 @@ def test_fp8_paths_match_references_gpu(triton_on):
     exact = [t.detach().float().requires_grad_() for t in (x, w_t)]
 
     # fused loss: FP8 logits, e5m2 logits gradient scaled by 1/grad_s
-    losses = ts.softcapped_mtp_loss(x, targets, mtp, w_t, x_s, w_s, grad_s, use_fp8=True)
-    ref = ts.softcapped_mtp_loss_reference(exact[0], targets, mtp, exact[1], x_s, w_s, grad_s, False)
+    losses = ts.softcapped_mtp_loss_sum(x, targets, mtp, w_t, x_s, w_s, grad_s, use_fp8=True)
+    ref = ts.softcapped_mtp_loss_reference(exact[0], targets, mtp, exact[1], x_s, w_s, grad_s, False).sum()
     assert _rel_err(losses, ref) < 1e-2
-    got = torch.autograd.grad(losses.sum(), (x, w_t))
-    want = torch.autograd.grad(ref.sum(), exact)
+    # the loop's 1/accum (1/8 at one GPU) on the incoming gradient
+    got = torch.autograd.grad(losses, (x, w_t), torch.tensor(0.125, device="cuda"))
+    want = torch.autograd.grad(ref, exact, torch.tensor(0.125, device="cuda"))
     for g, w in zip(got, want):
         assert _rel_err(g, w) < 0.1
 
     # inside a compiled graph (Inductor) the same ops give the same loss
-    compiled = torch.compile(ts.softcapped_mtp_loss, fullgraph=True)
+    compiled = torch.compile(ts.softcapped_mtp_loss_sum, fullgraph=True)
     again = compiled(x, targets, mtp, w_t, x_s, w_s, grad_s, True)
     assert _rel_err(again, losses) < 1e-3
+    for g, w in zip(torch.autograd.grad(again, (x, w_t), torch.tensor(0.125, device="cuda")), got):
+        assert _rel_err(g, w) < 1e-3

@@ -67,7 +67,7 @@ RECORD_LABELS = {
 
 def test_record_config_parameters_names_shapes_labels():
     with torch.device("meta"):
-        model = ts.GPT(ts.ModelConfig(world_size=8, grad_accum_steps=1, max_seq_len=256))
+        model = ts.GPT(ts.ModelConfig(world_size=8, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
     assert sum(p.numel() for p in model.parameters()) == 546_964_658   # the record's count at 2c702746, 8 ranks (its shapes summed by hand)
@@ -83,9 +83,9 @@ def test_record_config_parameters_names_shapes_labels():
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_scalars_padding_follows_the_record_formula(world_size):
     with torch.device("meta"):
-        model = ts.GPT(small_cfg(world_size=world_size, grad_accum_steps=8 // world_size))
+        model = ts.GPT(small_cfg(world_size=world_size))
     assert model.scalars.numel() == 2 * 11 + 3 + (-2 * 11 - 3) % world_size   # record #73 on
-    assert model.lm_head.grad_s == pytest.approx(0.75 / 448 / (8 // world_size))
+    assert model.lm_head.grad_s == pytest.approx(0.75 / 448)   # per unit gradient of the summed loss
 
 
 def test_layer_layout_is_the_records():
@@ -172,7 +172,7 @@ def test_backward_reaches_every_parameter_and_spares_padding():
         assert p.grad.abs().sum() > 0, name
     assert model.mlp_bank.grad[11].abs().max() == 0          # padding layer of the MLP bank
     # record #80's banks: every used W_q/W_k block and W_v/W_o gets a gradient, padding none
-    model = make_model(world_size=8, grad_accum_steps=1)
+    model = make_model(world_size=8)
     model(inputs, targets, cu, sched()).backward()
     for bank, used in ((model.qk_bank, model.num_qk_matrices), (model.vo_bank, model.num_vo_matrices)):
         per_matrix = bank.grad.abs().flatten(1).sum(1)
