@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #80 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #81 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -79,8 +79,8 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1440, "steps of the 3-stage schedule; stage boundaries scale with it")
-    num_extension_iterations: int = option(40, "steps after the schedule at final lr and windows")
+    num_scheduled_iterations: int = option(1405, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_extension_iterations: int = option(10, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
     # evaluation, logging, checkpoints
@@ -139,7 +139,6 @@ LONG_WINDOW_LAYERS = (3, 10)      # long window + partial key offset; all others
 VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates) feed these
 SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's output, added where
                                         # layer 6 starts (in place of its attention)
-BACKOUT_LAYER = 7                 # its output is partly subtracted before the head
 QK_HEADS_PER_MATRIX = 2           # NorMuon orthogonalizes W_q and W_k per pair of heads (#80)
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
 VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
@@ -166,7 +165,6 @@ LAYER_SCALARS = dict(
 )
 MODEL_SCALARS = dict(
     smear_lambda=0.0,             # strength of the smear gate (previous token into x0)
-    backout_lambda=0.5,           # fraction of BACKOUT_LAYER's output removed before the head
     skip_lambda=-1.5,             # skip-gate bias: sigmoid(-1.5) ~ 0.18 at the start
 )
 
@@ -182,6 +180,30 @@ POST_LAMBDA_INIT = 1.0
 X0_LAMBDA_INIT = 0.0
 BIGRAM_LAMBDA_INIT = 0.05
 LAYER_LAMBDA_PARAMS = ("post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas")
+
+# ---- dense connections into the last layer and the head (record #81: MUDD, arXiv 2502.12170) ----
+# Where MUDD_LAYER starts, a small MLP of the stream (d -> MUDD_HIDDEN, GELU, -> one number per
+# coefficient, times MUDD_SCALE) gives every token its own coefficients: how much of earlier
+# stream states goes into that layer's attention values and into its stream, its value-embedding
+# gate (one per half of the heads), and its residual lambdas (replacing the per-layer ones). After
+# the layer a second one mixes earlier states into the stream the head reads; its layer-7 term
+# starts at -0.5, the backout it replaces (before #81: x - 0.5 * layer 7's output).
+# States: "input" = the stream entering layer 0 (its bigram part included), "layer3" / "layer7" =
+# the outputs of SKIP_FROM_LAYER / ATTN_INPUT_LAYER, "x" or "mudd_in" = the stream entering
+# MUDD_LAYER (layer 9's output), "ve0" = the first value embedding (layer 1's).
+# name -> initial value: the output weights start at 0, so these are the coefficients at init.
+MUDD_LAYER = 10
+MUDD_HIDDEN = 64
+MUDD_SCALE = 0.1                  # the biases are stored divided by it
+MUDD_LAYER_COEFFICIENTS = dict(
+    v_input=0.0, v_layer7=0.0, v_x=0.0,        # added into the attention values (V)
+    x_input=0.0, x_layer7=0.0, x_self=0.0,     # stream <- (1 + x_self) x + x_input input + x_layer7 layer7
+    ve_gate_first_heads=2.0, ve_gate_last_heads=2.0,   # value-embedding gate (2 = 2 sigmoid's top)
+    resid_attn=RESID_LAMBDA_INIT, post_attn=POST_LAMBDA_INIT,        # the attention write, ...
+    input_inject=X0_LAMBDA_INIT, bigram_inject=BIGRAM_LAMBDA_INIT,   # ... injecting input (not x0)
+    resid_mlp=RESID_LAMBDA_INIT, post_mlp=POST_LAMBDA_INIT,          # and the bigram embedding
+)
+MUDD_HEAD_COEFFICIENTS = dict(input=0.0, layer7=-0.5, mudd_in=0.0, ve0=0.0, layer3=0.0)
 
 # ---- schedule: one row per stage; the last row is the extension after the scheduled steps ----
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
@@ -234,12 +256,15 @@ PARAM_TABLE = {
     "resid_lambdas":  dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
     "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
+    "mudd_w1":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25),
+    "mudd_w2":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25),
+    "mudd_b2":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25, wd_mul=0.0),
 }
 # Order the updates run in: small tensors first while the big reductions are still in flight;
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
-WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas",
-              "x0_lambdas", "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed",
-              "lm_head", "embed", "qk", "vo", "mlp"]
+WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "mudd_b2",
+              "post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "mudd_w2", "value_embed",
+              "bigram_embed", "mudd_w1", "lm_head", "embed", "qk", "vo", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2)   # momentum: replaced every
                                                        # step by muon_momentum (MUON_MOMENTUM_RANGE);
@@ -263,7 +288,7 @@ class ModelConfig:
     """What GPT needs to know: shapes (defaults = the record) and how this run executes it.
 
     The layer layout (which layers skip attention, use paired heads, long windows, value
-    embeddings, the skip and backout connections) is the record's and is written for exactly
+    embeddings, the skip connection, MUDD) is the record's and is written for exactly
     11 layers; width, heads and vocabularies can shrink for tests and --smoke.
     """
     vocab_size: int = 50257              # GPT-2 tokens; padded to a multiple of 128 inside GPT
@@ -297,6 +322,9 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
         if self.model_dim < 12:
             problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
+        if not max(SKIP_FROM_LAYER, ATTN_INPUT_LAYER) < MUDD_LAYER < self.num_layers or MUDD_LAYER == NO_ATTENTION_LAYER:
+            problems.append(f"MUDD_LAYER={MUDD_LAYER} must be an attention layer after layers "
+                            f"{SKIP_FROM_LAYER} and {ATTN_INPUT_LAYER}, whose outputs it reads")
         if self.compile_mode not in COMPILE_MODES:
             problems.append(f"compile_mode={self.compile_mode!r} is not one of {COMPILE_MODES}")
         if self.attn_backend not in ATTN_BACKENDS:
@@ -812,9 +840,10 @@ def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_emb
 
 def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tensor,
                      attn_gate_w: Tensor, ve: Tensor | None, ve_gate_w: Tensor | None,
-                     num_heads: int, paired: bool, key_offset: bool):
-    """First half of an attention layer: norm the lane it reads, project, QK-norm, rotate, add
-    value embeddings. Returns (q, k, v in the attention layout, output gate (T, heads)).
+                     num_heads: int, paired: bool, key_offset: bool, v_extra: Tensor | None = None):
+    """First half of an attention layer: norm the stream it reads, project, QK-norm, rotate, add
+    value embeddings (gated here; or v_extra (T, hdim), already gated: the MUDD layer's).
+    Returns (q, k, v in the attention layout, output gate (T, heads)).
 
     Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
     token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
@@ -840,6 +869,8 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
         v = v.reshape(2 * T, num_heads // 2, head_dim)
         if ve is not None:
             v = v + ve_gate.view(2 * T, num_heads // 2, 1) * ve.view_as(v)
+        if v_extra is not None:
+            v = v + v_extra.view_as(v)
     else:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if key_offset:
@@ -850,6 +881,8 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
             k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
         if ve is not None:
             v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
+        if v_extra is not None:
+            v = v + v_extra.view_as(v)
     gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
     # v may still be a strided view of the projection: hand every layer kind the same layout
     return q, k, v.contiguous(), gate
@@ -881,12 +914,40 @@ def residual_write(x: Tensor, out: Tensor, resid: Tensor, post: Tensor, inject: 
     return x if inject is None else x + inject
 
 
-def output_loss(x: Tensor, x_backout: Tensor, backout_lambda: Tensor, lm_head_w: Tensor,
-                targets: Tensor, mtp_weights: Tensor, x_s: float, w_s: float, grad_s: float,
-                use_fp8: bool, training: bool) -> Tensor:
-    """Back out part of an early layer's state, norm, and score with the softcapped head.
-    Training: sum over positions of the MTP-weighted losses. Eval: mean next-token loss."""
-    x = norm(x - backout_lambda * x_backout)
+def mudd_coefficients(x: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, names) -> dict:
+    """MUDD's per-token coefficients of stream x (T, d), by name: (T, 1) each, the first
+    len(names) outputs of MUDD_SCALE * (W2 gelu(W1 x) + b2)."""
+    n = len(names)
+    mu = (F.linear(F.gelu(F.linear(x, w1.type_as(x))), w2[:n].type_as(x)) + b2[:n].type_as(x)) * MUDD_SCALE
+    return dict(zip(names, mu.split(1, dim=-1)))
+
+
+def mudd_values(mu: dict, states: dict, x: Tensor, ve: Tensor, num_heads: int) -> Tensor:
+    """What the MUDD layer adds to its attention values (T, hdim): its value embedding gated per
+    half of the heads, plus earlier stream states mixed per token."""
+    T = x.size(0)
+    gate = torch.cat([mu["ve_gate_first_heads"], mu["ve_gate_last_heads"]], dim=-1)
+    gate = gate.repeat_interleave(num_heads // 2, dim=-1).unsqueeze(-1)          # (T, heads, 1)
+    mixed = mu["v_input"] * states["input"] + mu["v_layer7"] * states["layer7"] + mu["v_x"] * x
+    return (gate * ve.view(T, num_heads, -1) + mixed.view(T, num_heads, -1)).view(T, -1)
+
+
+def mudd_stream(mu: dict, states: dict, x: Tensor) -> Tensor:
+    """The MUDD layer's stream before its attention: x scaled and earlier states mixed in."""
+    return (1 + mu["x_self"]) * x + mu["x_input"] * states["input"] + mu["x_layer7"] * states["layer7"]
+
+
+def mudd_head_input(mu: dict, states: dict, x: Tensor, ve0: Tensor) -> Tensor:
+    """The stream the head reads: the last layer's output plus earlier states, per token."""
+    return (x + mu["input"] * states["input"] + mu["layer7"] * states["layer7"]
+            + mu["mudd_in"] * states["mudd_in"] + mu["ve0"] * ve0.type_as(x) + mu["layer3"] * states["layer3"])
+
+
+def output_loss(x: Tensor, lm_head_w: Tensor, targets: Tensor, mtp_weights: Tensor, x_s: float,
+                w_s: float, grad_s: float, use_fp8: bool, training: bool) -> Tensor:
+    """Norm, and score with the softcapped head. Training: sum over positions of the
+    MTP-weighted losses. Eval: mean next-token loss."""
+    x = norm(x)
     if training:
         return softcapped_mtp_loss_sum(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8)
     logits = softcap(lm_head_logits(x, lm_head_w))
@@ -945,19 +1006,24 @@ class GPT(nn.Module):
         self._compiled_body = None
         # Parameters are created in the record's order and with its RNG draws (nn.Linear and
         # nn.Embedding draw their default init before being overwritten), so one seed gives the
-        # record's initial weights.
-        self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
-        nn.init.zeros_(self.smear_gate.weight)
-        self.smear_gate.weight.label = "smear_gate"
-        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
-        nn.init.zeros_(self.skip_gate.weight)
-        self.skip_gate.weight.label = "skip_gate"
+        # record's initial weights. Record #81's order: head and embedding, attention, MLP, the
+        # small parameters, MUDD.
+        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8)
+        nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
+        self.lm_head.weight.label = "lm_head"
+        self.embed = nn.Embedding(self.vocab_size, d)
+        self.embed.weight.label = "embed"
+        with torch.no_grad():
+            self.embed.weight.copy_(self.lm_head.weight.T)   # tied until the optimizer splits them
+        self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
+        self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
         self.value_embeds = nn.Parameter(
             VALUE_EMBED_INIT_STD * torch.randn(5 * self.vocab_size, d, dtype=torch.bfloat16))
         self.value_embeds.label = "value_embed"
         num_attn = sum(s.has_attn for s in self.layers)
         self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
         self.attn_gate_bank.label = "attn_gate_bank"
+        # (the MUDD layer's value-embedding gate comes from MUDD: its row here goes unused, as recorded)
         self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
         self.ve_gate_bank.label = "ve_gate_bank"
         # banks the optimizer orthogonalizes matrix by matrix (record #80): qk_bank holds each
@@ -975,32 +1041,30 @@ class GPT(nn.Module):
         self.vo_bank = nn.Parameter(torch.empty(next_multiple_of_n(self.num_vo_matrices, cfg.world_size), hdim, hdim))
         self.vo_bank.label = "vo"
         self.vo_bank.reshape = tuple(self.vo_bank.shape)
-        self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
-        self.mlp_bank.label = "mlp"
-        self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
         bound = 3 ** 0.5 * INIT_STD_FACTOR * d ** -0.5       # uniform with that std
         with torch.no_grad():
             self.qk_bank[:self.num_qk_matrices].uniform_(-bound, bound)
             self.qk_bank[self.num_qk_matrices:].zero_()
             self.vo_bank[:self.num_vo_matrices].uniform_(-bound, bound)
             self.vo_bank[self.num_vo_matrices:].zero_()
+        self.mlp_bank = nn.Parameter(torch.empty(L + 1, 2, 4 * d, d))
+        self.mlp_bank.label = "mlp"
+        self.mlp_bank.reshape = ((L + 1) * 2, 4 * d, d)
+        with torch.no_grad():
             self.mlp_bank[:, 0].uniform_(-bound, bound)
             self.mlp_bank[:, 1].zero_()                       # MLP output projections start at 0
-        self.yarn = Yarn(cfg.head_dim, cfg.max_seq_len)
-        self.yarn_paired_head = Yarn(cfg.head_dim, cfg.max_seq_len, paired=True)
-        self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8)
-        nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
-        self.lm_head.weight.label = "lm_head"
-        self.embed = nn.Embedding(self.vocab_size, d)
-        self.embed.weight.label = "embed"
-        with torch.no_grad():
-            self.embed.weight.copy_(self.lm_head.weight.T)   # tied until the optimizer splits them
+        self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_gate.weight.label = "smear_gate"
+        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
+        nn.init.zeros_(self.skip_gate.weight)
+        self.skip_gate.weight.label = "skip_gate"
         self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
         # residual-stream lambdas (record #73 on), indexed [layer(, sublayer: 0 attention, 1 MLP)]
-        # as the record stores them. The attention-free layer never reads its attention entries
-        # (the record keeps them).
+        # as the record stores them. The attention-free layer never reads its attention entries,
+        # the MUDD layer none of its own (MUDD gives it per-token ones); the record keeps them.
         self.post_lambdas = nn.Parameter(torch.full((L, 2), POST_LAMBDA_INIT))
         self.x0_lambdas = nn.Parameter(torch.full((L,), X0_LAMBDA_INIT))
         self.bigram_lambdas = nn.Parameter(torch.full((L,), BIGRAM_LAMBDA_INIT))
@@ -1014,6 +1078,19 @@ class GPT(nn.Module):
         pad = -sum(t.numel() for t in inits) % cfg.world_size
         self.scalars = nn.Parameter(torch.cat(inits + [torch.ones(pad)]))
         self.scalars.label = "scalars"
+        # MUDD (record #81): block 0 where MUDD_LAYER starts, block 1 before the head; both
+        # padded to the longer coefficient list, as the record stores them
+        width = max(len(MUDD_LAYER_COEFFICIENTS), len(MUDD_HEAD_COEFFICIENTS))
+        self.mudd_w1 = nn.Parameter(torch.empty(2, MUDD_HIDDEN, d))
+        for block in range(2):
+            nn.init.kaiming_uniform_(self.mudd_w1.data[block], a=math.sqrt(5))   # nn.Linear's init
+        self.mudd_w2 = nn.Parameter(torch.zeros(2, width, MUDD_HIDDEN))
+        biases = torch.zeros(2, width)
+        for block, table in enumerate((MUDD_LAYER_COEFFICIENTS, MUDD_HEAD_COEFFICIENTS)):
+            biases[block, :len(table)] = torch.tensor(list(table.values())) / MUDD_SCALE
+        self.mudd_b2 = nn.Parameter(biases)
+        for name in ("mudd_w1", "mudd_w2", "mudd_b2"):
+            getattr(self, name).label = name
 
     def compiled(self) -> "GPT":
         """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
@@ -1049,10 +1126,10 @@ class GPT(nn.Module):
         return lam
 
     def cast_to_bf16(self) -> "GPT":
-        """The record's dtypes: embeddings, gates, linears and banks bf16; lambdas stay fp32."""
+        """The record's dtypes: embeddings, gates, linears, banks and MUDD bf16; lambdas stay fp32."""
         for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
                   self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
-                  self.qk_bank, self.vo_bank, self.mlp_bank):
+                  self.qk_bank, self.vo_bank, self.mlp_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2):
             p.data = p.data.bfloat16()
         return self
 
@@ -1126,38 +1203,52 @@ class GPT(nn.Module):
         d = x0.size(-1)
         T = input_seq.size(0)
         x = x0 + x_bigram * self.bigram_lambdas[0].type_as(x_bigram)   # layer 0's bigram part
-        skip = x_backout = attn_input = None
+        states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
         for spec in self.layers:
             i = spec.index
             lam = self.layer_lambdas(i, layer_scalars)
+            mudd = None
             if i == SKIP_TO_LAYER:
                 gate = torch.sigmoid(model_scalars["skip_lambda"]) * 2 * torch.sigmoid(
                     F.linear(x0[:, :GATE_INPUTS], self.skip_gate.weight.type_as(x0)))
-                x = x + gate * skip
+                x = x + gate * states["layer3"]
             if spec.has_attn:
                 yarn = self.yarn_paired_head if spec.paired else self.yarn
                 cos, sin = yarn.tables(T)
                 qkvo = attn_w[spec.attn_slot]
                 slot = spec.value_slot
+                attn_input = states.get("layer7", x)
+                if i == MUDD_LAYER:   # per-token coefficients replace the gate and the lambdas
+                    states["mudd_in"] = x
+                    mudd = mudd_coefficients(x, self.mudd_w1[0], self.mudd_w2[0], self.mudd_b2[0],
+                                             MUDD_LAYER_COEFFICIENTS)
+                    v_extra = mudd_values(mudd, states, x, ve[slot], H)
+                    x = mudd_stream(mudd, states, x)
+                    slot = None
                 q, k, v, gate = attention_inputs(
-                    x if attn_input is None else attn_input, lam, qkvo[:3 * d], cos, sin,
-                    attn_gates[spec.attn_slot], None if slot is None else ve[slot],
-                    None if slot is None else ve_gates[slot],
-                    num_heads=H, paired=spec.paired, key_offset=spec.long_window)
-                y = self.attend(q, k, v, spec, plan)
-                x = residual_write(x, attention_output(y, gate, qkvo[3 * d:], lam), lam["resid_lambdas"][0],
-                                   lam["post_lambdas"][0], inject=input_injection(x0, x_bigram, lam, i == 0))
-            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i]), lam["resid_lambdas"][1],
-                               lam["post_lambdas"][1])
+                    attn_input, lam, qkvo[:3 * d], cos, sin, attn_gates[spec.attn_slot],
+                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
+                    num_heads=H, paired=spec.paired, key_offset=spec.long_window,
+                    v_extra=None if mudd is None else v_extra)
+                out = attention_output(self.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
+                if mudd is None:
+                    x = residual_write(x, out, lam["resid_lambdas"][0], lam["post_lambdas"][0],
+                                       inject=input_injection(x0, x_bigram, lam, i == 0))
+                else:
+                    inject = mudd["input_inject"] * states["input"] + mudd["bigram_inject"] * x_bigram
+                    x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"], inject=inject)
+            resid, post = (lam["resid_lambdas"][1], lam["post_lambdas"][1]) if mudd is None else (
+                mudd["resid_mlp"], mudd["post_mlp"])
+            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i]), resid, post)
             if i == SKIP_FROM_LAYER:
-                skip = x
-            if i == BACKOUT_LAYER:
-                x_backout = x
+                states["layer3"] = x
             if i == ATTN_INPUT_LAYER:
-                attn_input = x
+                states["layer7"] = x      # the attention layers after it read this (record #77)
+        mudd = mudd_coefficients(x, self.mudd_w1[1], self.mudd_w2[1], self.mudd_b2[1], MUDD_HEAD_COEFFICIENTS)
+        x = mudd_head_input(mudd, states, x, ve[0])
         head = self.lm_head
-        return output_loss(x, x_backout, model_scalars["backout_lambda"], head.weight, target_seq,
-                           mtp_weights, head.x_s, head.w_s, head.grad_s, head.use_fp8, self.training)
+        return output_loss(x, head.weight, target_seq, mtp_weights, head.x_s, head.w_s, head.grad_s,
+                           head.use_fp8, self.training)
 
 
 # ---- Triton kernels of the building blocks above (CUDA) ----------------------------------------
@@ -3435,7 +3526,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #80, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #81, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -54,9 +54,10 @@ RECORD_SHAPES = {
     "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
     "qk_bank": (64, 256, 768), "vo_bank": (24, 768, 768), "mlp_bank": (12, 2, 3072, 768),
     "post_lambdas": (11, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
-    "scalars": (32,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
+    "scalars": (24,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
     "bigram_embed.weight": (50304 * 5, 768),
+    "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14),
 }
 RECORD_LABELS = {
     "value_embeds": "value_embed", "qk_bank": "qk", "vo_bank": "vo", "mlp_bank": "mlp",
@@ -70,7 +71,9 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    assert sum(p.numel() for p in model.parameters()) == 546_964_658   # the record's count at 2c702746, 8 ranks (its shapes summed by hand)
+    # the record's count at cfab12b7 (#81), 8 ranks, its shapes summed by hand: #80's 546,964,658,
+    # minus backout_lambda with its padding (scalars 32 -> 24), plus MUDD 98,304 + 1,792 + 28
+    assert sum(p.numel() for p in model.parameters()) == 547_064_774
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     # record #80: W_q/W_k per pair of heads (60 matrices + 4 padding), W_v/W_o whole (20 + 4)
@@ -84,7 +87,7 @@ def test_record_config_parameters_names_shapes_labels():
 def test_scalars_padding_follows_the_record_formula(world_size):
     with torch.device("meta"):
         model = ts.GPT(small_cfg(world_size=world_size))
-    assert model.scalars.numel() == 2 * 11 + 3 + (-2 * 11 - 3) % world_size   # record #73 on
+    assert model.scalars.numel() == 2 * 11 + 2 + (-2 * 11 - 2) % world_size   # record #81 on
     assert model.lm_head.grad_s == pytest.approx(0.75 / 448)   # per unit gradient of the summed loss
 
 
@@ -120,11 +123,49 @@ def test_init_matches_the_record():
     L = 11
     s = model.scalars
     assert torch.all(s[:2 * L:2] == 0.5) and torch.all(s[1:2 * L:2] == 1.0)
-    assert s[2 * L:2 * L + 3].tolist() == [0.0, 0.5, -1.5]
+    assert s[2 * L:2 * L + 2].tolist() == [0.0, -1.5]          # smear, skip (backout went in #81)
     # records #73-#77: residual lambdas sqrt(1.1) per sublayer, bigram 0.05, every write 1.0
     assert torch.all(model.resid_lambdas == torch.tensor(1.1 ** 0.5))
     assert torch.all(model.bigram_lambdas == 0.05)
     assert torch.equal(model.post_lambdas, torch.ones(L, 2))
+    # record #81: MUDD output weights 0, so the coefficients start at their biases x 0.1
+    assert model.mudd_w2.abs().max() == 0
+    assert model.mudd_w1.abs().max() <= d ** -0.5 and model.mudd_w1.std() > 0.5 * d ** -0.5 / 3 ** 0.5
+    first = [0, 0, 0, 0, 0, 0, 2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]
+    head = [0, -0.5, 0, 0, 0] + [0] * 9
+    torch.testing.assert_close(model.mudd_b2 * 0.1, torch.tensor([first, head]))
+
+
+def test_init_draws_follow_record_81s_order():
+    """One seed, the record's weights: the RNG draws in record #81's order (lm_head, embed's
+    default init, value embeddings, qk/vo banks, MLP bank, smear/skip Linear and bigram Embedding
+    defaults, MUDD W1), replayed here by hand."""
+    cfg = small_cfg(world_size=2)
+    torch.manual_seed(7)
+    model = ts.GPT(cfg)
+    d, V, H, D = cfg.model_dim, model.vocab_size, cfg.num_heads, cfg.head_dim
+    bound = 3 ** 0.5 * 0.5 * d ** -0.5
+    torch.manual_seed(7)
+    lm_head = torch.zeros(d, V, dtype=torch.bfloat16).normal_(0, 0.005)
+    torch.empty(V, d).normal_()                                    # nn.Embedding's default
+    value_embeds = 0.01 * torch.randn(5 * V, d, dtype=torch.bfloat16)
+    qk = torch.empty(model.qk_bank.shape)
+    qk[:model.num_qk_matrices].uniform_(-bound, bound)
+    vo = torch.empty(model.vo_bank.shape)
+    vo[:model.num_vo_matrices].uniform_(-bound, bound)
+    mlp = torch.empty(12, 2, 4 * d, d)
+    mlp[:, 0].uniform_(-bound, bound)
+    torch.nn.Linear(12, 1, bias=False), torch.nn.Linear(12, 1, bias=False)
+    torch.empty(cfg.bigram_vocab_size, d).normal_()
+    w1 = torch.empty(2, 64, d)
+    for block in range(2):
+        torch.nn.init.kaiming_uniform_(w1[block], a=math.sqrt(5))
+    assert torch.equal(model.lm_head.weight, lm_head)
+    assert torch.equal(model.value_embeds, value_embeds)
+    assert torch.equal(model.qk_bank[:model.num_qk_matrices], qk[:model.num_qk_matrices])
+    assert torch.equal(model.vo_bank[:model.num_vo_matrices], vo[:model.num_vo_matrices])
+    assert torch.equal(model.mlp_bank[:, 0], mlp[:, 0])
+    assert torch.equal(model.mudd_w1, w1)
 
 
 def test_same_seed_same_weights_and_cast_to_bf16():
@@ -305,8 +346,14 @@ def layer_attention_weights(model, slot):
     return torch.cat(qk + [model.vo_bank[2 * slot], model.vo_bank[2 * slot + 1]])
 
 
+def mudd_reference(model, x, block, n):
+    """Record #81's forward_mudd written out: 0.1 * (W2[:n] gelu(W1 x) + b2[:n]), one column each."""
+    hidden = F.gelu(x @ model.mudd_w1[block].T)
+    return ((hidden @ model.mudd_w2[block, :n].T + model.mudd_b2[block, :n]) * 0.1).split(1, dim=-1)
+
+
 def record_stream_reference(model, inputs, targets, cu, schedule):
-    """Record #77's residual stream written out from its equations, layer by layer, reusing the
+    """Record #81's residual stream written out from its equations, layer by layer, reusing the
     model's own attention and MLP pieces; returns the stream the head normalizes."""
     d, H = model.cfg.model_dim, model.cfg.num_heads
     resid, post = model.resid_lambdas, model.post_lambdas          # [layer, attention/MLP]
@@ -316,59 +363,104 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
     x0, xb, ve = ts.embed_inputs(inputs, model.embed.weight, model.bigram_embed.weight, model.value_embeds,
                                  model.smear_gate.weight, wide["smear_lambda"], model.vocab_size)
     x = x0 + bigram_lam[0] * xb
+    cache0 = x
     skip_gate = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
-    layer3 = layer7 = None
+    layer3 = layer7 = layer9 = None
+    T = inputs.numel()
     for spec in model.layers:
         i = spec.index
+        mu = None
         if i == 6:                                  # no attention: the gated skip from layer 3
             x = x + skip_gate * layer3
         else:
             lam = {"attn_lambdas": per_layer["attn_lambdas"][i]}
             qkvo = layer_attention_weights(model, spec.attn_slot)
             yarn = model.yarn_paired_head if spec.paired else model.yarn
-            cos, sin = yarn.tables(inputs.numel())
+            cos, sin = yarn.tables(T)
             slot = spec.value_slot
-            q, k, v, gate = ts.attention_inputs(
-                x if layer7 is None else layer7, lam, qkvo[:3 * d], cos, sin,
-                model.attn_gate_bank[spec.attn_slot], None if slot is None else ve[slot],
-                None if slot is None else model.ve_gate_bank[slot],
-                num_heads=H, paired=spec.paired, key_offset=spec.long_window)
+            if i == 10:                             # MUDD: 14 per-token coefficients
+                layer9 = x
+                mu = mudd_reference(model, x, 0, 14)
+                v_mudd = (mu[0] * cache0 + mu[1] * layer7 + mu[2] * x).view(T, H, -1)
+                x = (1 + mu[5]) * x + mu[3] * cache0 + mu[4] * layer7
+                ve_gate = torch.cat([mu[6], mu[7]], -1).repeat_interleave(H // 2, dim=-1).unsqueeze(-1)
+                aux_v = (ve_gate * ve[slot].view(T, H, -1) + v_mudd).view(T, -1)
+                q, k, v, gate = ts.attention_inputs(
+                    layer7, lam, qkvo[:3 * d], cos, sin, model.attn_gate_bank[spec.attn_slot], None, None,
+                    num_heads=H, paired=spec.paired, key_offset=spec.long_window, v_extra=aux_v)
+            else:
+                q, k, v, gate = ts.attention_inputs(
+                    x if layer7 is None else layer7, lam, qkvo[:3 * d], cos, sin,
+                    model.attn_gate_bank[spec.attn_slot], None if slot is None else ve[slot],
+                    None if slot is None else model.ve_gate_bank[slot],
+                    num_heads=H, paired=spec.paired, key_offset=spec.long_window)
             out = ts.attention_output(model.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
-            inject = x0 * x0_lam[i] + (0 if i == 0 else xb * bigram_lam[i])
-            x = resid[i, 0] * x + post[i, 0] * out + inject
+            if mu is not None:
+                x = mu[8] * x + mu[9] * out + mu[10] * cache0 + mu[11] * xb
+            else:
+                inject = x0 * x0_lam[i] + (0 if i == 0 else xb * bigram_lam[i])
+                x = resid[i, 0] * x + post[i, 0] * out + inject
         out = ts.relu_square_mlp(ts.norm(x), model.mlp_bank[i, 0], model.mlp_bank[i, 1])
-        x = resid[i, 1] * x + post[i, 1] * out
+        x = (mu[12] * x + mu[13] * out) if mu is not None else (resid[i, 1] * x + post[i, 1] * out)
         if i == 3:
             layer3 = x
         if i == 7:
             layer7 = x
-    return x - wide["backout_lambda"] * layer7
+    mu = mudd_reference(model, x, 1, 5)
+    return x + mu[0] * cache0 + mu[1] * layer7 + mu[2] * layer9 + mu[3] * ve[0] + mu[4] * layer3
 
 
 def test_residual_stream_is_the_records_equations(monkeypatch):
-    """Record #77: one stream; attention layers 8-10 all read layer 7's output (the cached
-    activation) instead of the stream; layer 3's output skips into layer 6; every sublayer writes
-    with its own residual and post lambdas. Every lambda is perturbed away from its init."""
+    """Records #77 and #81: one stream; attention layers 8-10 all read layer 7's output (the
+    cached activation) instead of the stream; layer 3's output skips into layer 6; every sublayer
+    writes with its own residual and post lambdas, except layer 10, whose lambdas, value gate and
+    extra value/stream terms MUDD computes per token; a second MUDD mixes earlier states into the
+    head's input. Every lambda and MUDD weight is perturbed away from its init."""
     model = make_model(seed=5).eval()
     inputs, targets, cu = batch(T=128, docs=(70, 58))
     with torch.no_grad():
         for p in (model.resid_lambdas, model.post_lambdas, model.x0_lambdas, model.bigram_lambdas):
             p.add_(0.3 * torch.randn_like(p))
+        model.mudd_w2.add_(0.5 * torch.randn_like(model.mudd_w2))
         expected = record_stream_reference(model, inputs, targets, cu, sched())
         with monkeypatch.context() as patch:      # the model's final stream instead of its loss
-            patch.setattr(ts, "output_loss", lambda x, x_backout, backout_lambda, *rest: x - backout_lambda * x_backout)
+            patch.setattr(ts, "output_loss", lambda x, *rest: x)
             got = model(inputs, targets, cu, sched())
-            patch.setattr(ts, "ATTN_INPUT_LAYER", 99)   # (the check can tell: no cached input)
-            uncached = model(inputs, targets, cu, sched())
+            patch.setattr(ts, "ATTN_INPUT_LAYER", 8)   # (the check can tell: another cached input)
+            other = model(inputs, targets, cu, sched())
     torch.testing.assert_close(got, expected)
-    assert (uncached - expected).abs().max() > 100 * (got - expected).abs().max()
-    # the attention-free layer 6 reads none of its attention-side lambdas (the record keeps them)
+    assert (other - expected).abs().max() > 100 * (got - expected).abs().max()
+    # the attention-free layer 6 reads none of its attention-side lambdas, layer 10 none of its
+    # own (MUDD's replace them); the record keeps both
     model.train()
     model(inputs, targets, cu, sched()).backward()
     for p in (model.post_lambdas, model.resid_lambdas):
-        assert p.grad[6, 0] == 0 and p.grad[:6, 0].abs().min() > 0 and p.grad[7:, 0].abs().min() > 0
-        assert p.grad[:, 1].abs().min() > 0
-    assert model.x0_lambdas.grad[6] == 0 and model.bigram_lambdas.grad[6] == 0
+        assert p.grad[6, 0] == 0 and p.grad[10].abs().max() == 0
+        assert p.grad[:6, 0].abs().min() > 0 and p.grad[7:10, 0].abs().min() > 0
+        assert p.grad[:10, 1].abs().min() > 0
+    for p in (model.x0_lambdas, model.bigram_lambdas):
+        assert p.grad[6] == 0 and p.grad[10] == 0 and p.grad[7:10].abs().min() > 0
+    assert model.ve_gate_bank.grad[4].abs().max() == 0 and model.ve_gate_bank.grad[:4].abs().min() >= 0
+    assert model.mudd_w2.grad[0].abs().min() > 0 and model.mudd_w2.grad[1, :5].abs().min() > 0
+    assert model.mudd_w2.grad[1, 5:].abs().max() == 0       # the head block uses 5 of its 14 rows
+
+
+def test_mudd_at_init_is_the_old_backout():
+    """At init (MUDD output weights 0) the head reads x - 0.5 * layer 7's output, the backout
+    that MUDD replaced, and layer 10 writes with its old lambda values."""
+    model = make_model(seed=2, perturb=False)
+    x = torch.randn(5, model.cfg.model_dim)
+    mu = ts.mudd_coefficients(x, model.mudd_w1[1], model.mudd_w2[1], model.mudd_b2[1],
+                              ts.MUDD_HEAD_COEFFICIENTS)
+    states = {name: torch.randn(5, model.cfg.model_dim) for name in ("input", "layer3", "layer7", "mudd_in")}
+    got = ts.mudd_head_input(mu, states, x, torch.randn(5, model.cfg.model_dim))
+    torch.testing.assert_close(got, x - 0.5 * states["layer7"])
+    mu = ts.mudd_coefficients(x, model.mudd_w1[0], model.mudd_w2[0], model.mudd_b2[0],
+                              ts.MUDD_LAYER_COEFFICIENTS)
+    assert list(mu) == list(ts.MUDD_LAYER_COEFFICIENTS)
+    for name, value in ts.MUDD_LAYER_COEFFICIENTS.items():
+        torch.testing.assert_close(mu[name], torch.full((5, 1), float(value)))
+    torch.testing.assert_close(ts.mudd_stream(mu, states, x), x)
 
 
 # ---- YaRN ---------------------------------------------------------------------------------------

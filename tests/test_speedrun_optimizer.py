@@ -33,7 +33,8 @@ def tiny_params(dtype_banks=torch.float32, seed=0, d=8, vocab=16):
               p(1, 12, label="smear_gate"), p(1, 12, label="skip_gate"), p(2, 2, 12, label="attn_gate_bank"),
               p(2, 2, 12, label="ve_gate_bank"), p(11, label="x0_lambdas"), p(d, vocab, label="lm_head"),
               p(11, 2, label="post_lambdas"), p(11, label="bigram_lambdas"), p(11, 2, label="resid_lambdas"),
-              p(vocab, d, label="embed")]
+              p(vocab, d, label="embed"), p(2, 4, d, label="mudd_w1"), p(2, 14, 4, label="mudd_w2"),
+              p(2, 14, label="mudd_b2")]
     return [(q.label, q) for q in params]
 
 
@@ -265,14 +266,15 @@ def test_bad_labels_are_errors():
 
 # ---- sharding over ranks ----
 
-RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads scalars to 32, qk to 64, vo to 24)
+RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads qk to 64, vo to 24; scalars are 24)
     "qk": ((64, 256, 768), (64, 256, 768)), "vo": ((24, 768, 768), (24, 768, 768)),
     "mlp": ((12, 2, 3072, 768), (24, 3072, 768)),
-    "scalars": ((32,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 5, 768), None),
+    "scalars": ((24,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 5, 768), None),
     "smear_gate": ((1, 12), None), "skip_gate": ((1, 12), None), "attn_gate_bank": ((10, 6, 12), None),
     "ve_gate_bank": ((5, 6, 12), None), "x0_lambdas": ((11,), None), "post_lambdas": ((11, 2), None),
     "bigram_lambdas": ((11,), None), "resid_lambdas": ((11, 2), None), "lm_head": ((768, 50304), None),
     "embed": ((50304, 768), None),
+    "mudd_w1": ((2, 64, 768), None), "mudd_w2": ((2, 14, 64), None), "mudd_b2": ((2, 14), None),
 }
 
 
