@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #81 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #82 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -79,7 +79,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1405, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1375, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(10, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -140,6 +140,8 @@ VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates
 SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's output, added where
                                         # layer 6 starts (in place of its attention)
 QK_HEADS_PER_MATRIX = 2           # NorMuon orthogonalizes W_q and W_k per pair of heads (#80)
+XSA_LAYERS = (1, 3, 4, 7, 8, 10)  # gated exclusive self-attention (#82): the unpaired attention
+                                  # layers (a paired layer's values do not line up with its heads)
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
 VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
                                   # first 6 channels of its input and the first 6 of the embedding
@@ -254,6 +256,7 @@ PARAM_TABLE = {
     "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
     "bigram_lambdas": dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
     "resid_lambdas":  dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
+    "xsa_alphas":     dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
     "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
     "mudd_w1":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25),
@@ -263,7 +266,7 @@ PARAM_TABLE = {
 # Order the updates run in: small tensors first while the big reductions are still in flight;
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
 WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "mudd_b2",
-              "post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "mudd_w2", "value_embed",
+              "xsa_alphas", "post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "mudd_w2", "value_embed",
               "bigram_embed", "mudd_w1", "lm_head", "embed", "qk", "vo", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2)   # momentum: replaced every
@@ -322,6 +325,9 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
         if self.model_dim < 12:
             problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
+        if any(i in PAIRED_HEAD_LAYERS or i == NO_ATTENTION_LAYER or not 0 <= i < self.num_layers
+               for i in XSA_LAYERS):
+            problems.append(f"XSA_LAYERS={XSA_LAYERS} must be unpaired attention layers")
         if not max(SKIP_FROM_LAYER, ATTN_INPUT_LAYER) < MUDD_LAYER < self.num_layers or MUDD_LAYER == NO_ATTENTION_LAYER:
             problems.append(f"MUDD_LAYER={MUDD_LAYER} must be an attention layer after layers "
                             f"{SKIP_FROM_LAYER} and {ATTN_INPUT_LAYER}, whose outputs it reads")
@@ -357,6 +363,7 @@ class LayerSpec:
     long_window: bool         # long window and the partial key offset
     attn_slot: int | None     # which attention layer: its matrices in qk_bank/vo_bank, its gate
     value_slot: int | None    # which value embedding (and ve gate) this layer adds to v
+    xsa: bool = False         # exclusive self-attention on this layer's output
 
 
 def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
@@ -366,7 +373,8 @@ def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
         specs.append(LayerSpec(
             index=i, has_attn=has_attn, paired=i in PAIRED_HEAD_LAYERS,
             long_window=i in LONG_WINDOW_LAYERS, attn_slot=attn_slot if has_attn else None,
-            value_slot=VALUE_EMBED_LAYERS.index(i) if i in VALUE_EMBED_LAYERS else None))
+            value_slot=VALUE_EMBED_LAYERS.index(i) if i in VALUE_EMBED_LAYERS else None,
+            xsa=i in XSA_LAYERS))
         attn_slot += has_attn
     return specs
 
@@ -895,6 +903,15 @@ def attention_output(y: Tensor, gate: Tensor, out_w: Tensor, lam: dict) -> Tenso
     return F.linear(y.reshape(T, -1), lam["attn_lambdas"][1] * out_w.type_as(y))
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
+    """Gated XSA (arXiv 2603.09078, record #82): each head's output (T, heads, head_dim) loses
+    tanh(alpha_head) of its component along the token's own value vector, which attention would
+    otherwise largely copy back; alpha (heads,) starts at 0, i.e. off."""
+    v_dir = F.normalize(v, dim=-1, eps=1e-4)
+    along = (y * v_dir).sum(-1, keepdim=True)
+    return y - torch.tanh(alpha).type_as(y).view(1, -1, 1) * along * v_dir
+
+
 def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
     return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
 
@@ -1071,6 +1088,9 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.full((L, 2), RESID_LAMBDA_INIT))
         for name in LAYER_LAMBDA_PARAMS:
             getattr(self, name).label = name
+        # XSA strength per (layer, head), tanh'ed; rows of layers not in XSA_LAYERS go unused
+        self.xsa_alphas = nn.Parameter(torch.zeros(L, H))
+        self.xsa_alphas.label = "xsa_alphas"
         # LAYER_SCALARS (each repeated per layer), then MODEL_SCALARS, then padding to a multiple
         # of the world size (replicated anyway; the record pads the same way).
         inits = [torch.tensor(v, dtype=torch.float32).repeat(L) for v in LAYER_SCALARS.values()]
@@ -1230,7 +1250,10 @@ class GPT(nn.Module):
                     None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window,
                     v_extra=None if mudd is None else v_extra)
-                out = attention_output(self.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
+                y = self.attend(q, k, v, spec, plan)
+                if spec.xsa:
+                    y = exclusive_self_attention(y, v, self.xsa_alphas[i])
+                out = attention_output(y, gate, qkvo[3 * d:], lam)
                 if mudd is None:
                     x = residual_write(x, out, lam["resid_lambdas"][0], lam["post_lambdas"][0],
                                        inject=input_injection(x0, x_bigram, lam, i == 0))
@@ -3526,7 +3549,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #81, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #82, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -57,7 +57,7 @@ RECORD_SHAPES = {
     "scalars": (24,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
     "bigram_embed.weight": (50304 * 5, 768),
-    "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14),
+    "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14), "xsa_alphas": (11, 6),
 }
 RECORD_LABELS = {
     "value_embeds": "value_embed", "qk_bank": "qk", "vo_bank": "vo", "mlp_bank": "mlp",
@@ -71,9 +71,10 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    # the record's count at cfab12b7 (#81), 8 ranks, its shapes summed by hand: #80's 546,964,658,
-    # minus backout_lambda with its padding (scalars 32 -> 24), plus MUDD 98,304 + 1,792 + 28
-    assert sum(p.numel() for p in model.parameters()) == 547_064_774
+    # the record's count at 8ee5feda (#82), 8 ranks, its shapes summed by hand: #80's 546,964,658,
+    # minus backout_lambda with its padding (scalars 32 -> 24), plus MUDD 98,304 + 1,792 + 28 (#81),
+    # plus xsa_alphas 11 x 6 (#82)
+    assert sum(p.numel() for p in model.parameters()) == 547_064_840
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     # record #80: W_q/W_k per pair of heads (60 matrices + 4 padding), W_v/W_o whole (20 + 4)
@@ -99,6 +100,7 @@ def test_layer_layout_is_the_records():
     # record #70 shifted the first two value embeddings one layer up (layers 1, 2; then 8, 9, 10)
     assert [s.value_slot for s in specs] == [None, 0, 1, None, None, None, None, None, 2, 3, 4]
     assert [s.attn_slot for s in specs] == [0, 1, 2, 3, 4, 5, None, 6, 7, 8, 9]
+    assert [s.index for s in specs if s.xsa] == [1, 3, 4, 7, 8, 10]    # record #82: the unpaired ones
 
 
 def test_init_matches_the_record():
@@ -174,7 +176,7 @@ def test_same_seed_same_weights_and_cast_to_bf16():
         assert torch.equal(p, q), n
     a.cast_to_bf16()
     fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
-    assert fp32 == {"post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "scalars"}
+    assert fp32 == {"post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "scalars", "xsa_alphas"}
     assert a.qk_bank.label == "qk" and a.qk_bank.reshape == (40, 32, 64)   # attrs survive
     assert a.vo_bank.label == "vo" and a.vo_bank.reshape == (20, 64, 64)
 
@@ -353,7 +355,7 @@ def mudd_reference(model, x, block, n):
 
 
 def record_stream_reference(model, inputs, targets, cu, schedule):
-    """Record #81's residual stream written out from its equations, layer by layer, reusing the
+    """Records #81/#82's residual stream written out from their equations, layer by layer, reusing the
     model's own attention and MLP pieces; returns the stream the head normalizes."""
     d, H = model.cfg.model_dim, model.cfg.num_heads
     resid, post = model.resid_lambdas, model.post_lambdas          # [layer, attention/MLP]
@@ -394,7 +396,11 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
                     model.attn_gate_bank[spec.attn_slot], None if slot is None else ve[slot],
                     None if slot is None else model.ve_gate_bank[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window)
-            out = ts.attention_output(model.attend(q, k, v, spec, plan), gate, qkvo[3 * d:], lam)
+            y = model.attend(q, k, v, spec, plan)
+            if i in (1, 3, 4, 7, 8, 10):            # record #82: XSA, written out per head
+                v_dir = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-4)
+                y = y - torch.tanh(model.xsa_alphas[i])[None, :, None] * (y * v_dir).sum(-1, keepdim=True) * v_dir
+            out = ts.attention_output(y, gate, qkvo[3 * d:], lam)
             if mu is not None:
                 x = mu[8] * x + mu[9] * out + mu[10] * cache0 + mu[11] * xb
             else:
@@ -421,14 +427,16 @@ def test_residual_stream_is_the_records_equations(monkeypatch):
     with torch.no_grad():
         for p in (model.resid_lambdas, model.post_lambdas, model.x0_lambdas, model.bigram_lambdas):
             p.add_(0.3 * torch.randn_like(p))
-        model.mudd_w2.add_(0.5 * torch.randn_like(model.mudd_w2))
+        model.mudd_w2.add_(0.1 * torch.randn_like(model.mudd_w2))
+        model.xsa_alphas.copy_(torch.randn_like(model.xsa_alphas))
         expected = record_stream_reference(model, inputs, targets, cu, sched())
         with monkeypatch.context() as patch:      # the model's final stream instead of its loss
             patch.setattr(ts, "output_loss", lambda x, *rest: x)
             got = model(inputs, targets, cu, sched())
             patch.setattr(ts, "ATTN_INPUT_LAYER", 8)   # (the check can tell: another cached input)
             other = model(inputs, targets, cu, sched())
-    torch.testing.assert_close(got, expected)
+    # fp32 rounding grows with the stream's size (hundreds here), so the tolerance does too
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
     assert (other - expected).abs().max() > 100 * (got - expected).abs().max()
     # the attention-free layer 6 reads none of its attention-side lambdas, layer 10 none of its
     # own (MUDD's replace them); the record keeps both
@@ -443,6 +451,26 @@ def test_residual_stream_is_the_records_equations(monkeypatch):
     assert model.ve_gate_bank.grad[4].abs().max() == 0 and model.ve_gate_bank.grad[:4].abs().min() >= 0
     assert model.mudd_w2.grad[0].abs().min() > 0 and model.mudd_w2.grad[1, :5].abs().min() > 0
     assert model.mudd_w2.grad[1, 5:].abs().max() == 0       # the head block uses 5 of its 14 rows
+    xsa_rows = model.xsa_alphas.grad.abs().sum(1)
+    assert (xsa_rows[[1, 3, 4, 7, 8, 10]] > 0).all() and (xsa_rows[[0, 2, 5, 6, 9]] == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(alpha=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_exclusive_self_attention_removes_tanh_alpha_of_the_own_value_direction(alpha, seed):
+    """XSA (record #82): the output keeps its part orthogonal to the token's own value vector and
+    1 - tanh(alpha) of its part along it; alpha is per head."""
+    g = torch.Generator().manual_seed(seed)
+    T, H, D = 7, 3, 8
+    y, v = torch.randn(T, H, D, generator=g, dtype=torch.float64), torch.randn(T, H, D, generator=g, dtype=torch.float64)
+    alphas = torch.tensor([alpha, 0.0, -alpha], dtype=torch.float64)
+    out = ts.exclusive_self_attention(y, v, alphas)
+    unit = v / v.norm(dim=-1, keepdim=True)
+    along = lambda t: (t * unit).sum(-1)
+    orth = lambda t: t - along(t)[..., None] * unit
+    torch.testing.assert_close(orth(out), orth(y))
+    torch.testing.assert_close(along(out), along(y) * (1 - torch.tanh(alphas)))
+    assert torch.equal(out[:, 1], y[:, 1])                  # alpha 0: unchanged
 
 
 def test_mudd_at_init_is_the_old_backout():

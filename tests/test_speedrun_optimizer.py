@@ -34,7 +34,7 @@ def tiny_params(dtype_banks=torch.float32, seed=0, d=8, vocab=16):
               p(2, 2, 12, label="ve_gate_bank"), p(11, label="x0_lambdas"), p(d, vocab, label="lm_head"),
               p(11, 2, label="post_lambdas"), p(11, label="bigram_lambdas"), p(11, 2, label="resid_lambdas"),
               p(vocab, d, label="embed"), p(2, 4, d, label="mudd_w1"), p(2, 14, 4, label="mudd_w2"),
-              p(2, 14, label="mudd_b2")]
+              p(2, 14, label="mudd_b2"), p(11, 2, label="xsa_alphas")]
     return [(q.label, q) for q in params]
 
 
@@ -275,6 +275,7 @@ RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads qk to 64,
     "bigram_lambdas": ((11,), None), "resid_lambdas": ((11, 2), None), "lm_head": ((768, 50304), None),
     "embed": ((50304, 768), None),
     "mudd_w1": ((2, 64, 768), None), "mudd_w2": ((2, 14, 64), None), "mudd_b2": ((2, 14), None),
+    "xsa_alphas": ((11, 6), None),
 }
 
 
