@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #82 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #83 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -151,6 +151,9 @@ ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, 
 YARN_ALPHA, YARN_BETA = 1, 32     # YaRN ramp: <1 rotation per window is rescaled fully, >32 kept
 INITIAL_ATTN_SCALE = 0.1          # softmax scale on QK-normed heads, grown on each YaRN extension
 BIGRAM_HASH_A, BIGRAM_HASH_B = 36313, 27191
+BIGRAM_SIGN_ROWS = 8192           # random +-1 rows: position t's bigram row is multiplied by row
+                                  # (token[t-1] XOR token[t]) % 8192 of them, so bigrams sharing a
+                                  # hashed row mostly cancel in it (record #83, "sign trick")
 LM_HEAD_X_SCALE = 100 / 448       # FP8 scales of the lm_head inputs, weight and (per micro-batch
 LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
 LM_HEAD_GRAD_SCALE = 0.75 / 448
@@ -300,7 +303,8 @@ class ModelConfig:
     head_dim: int = 128
     model_dim: int = 768
     max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
-    bigram_vocab_size: int = 50304 * 5   # hashed bigram embedding rows
+    bigram_vocab_size: int = 50304 * 15  # hashed bigram embedding rows (x5 before #83)
+    bigram_dim: int = 192                # their width: they enter the first 192 channels (#83)
     use_fp8: bool = False                # FP8 lm_head matmul in training (card must support it)
     attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
     world_size: int = 1                  # pads `scalars` and the banks like the record
@@ -325,6 +329,8 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 (half-truncated RoPE)")
         if self.model_dim < 12:
             problems.append("model_dim must be >= 12 (gates read the first 12 channels)")
+        if not 0 < self.bigram_dim <= self.model_dim:
+            problems.append(f"bigram_dim={self.bigram_dim} must be in 1..model_dim={self.model_dim}")
         if any(i in PAIRED_HEAD_LAYERS or i == NO_ATTENTION_LAYER or not 0 <= i < self.num_layers
                for i in XSA_LAYERS):
             problems.append(f"XSA_LAYERS={XSA_LAYERS} must be unpaired attention layers")
@@ -341,7 +347,7 @@ class ModelConfig:
     @classmethod
     def smoke(cls, **overrides) -> "ModelConfig":
         """A tiny model with the record's 11-layer layout (4 heads so head pairing is non-trivial)."""
-        values = dict(model_dim=64, num_heads=4, head_dim=16, bigram_vocab_size=50304,
+        values = dict(model_dim=64, num_heads=4, head_dim=16, bigram_vocab_size=50304, bigram_dim=16,
                       max_seq_len=4096, val_max_len=4096, train_max_seq_len=128)
         values.update(overrides)
         return cls(**values)
@@ -828,18 +834,28 @@ def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
     return torch.cat([mixed.new_full((1,), reserved), mixed])
 
 
-def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, value_embeds: Tensor,
-                 smear_w: Tensor, smear_lambda: Tensor, vocab_size: int, bigram_rows: Tensor | None = None):
-    """Tokens -> (x0, bigram embeddings, the 5 value embeddings (5, T, d)).
+def bigram_sign_rows(tokens: Tensor, num_rows: int) -> Tensor:
+    """Row of the sign table for each position: previous token XOR current token, mod num_rows;
+    position 0 (no previous token) gets row 0. Document starts are not special (as recorded)."""
+    t = tokens.to(torch.int32)
+    return torch.cat([t.new_zeros(1), torch.bitwise_xor(t[:-1], t[1:]) % num_rows])
+
+
+def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, bigram_signs: Tensor,
+                 value_embeds: Tensor, smear_w: Tensor, smear_lambda: Tensor, vocab_size: int,
+                 bigram_rows: Tensor | None = None):
+    """Tokens -> (x0, bigram embeddings (T, bigram_dim), the 5 value embeddings (5, T, d)).
 
     x0 is the normed token embedding after the smear gate mixed a gated part of the previous
-    token's embedding into each position. bigram_rows: bigram_hash(input_seq) precomputed (the
+    token's embedding into each position. Each bigram embedding is its hashed row times a row of
+    +-1 signs (bigram_signs, record #83). bigram_rows: bigram_hash(input_seq) precomputed (the
     training loader hashes on the host, record #71); None hashes here.
     """
     x = F.embedding(input_seq, embed_w)
     if bigram_rows is None:
         bigram_rows = bigram_hash(input_seq, bigram_w.size(0))
-    x_bigram = F.embedding(bigram_rows, bigram_w)
+    signs = bigram_signs[bigram_sign_rows(input_seq, bigram_signs.size(0))]
+    x_bigram = F.embedding(bigram_rows, bigram_w) * signs.type_as(bigram_w)
     ve = value_embeds.view(5, vocab_size, -1)[:, input_seq]
     smear = smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_INPUTS], smear_w.type_as(x)))
     x = torch.cat([x[:1], x[1:] + smear * x[:-1]])
@@ -916,13 +932,19 @@ def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
     return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
 
 
+def into_stream(t: Tensor, width: int) -> Tensor:
+    """A narrower term (the bigram embeddings) as a stream-wide one: its channels first, zeros
+    after (record #83: bigram embeddings enter the first bigram_dim channels only)."""
+    return F.pad(t, (0, width - t.size(-1)))
+
+
 def input_injection(x0: Tensor, x_bigram: Tensor, lam: dict, first_layer: bool) -> Tensor:
     """What an attention output carries besides attention: scaled x0 and bigram embeddings.
     The first layer's bigram part entered the stream before it (GPT.body), so only x0 here."""
     inject = x0 * lam["x0_lambdas"].type_as(x0)
     if first_layer:
         return inject
-    return inject + x_bigram * lam["bigram_lambdas"].type_as(x_bigram)
+    return inject + into_stream(x_bigram * lam["bigram_lambdas"].type_as(x_bigram), x0.size(-1))
 
 
 def residual_write(x: Tensor, out: Tensor, resid: Tensor, post: Tensor, inject: Tensor | None = None) -> Tensor:
@@ -1076,9 +1098,11 @@ class GPT(nn.Module):
         self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
         nn.init.zeros_(self.skip_gate.weight)
         self.skip_gate.weight.label = "skip_gate"
-        self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, d)
+        self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
+        # fixed random signs (a buffer: saved in checkpoints, broadcast from rank 0)
+        self.register_buffer("bigram_signs", torch.randn(BIGRAM_SIGN_ROWS, cfg.bigram_dim).sign().bfloat16())
         # residual-stream lambdas (record #73 on), indexed [layer(, sublayer: 0 attention, 1 MLP)]
         # as the record stores them. The attention-free layer never reads its attention entries,
         # the MUDD layer none of its own (MUDD gives it per-token ones); the record keeps them.
@@ -1208,7 +1232,7 @@ class GPT(nn.Module):
         H = self.cfg.num_heads
         layer_scalars, model_scalars = self.named_scalars()
         x0, x_bigram, ve = embed_inputs(input_seq, self.embed.weight, self.bigram_embed.weight,
-                                        self.value_embeds, self.smear_gate.weight,
+                                        self.bigram_signs, self.value_embeds, self.smear_gate.weight,
                                         model_scalars["smear_lambda"], self.vocab_size, bigram_rows)
         # each attention layer's [W_q; W_k; W_v; W_o] (4d, hdim) out of the two banks, then unbind
         # once (per-layer indexing would add select-backward kernels)
@@ -1222,7 +1246,7 @@ class GPT(nn.Module):
         proj_w = self.mlp_bank[:, 1].unbind(0)
         d = x0.size(-1)
         T = input_seq.size(0)
-        x = x0 + x_bigram * self.bigram_lambdas[0].type_as(x_bigram)   # layer 0's bigram part
+        x = x0 + into_stream(x_bigram * self.bigram_lambdas[0].type_as(x_bigram), d)   # layer 0's bigram part
         states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
         for spec in self.layers:
             i = spec.index
@@ -1258,7 +1282,7 @@ class GPT(nn.Module):
                     x = residual_write(x, out, lam["resid_lambdas"][0], lam["post_lambdas"][0],
                                        inject=input_injection(x0, x_bigram, lam, i == 0))
                 else:
-                    inject = mudd["input_inject"] * states["input"] + mudd["bigram_inject"] * x_bigram
+                    inject = mudd["input_inject"] * states["input"] + into_stream(mudd["bigram_inject"] * x_bigram, d)
                     x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"], inject=inject)
             resid, post = (lam["resid_lambdas"][1], lam["post_lambdas"][1]) if mudd is None else (
                 mudd["resid_mlp"], mudd["post_mlp"])
@@ -2932,8 +2956,8 @@ def build_model(cfg, env: DistEnv) -> nn.Module:
     model = GPT(cfg).to(env.device)
     model.cast_to_bf16()          # banks, embeddings, gates in bf16 as the record trains them (CPU too)
     if env.distributed:
-        for param in model.parameters():
-            dist.broadcast(param.detach(), 0)     # identical start on every rank
+        for tensor in [*model.parameters(), model.bigram_signs]:
+            dist.broadcast(tensor.detach(), 0)    # identical start on every rank
     return model
 
 
@@ -3549,7 +3573,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #82, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #83, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

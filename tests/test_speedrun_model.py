@@ -56,7 +56,7 @@ RECORD_SHAPES = {
     "post_lambdas": (11, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
     "scalars": (24,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
-    "bigram_embed.weight": (50304 * 5, 768),
+    "bigram_embed.weight": (50304 * 15, 192),
     "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14), "xsa_alphas": (11, 6),
 }
 RECORD_LABELS = {
@@ -71,10 +71,11 @@ def test_record_config_parameters_names_shapes_labels():
         model = ts.GPT(ts.ModelConfig(world_size=8, max_seq_len=256))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    # the record's count at 8ee5feda (#82), 8 ranks, its shapes summed by hand: #80's 546,964,658,
+    # the record's count at 2d218013 (#83), 8 ranks, its shapes summed by hand: #80's 546,964,658,
     # minus backout_lambda with its padding (scalars 32 -> 24), plus MUDD 98,304 + 1,792 + 28 (#81),
-    # plus xsa_alphas 11 x 6 (#82)
-    assert sum(p.numel() for p in model.parameters()) == 547_064_840
+    # plus xsa_alphas 11 x 6 (#82), bigram table 251,520 x 768 -> 754,560 x 192 (#83)
+    assert sum(p.numel() for p in model.parameters()) == 498_773_000
+    assert model.bigram_signs.shape == (8192, 192) and model.bigram_signs.dtype == torch.bfloat16
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     # record #80: W_q/W_k per pair of heads (60 matrices + 4 padding), W_v/W_o whole (20 + 4)
@@ -141,7 +142,7 @@ def test_init_matches_the_record():
 def test_init_draws_follow_record_81s_order():
     """One seed, the record's weights: the RNG draws in record #81's order (lm_head, embed's
     default init, value embeddings, qk/vo banks, MLP bank, smear/skip Linear and bigram Embedding
-    defaults, MUDD W1), replayed here by hand."""
+    defaults, #83's sign table, MUDD W1), replayed here by hand."""
     cfg = small_cfg(world_size=2)
     torch.manual_seed(7)
     model = ts.GPT(cfg)
@@ -158,7 +159,8 @@ def test_init_draws_follow_record_81s_order():
     mlp = torch.empty(12, 2, 4 * d, d)
     mlp[:, 0].uniform_(-bound, bound)
     torch.nn.Linear(12, 1, bias=False), torch.nn.Linear(12, 1, bias=False)
-    torch.empty(cfg.bigram_vocab_size, d).normal_()
+    torch.empty(cfg.bigram_vocab_size, cfg.bigram_dim).normal_()
+    signs = torch.randn(8192, cfg.bigram_dim).sign().bfloat16()     # record #83's sign table
     w1 = torch.empty(2, 64, d)
     for block in range(2):
         torch.nn.init.kaiming_uniform_(w1[block], a=math.sqrt(5))
@@ -168,6 +170,7 @@ def test_init_draws_follow_record_81s_order():
     assert torch.equal(model.vo_bank[:model.num_vo_matrices], vo[:model.num_vo_matrices])
     assert torch.equal(model.mlp_bank[:, 0], mlp[:, 0])
     assert torch.equal(model.mudd_w1, w1)
+    assert torch.equal(model.bigram_signs, signs)
 
 
 def test_same_seed_same_weights_and_cast_to_bf16():
@@ -355,20 +358,27 @@ def mudd_reference(model, x, block, n):
 
 
 def record_stream_reference(model, inputs, targets, cu, schedule):
-    """Records #81/#82's residual stream written out from their equations, layer by layer, reusing the
+    """Records #81-#83's residual stream written out from their equations, layer by layer, reusing the
     model's own attention and MLP pieces; returns the stream the head normalizes."""
     d, H = model.cfg.model_dim, model.cfg.num_heads
     resid, post = model.resid_lambdas, model.post_lambdas          # [layer, attention/MLP]
     x0_lam, bigram_lam = model.x0_lambdas, model.bigram_lambdas
     per_layer, wide = model.named_scalars()
     plan = model.plan_attention(cu, inputs.numel(), schedule)
-    x0, xb, ve = ts.embed_inputs(inputs, model.embed.weight, model.bigram_embed.weight, model.value_embeds,
-                                 model.smear_gate.weight, wide["smear_lambda"], model.vocab_size)
+    T = inputs.numel()
+    x0, _, ve = ts.embed_inputs(inputs, model.embed.weight, model.bigram_embed.weight, model.bigram_signs,
+                                model.value_embeds, model.smear_gate.weight, wide["smear_lambda"], model.vocab_size)
+    # record #83: the hashed row times the sign row of (previous XOR current token), in the first
+    # bigram_dim channels only
+    prev = torch.cat([torch.zeros(1, dtype=torch.long), inputs[:-1].long()])
+    sign_rows = torch.where(torch.arange(T) == 0, 0, torch.bitwise_xor(prev, inputs.long()) % 8192)
+    b = model.cfg.bigram_dim
+    xb = torch.zeros(T, d)
+    xb[:, :b] = model.bigram_embed.weight[ts.bigram_hash(inputs, model.bigram_embed.weight.size(0))] * model.bigram_signs[sign_rows].float()
     x = x0 + bigram_lam[0] * xb
     cache0 = x
     skip_gate = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
     layer3 = layer7 = layer9 = None
-    T = inputs.numel()
     for spec in model.layers:
         i = spec.index
         mu = None
@@ -429,6 +439,7 @@ def test_residual_stream_is_the_records_equations(monkeypatch):
             p.add_(0.3 * torch.randn_like(p))
         model.mudd_w2.add_(0.1 * torch.randn_like(model.mudd_w2))
         model.xsa_alphas.copy_(torch.randn_like(model.xsa_alphas))
+        model.bigram_embed.weight.normal_()
         expected = record_stream_reference(model, inputs, targets, cu, sched())
         with monkeypatch.context() as patch:      # the model's final stream instead of its loss
             patch.setattr(ts, "output_loss", lambda x, *rest: x)

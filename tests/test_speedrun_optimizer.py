@@ -269,7 +269,7 @@ def test_bad_labels_are_errors():
 RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads qk to 64, vo to 24; scalars are 24)
     "qk": ((64, 256, 768), (64, 256, 768)), "vo": ((24, 768, 768), (24, 768, 768)),
     "mlp": ((12, 2, 3072, 768), (24, 3072, 768)),
-    "scalars": ((24,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 5, 768), None),
+    "scalars": ((24,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 15, 192), None),
     "smear_gate": ((1, 12), None), "skip_gate": ((1, 12), None), "attn_gate_bank": ((10, 6, 12), None),
     "ve_gate_bank": ((5, 6, 12), None), "x0_lambdas": ((11,), None), "post_lambdas": ((11, 2), None),
     "bigram_lambdas": ((11,), None), "resid_lambdas": ((11, 2), None), "lm_head": ((768, 50304), None),
