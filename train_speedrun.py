@@ -1,4 +1,4 @@
-"""Speedrun trainer: our own implementation of the modded-nanogpt record #83 (see README: Records).
+"""Speedrun trainer: our own implementation of the modded-nanogpt record #84 (see README: Records).
 
 One file, read top to bottom in data-flow order:
 config -> what you tune -> model -> optimizer -> data -> schedule -> runtime -> loop -> warm-up -> main.
@@ -79,7 +79,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1375, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1380, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(10, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -305,7 +305,7 @@ class ModelConfig:
     max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
     bigram_vocab_size: int = 50304 * 15  # hashed bigram embedding rows (x5 before #83)
     bigram_dim: int = 192                # their width: they enter the first 192 channels (#83)
-    use_fp8: bool = False                # FP8 lm_head matmul in training (card must support it)
+    use_fp8: bool = False                # FP8 lm_head and MLP up-projection in training (the card must support it)
     attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
     world_size: int = 1                  # pads `scalars` and the banks like the record
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
@@ -498,10 +498,41 @@ def relu_square_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor
     return F.relu(pre).square() @ w_proj
 
 
-def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu(x @ w_fc^T)^2 @ w_proj with autograd; fused Triton linear+ReLU^2 on CUDA."""
+E4M3_MAX = 448.0   # largest float8_e4m3fn
+
+
+def mlp_up_fp8_operands(x: Tensor, w_fc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FP8 operands of the MLP up-projection (record #84): x scaled so its largest entry is
+    448 (one scale per micro-batch), W_fc by its own largest entry (one per matrix), both in
+    their dtype as recorded, and the fp32 factor (1,) that undoes both scales after the product.
+    Quantized in every forward (the record refreshes an FP8 weight copy after each optimizer
+    step instead: same values, as the weights only change at steps, and nothing can go stale)."""
+    x, w_fc = x.detach(), w_fc.detach()
+    x_amax = x.abs().max().clamp(min=1e-12)
+    x_f8 = (x * (E4M3_MAX / x_amax)).to(torch.float8_e4m3fn)
+    w_scale = w_fc.abs().amax().clamp(min=1e-12) / E4M3_MAX
+    w_f8 = (w_fc / w_scale).to(torch.float8_e4m3fn)
+    dequant = (w_scale.float() * x_amax.float() / E4M3_MAX).reshape(1)
+    return x_f8, w_f8, dequant
+
+
+def relu_square_mlp_fp8_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """The FP8 forward in plain PyTorch. Its gradient is the bf16 formula's taken at the FP8
+    pre-activation (straight through the quantization), as the fused backward computes it."""
+    x_f8, w_f8, dequant = mlp_up_fp8_operands(x, w_fc)
+    exact = x @ w_fc.mT
+    fp8 = ((x_f8.float() @ w_f8.float().mT) * dequant).to(exact.dtype)
+    pre = exact + (fp8 - exact).detach()
+    return F.relu(pre).square() @ w_proj
+
+
+def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, use_fp8: bool = False) -> Tensor:
+    """relu(x @ w_fc^T)^2 @ w_proj with autograd; fused Triton linear+ReLU^2 on CUDA. use_fp8:
+    the up-projection's forward product in FP8 (record #84; training on FP8 cards)."""
     if _use_triton(x):
-        return _FusedReluSquareMLP.apply(x, w_fc, w_proj)
+        return _FusedReluSquareMLP.apply(x, w_fc, w_proj, use_fp8)
+    if use_fp8:
+        return relu_square_mlp_fp8_reference(x, w_fc, w_proj)
     return relu_square_mlp_reference(x, w_fc, w_proj)
 
 
@@ -928,8 +959,8 @@ def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
     return y - torch.tanh(alpha).type_as(y).view(1, -1, 1) * along * v_dir
 
 
-def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
-    return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x))
+def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor, use_fp8: bool = False) -> Tensor:
+    return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x), use_fp8)
 
 
 def into_stream(t: Tensor, width: int) -> Tensor:
@@ -1248,6 +1279,7 @@ class GPT(nn.Module):
         T = input_seq.size(0)
         x = x0 + into_stream(x_bigram * self.bigram_lambdas[0].type_as(x_bigram), d)   # layer 0's bigram part
         states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
+        mlp_fp8 = self.cfg.use_fp8 and self.training   # FP8 up-projection forward (record #84)
         for spec in self.layers:
             i = spec.index
             lam = self.layer_lambdas(i, layer_scalars)
@@ -1286,7 +1318,7 @@ class GPT(nn.Module):
                     x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"], inject=inject)
             resid, post = (lam["resid_lambdas"][1], lam["post_lambdas"][1]) if mudd is None else (
                 mudd["resid_mlp"], mudd["post_mlp"])
-            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i]), resid, post)
+            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i], mlp_fp8), resid, post)
             if i == SKIP_FROM_LAYER:
                 states["layer3"] = x
             if i == ATTN_INPUT_LAYER:
@@ -1323,12 +1355,13 @@ def _relu_square_epilogue(acc, aux_in, FORWARD: tl.constexpr, dtype: tl.constexp
 
 @triton.jit
 def _linear_relu_square_kernel(
-    a_ptr, b_ptr, out_ptr, aux_ptr, M, N, K,
+    a_ptr, b_ptr, out_ptr, aux_ptr, dequant_ptr, M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FORWARD: tl.constexpr,
+    FORWARD: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Portable (pointer-based) version; out and aux share strides. a (M, K), b (N, K)."""
+    """Portable (pointer-based) version; out and aux share strides. a (M, K), b (N, K). FP8: a
+    and b are e4m3 and the product is multiplied by *dequant_ptr before the epilogue."""
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -1345,6 +1378,8 @@ def _linear_relu_square_kernel(
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if FP8:
+        acc *= tl.load(dequant_ptr)
 
     offsets = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     in_bounds = (rows[:, None] < M) & (cols[None, :] < N)
@@ -1370,9 +1405,9 @@ def _relu_square_store_tma(acc, out_desc, aux_desc, row0, col0, FORWARD: tl.cons
 
 @triton.jit
 def _linear_relu_square_tma_kernel(
-    a_desc, b_desc, out_desc, aux_desc, M, N, K,
+    a_desc, b_desc, out_desc, aux_desc, dequant_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FORWARD: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FORWARD: tl.constexpr, FP8: tl.constexpr,
 ):
     """Hopper version: TMA tensor descriptors, persistent programs striding over output tiles.
     The epilogue handles the tile as two column halves so fewer registers are live at once."""
@@ -1387,6 +1422,8 @@ def _linear_relu_square_tma_kernel(
             a = a_desc.load([row0, k0])
             b = b_desc.load([col0, k0])
             acc = tl.dot(a, b.T, acc)
+        if FP8:
+            acc *= tl.load(dequant_ptr)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
         _relu_square_store_tma(left, out_desc, aux_desc, row0, col0, FORWARD)
         _relu_square_store_tma(right, out_desc, aux_desc, row0, col0 + HALF_N, FORWARD)
@@ -1410,38 +1447,43 @@ def _num_programs(device: torch.device) -> int:
 
 
 def _linear_relu_square_triton(a: Tensor, b: Tensor, pre: Tensor | None = None,
-                               use_tma: bool | None = None):
+                               use_tma: bool | None = None, dequant: Tensor | None = None,
+                               out_dtype: torch.dtype | None = None):
     """Forward (pre is None): returns (pre, post) of a @ b^T. Backward (pre given, a = upstream
-    gradient, b = w_proj): returns dpre = 2 (a @ b^T) relu(pre)."""
+    gradient, b = w_proj): returns dpre = 2 (a @ b^T) relu(pre). With dequant (fp32 (1,)): a and
+    b are e4m3, the product is scaled by it, and the outputs are out_dtype (record #84)."""
     a, b = a.contiguous(), b.contiguous()
     M, K = a.shape
     N = b.size(0)
     assert b.size(1) == K, f"inner dims differ: a {tuple(a.shape)}, b {tuple(b.shape)}"
     forward = pre is None
-    out = a.new_empty((M, N))
-    aux = a.new_empty((M, N)) if forward else pre.contiguous()
+    fp8 = dequant is not None
+    assert forward or not fp8, "FP8 is for the forward product only"
+    out = a.new_empty((M, N), dtype=out_dtype or a.dtype)
+    aux = torch.empty_like(out) if forward else pre.contiguous()
     if use_tma is None:
         use_tma = _tma_usable(a, b)
+    dequant = dequant if fp8 else out   # a pointer the kernel never reads
     if use_tma:
-        block_m, block_n, block_k = 128, 256, 64
+        block_m, block_n, block_k = 128, 256, 128 if fp8 else 64   # 128 bytes of K either way
         a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
         b_desc = TensorDescriptor.from_tensor(b, [block_n, block_k])
         out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n // 2])
         aux_desc = TensorDescriptor.from_tensor(aux, [block_m, block_n // 2])
         programs = min(_num_programs(a.device), triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
         _linear_relu_square_tma_kernel[(programs,)](
-            a_desc, b_desc, out_desc, aux_desc, M, N, K,
+            a_desc, b_desc, out_desc, aux_desc, dequant, M, N, K,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_PROGRAMS=programs, FORWARD=forward,
+            NUM_PROGRAMS=programs, FORWARD=forward, FP8=fp8,
             num_stages=4 if forward else 3, num_warps=8,
         )
     else:
         block_m, block_n, block_k = 128, 128, 64
         grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
         _linear_relu_square_kernel[grid](
-            a, b, out, aux, M, N, K,
+            a, b, out, aux, dequant, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FORWARD=forward,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FORWARD=forward, FP8=fp8,
             num_stages=3, num_warps=8,
         )
     return (out, aux) if forward else out
@@ -1453,9 +1495,13 @@ class _FusedReluSquareMLP(torch.autograd.Function):
     torch.library custom op here cost ~0.35 ms of CPU per call on the H100 host)."""
 
     @staticmethod
-    def forward(ctx, x, w_fc, w_proj):
+    def forward(ctx, x, w_fc, w_proj, use_fp8=False):
         x2d = x.reshape(-1, x.size(-1))
-        pre, post = _linear_relu_square_triton(x2d, w_fc)
+        if use_fp8:   # the forward product in FP8; the backward stays bf16 (record #84)
+            x_f8, w_f8, dequant = mlp_up_fp8_operands(x2d, w_fc)
+            pre, post = _linear_relu_square_triton(x_f8, w_f8, dequant=dequant, out_dtype=x.dtype)
+        else:
+            pre, post = _linear_relu_square_triton(x2d, w_fc)
         ctx.save_for_backward(x2d, w_fc, w_proj, pre, post)
         return (post @ w_proj).view(x.shape)
 
@@ -1467,7 +1513,7 @@ class _FusedReluSquareMLP(torch.autograd.Function):
         grad_pre = _linear_relu_square_triton(grad2d, w_proj, pre=pre)
         grad_w_fc = grad_pre.mT @ x2d
         grad_x = grad_pre @ w_fc
-        return grad_x.view(grad_out.shape), grad_w_fc, grad_w_proj
+        return grad_x.view(grad_out.shape), grad_w_fc, grad_w_proj, None
 
 
 # ---- Triton: fused softcapped cross-entropy with multi-token prediction ----------------------------
@@ -3573,7 +3619,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
     keeps the default, or the --smoke / --device cpu one)."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #83, our implementation (see README: speedrun)")
+        prog="train_speedrun.py", description="modded-nanogpt record #84, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):

@@ -7,6 +7,7 @@ Usage: python3 benchmarks/speedrun_kernels.py [--tokens 16384] [--before OLD/tra
 """
 import argparse
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def kernel_cases(T, tokens: int) -> dict:
         "tied embed <- lm_head^T": lambda: copy_into(embed, lm_head),
         "lm_head grad += embed grad^T": lambda: add_into(lm_head, embed),
     }
+    if "use_fp8" in inspect.signature(T.relu_square_mlp).parameters:   # record #84 on
+        cases[f"relu_square_mlp fwd+bwd, fp8 forward={use_fp8}"] = (
+            lambda: T.relu_square_mlp(x, w_fc, w_proj, use_fp8).sum().backward())
     if hasattr(T, "_softcapped_ce_fwd_bwd_triton"):   # launch settings of the fused kernel
         for block, warps, per_sm in [(1024, 4, 4), (1024, 4, 64), (2048, 8, 2), (2048, 8, 4),
                                      (4096, 8, 2), (4096, 16, 1), (8192, 16, 1), (8192, 8, 2)]:

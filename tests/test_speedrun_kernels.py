@@ -141,6 +141,32 @@ def test_relu_square_mlp_reference_formula():
     torch.testing.assert_close(out, expected)
 
 
+def test_fp8_mlp_reference_is_straight_through():
+    """Record #84: the FP8 up-projection changes the forward's pre-activation (e4m3 operands,
+    scaled back), and the gradient is the bf16 formula's taken at that pre-activation."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 32, generator=g, dtype=torch.float64).requires_grad_()
+    w_fc = (0.2 * torch.randn(128, 32, generator=g, dtype=torch.float64)).requires_grad_()
+    w_proj = (0.2 * torch.randn(128, 32, generator=g, dtype=torch.float64)).requires_grad_()
+    upstream = torch.randn(3, 10, 32, generator=g, dtype=torch.float64)
+    out = ts.relu_square_mlp(x, w_fc, w_proj, use_fp8=True)
+    x_f8, w_f8, dequant = ts.mlp_up_fp8_operands(x, w_fc)
+    assert x_f8.dtype == w_f8.dtype == torch.float8_e4m3fn
+    assert x_f8.float().abs().max() == 448 and w_f8.float().abs().max() == 448   # full e4m3 range
+    pre = (x_f8.double() @ w_f8.double().mT) * dequant.double()
+    exact = x.detach() @ w_fc.detach().T
+    assert 0 < ((pre - exact).norm() / exact.norm()).item() < 0.1              # 3 mantissa bits
+    post = torch.relu(pre) ** 2
+    close = dict(rtol=1e-5, atol=1e-6)        # the reference multiplies the e4m3 values in fp32
+    torch.testing.assert_close(out, post @ w_proj.detach(), **close)
+    grads = torch.autograd.grad(out, (x, w_fc, w_proj), upstream)
+    dpre = 2 * (upstream @ w_proj.detach().T) * torch.relu(pre)
+    want = (dpre @ w_fc.detach(), dpre.flatten(0, 1).T @ x.detach().flatten(0, 1),
+            post.flatten(0, 1).T @ upstream.flatten(0, 1))
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got, w, **close)
+
+
 def test_fp8_supported_is_false_off_cuda():
     assert ts.fp8_supported("cpu") is False
 
@@ -229,6 +255,37 @@ def check_linear_relu_square(device, dtype, tol):
         assert _rel_err(dpre, 2 * (g.float() @ w_proj.float().T) * torch.relu(pre.float())) < tol
 
 
+def check_linear_relu_square_fp8(device, dtype, tol):
+    """Record #84: e4m3 operands, the product scaled back by one fp32 factor, outputs in the
+    activations' dtype; the TMA path uses 128-wide K blocks for FP8."""
+    use_tma_options = [False, True] if device == "cpu" else [None]
+    x = _randn(150, 128, device=device, dtype=dtype)
+    w = _randn(300, 128, device=device, dtype=dtype, scale=0.1, seed=1)
+    x_f8, w_f8, dequant = ts.mlp_up_fp8_operands(x, w)
+    want_pre = (x_f8.float() @ w_f8.float().T) * dequant
+    for use_tma in use_tma_options:
+        pre, post = ts._linear_relu_square_triton(x_f8, w_f8, use_tma=use_tma, dequant=dequant,
+                                                  out_dtype=dtype)
+        assert pre.dtype == post.dtype == dtype
+        assert _rel_err(pre, want_pre) < tol
+        assert _rel_err(post, torch.relu(want_pre).square()) < tol
+
+
+def check_fused_mlp_fp8_autograd(device, dtype, tol):
+    x = _randn(2, 70, 64, device=device, dtype=dtype).requires_grad_()
+    w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
+    w_proj = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=2).requires_grad_()
+    upstream = _randn(2, 70, 64, device=device, dtype=dtype, seed=3)
+    got = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj, True)
+    got_grads = torch.autograd.grad(got, (x, w_fc, w_proj), upstream)
+    leaves = [t.detach().float().requires_grad_() for t in (x, w_fc, w_proj)]
+    want = ts.relu_square_mlp_fp8_reference(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, upstream.float())
+    assert _rel_err(got, want) < tol
+    for g, w in zip(got_grads, want_grads):
+        assert _rel_err(g, w) < tol
+
+
 def check_fused_mlp_autograd(device, dtype, tol):
     x = _randn(2, 70, 64, device=device, dtype=dtype).requires_grad_()
     w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
@@ -310,6 +367,7 @@ def check_ops_trace_under_compile(device, dtype, tol):
 
 KERNEL_CHECKS = {f.__name__: f for f in (
     check_symmetric_gram, check_transpose_copy_and_add, check_linear_relu_square, check_fused_mlp_autograd,
+    check_linear_relu_square_fp8, check_fused_mlp_fp8_autograd,
     check_softcapped_ce_kernels, check_fused_loss_autograd, check_ops_trace_under_compile)}
 INTERPRETER_CHECKS = sorted(set(KERNEL_CHECKS) - {"check_ops_trace_under_compile"})
 

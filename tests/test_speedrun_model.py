@@ -237,6 +237,29 @@ def test_bf16_model_forward_is_finite():
     assert torch.isfinite(loss) and model.qk_bank.grad.dtype == torch.bfloat16
 
 
+def test_fp8_config_changes_training_forward_only(monkeypatch):
+    """use_fp8 (record #84 adds the MLP up-projection to the lm_head): training forwards use the
+    FP8 references on CPU and differ a little; evaluation never uses FP8."""
+    inputs, targets, cu = batch()
+    losses = {}
+    for fp8 in (False, True):
+        model = make_model(seed=4, use_fp8=fp8)
+        model.eval()
+        with torch.no_grad():
+            losses[fp8, "eval"] = model(inputs, targets, cu, sched()).item()
+        model.train()
+        losses[fp8, "train"] = model(inputs, targets, cu, sched()).item()
+    assert losses[True, "eval"] == losses[False, "eval"]
+    assert losses[True, "train"] != losses[False, "train"]
+    assert losses[True, "train"] == pytest.approx(losses[False, "train"], rel=0.02)
+    calls = []
+    monkeypatch.setattr(ts, "relu_square_mlp_fp8_reference",
+                        lambda *a: calls.append(1) or ts.relu_square_mlp_reference(*a))
+    model.train()
+    model(inputs, targets, cu, sched())
+    assert len(calls) == 11                      # every layer's MLP
+
+
 def test_bigram_hash_matches_int32_arithmetic():
     tokens = torch.tensor([50256, 3, 50000, 12345, 7, 50255, 0], dtype=torch.int32)
     size = 50304 * 5
