@@ -3273,8 +3273,26 @@ def read_resume_checkpoint(args: Hyperparameters, env: DistEnv) -> tuple:
     return (step, *load_checkpoint(args, env, step))
 
 
+def model_state_mismatch(model_state: dict, raw_model: nn.Module) -> str | None:
+    """What differs between a checkpoint's model and this file's (names and shapes), or None."""
+    mine = {name: tuple(t.shape) for name, t in raw_model.state_dict().items()}
+    saved = {name: tuple(t.shape) for name, t in model_state.items() if isinstance(t, Tensor)}
+    problems = []
+    if missing := sorted(mine.keys() - saved.keys()):
+        problems.append(f"missing {', '.join(missing)}")
+    if extra := sorted(saved.keys() - mine.keys()):
+        problems.append(f"not in this model {', '.join(extra)}")
+    problems += [f"{name} {saved[name]} here {mine[name]}" for name in sorted(mine.keys() & saved.keys())
+                 if saved[name] != mine[name]]
+    return "; ".join(problems) or None
+
+
 def restore_checkpoint(payload: dict, model_state: dict, raw_model: nn.Module, optimizer: NorMuonAndAdam) -> None:
     """Model, optimizer and RNG back to the checkpoint (in place: compiled graphs keep their tensors)."""
+    if mismatch := model_state_mismatch(model_state, raw_model):
+        raise SystemExit(f"error: the checkpoint holds another model than this train_speedrun.py builds ({mismatch}): "
+                         "it was written by another version (a record that changed the parameters?); resume with "
+                         "the file that wrote it, or start from scratch")
     raw_model.load_state_dict(model_state)
     optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"])

@@ -136,6 +136,24 @@ def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, corpus):
     assert val_steps == list(range(9))                                    # each validation logged once
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_version():
+    """A checkpoint from before a record that changed the parameters: one error line naming what
+    differs, nothing loaded."""
+    model = ts.GPT(ts.ModelConfig.smoke(attn_backend="sdpa", compile_mode="none", max_seq_len=512, val_max_len=512))
+    optimizer = ts.NorMuonAndAdam(model.named_parameters())
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    state.pop("xsa_alphas")
+    state["old_lambdas"] = torch.zeros(3)
+    state["bigram_embed.weight"] = torch.zeros(7, 5)
+    before = model.mudd_w1.detach().clone()
+    state["mudd_w1"] = torch.ones_like(state["mudd_w1"])
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint holds another model than this train_speedrun.py "
+                       r"builds \(missing xsa_alphas; not in this model old_lambdas; bigram_embed.weight \(7, 5\) here"):
+        ts.restore_checkpoint({}, state, model, optimizer)
+    assert torch.equal(model.mudd_w1, before)
+    assert ts.model_state_mismatch(model.state_dict(), model) is None
+
+
 def test_resume_refuses_other_data_or_schedule(tmp_path, corpus):
     ts.main(smoke_args(corpus, tmp_path, "r") + ["--max_steps", "2", "--save_checkpoint"])
     with pytest.raises(SystemExit, match="written with --num_scheduled_iterations 6, this run has 7"):
