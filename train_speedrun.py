@@ -143,8 +143,9 @@ QK_HEADS_PER_MATRIX = 2           # NorMuon orthogonalizes W_q and W_k per pair 
 XSA_LAYERS = (1, 3, 4, 7, 8, 10)  # gated exclusive self-attention (#82): the unpaired attention
                                   # layers (a paired layer's values do not line up with its heads)
 GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
-VE_GATE_SPLIT = 6                 # ... except the value-embedding gate of an unpaired layer: the
-                                  # first 6 channels of its input and the first 6 of the embedding
+VE_GATE_SPLIT = 6                 # ... except the value-embedding gates: the first 6 channels of
+                                  # the input and the first 6 of the embedding (#70; paired layers too
+                                  # since #81)
 
 # ---- model constants (rotary, YaRN, bigram hash, FP8 scales, init) ----
 ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
@@ -857,11 +858,15 @@ def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
     """Row of the bigram table for each position: hash of (previous, current) token.
 
     int32 arithmetic that wraps like the record's; position 0 has no previous token and gets the
-    reserved last row. Document starts hash with the previous document's last token (as recorded).
+    reserved last row, and position 1 hashes with that reserved id as its previous token (the
+    record overwrites token 0 before hashing, since #71). Document starts hash with the previous
+    document's last token (as recorded).
     """
     t = tokens.to(torch.int32)
     reserved = table_size - 1
-    mixed = torch.bitwise_xor(BIGRAM_HASH_A * t[1:], BIGRAM_HASH_B * t[:-1]) % reserved
+    prev = t[:-1].clone()
+    prev[:1] = reserved
+    mixed = torch.bitwise_xor(BIGRAM_HASH_A * t[1:], BIGRAM_HASH_B * prev) % reserved
     return torch.cat([mixed.new_full((1,), reserved), mixed])
 
 
@@ -912,8 +917,8 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
     head_dim = q.size(-1)
     gate_in = h[:, :GATE_INPUTS]
     if ve is not None:
-        # the gate of the value embedding sees part of the embedding itself, except on paired layers
-        ve_gate_in = gate_in if paired else torch.cat([h[:, :VE_GATE_SPLIT], ve[:, :VE_GATE_SPLIT].type_as(h)], -1)
+        # the gate of the value embedding sees part of the embedding itself
+        ve_gate_in = torch.cat([h[:, :VE_GATE_SPLIT], ve[:, :VE_GATE_SPLIT].type_as(h)], -1)
         ve_gate = 2 * torch.sigmoid(F.linear(ve_gate_in, ve_gate_w.type_as(h)))   # (T, heads)
     if paired:
         # each token's heads become two consecutive positions of half as many heads
@@ -2479,9 +2484,11 @@ def bigram_rows_host(tokens: np.ndarray, table_size: int) -> np.ndarray:
     2^16, so the products fit in int32 and neither side wraps)."""
     t = tokens.astype(np.int32)
     reserved = np.int32(table_size - 1)
+    prev = t[:-1].copy()
+    prev[:1] = reserved                   # position 1's previous token: the reserved id (as recorded)
     rows = np.empty_like(t)
     rows[0] = reserved
-    rows[1:] = np.bitwise_xor(np.int32(BIGRAM_HASH_A) * t[1:], np.int32(BIGRAM_HASH_B) * t[:-1]) % reserved
+    rows[1:] = np.bitwise_xor(np.int32(BIGRAM_HASH_A) * t[1:], np.int32(BIGRAM_HASH_B) * prev) % reserved
     return rows
 
 

@@ -264,6 +264,7 @@ def test_bigram_hash_matches_int32_arithmetic():
     tokens = torch.tensor([50256, 3, 50000, 12345, 7, 50255, 0], dtype=torch.int32)
     size = 50304 * 5
     prev, cur = tokens[:-1].numpy().astype(np.int64), tokens[1:].numpy().astype(np.int64)
+    prev[0] = size - 1            # the record hashes position 1 with the reserved id before it
     wrap = lambda v: ((v + 2**31) % 2**32) - 2**31                     # int32 overflow
     mixed = np.bitwise_xor(wrap(36313 * cur), wrap(27191 * prev)) % (size - 1)   # floor mod
     expected = [size - 1] + mixed.tolist()
@@ -303,7 +304,7 @@ def test_paired_head_layout_matches_direct_per_head_construction():
     h = ts.norm(kw["x"])
     qkv = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)
     q_heads, k_heads, v_heads = ts.norm(qkv[:, 0]), ts.norm(qkv[:, 1]), qkv[:, 2]
-    ve_gate = 2 * torch.sigmoid(h[:, :12] @ kw["ve_gate_w"].T)
+    ve_gate = 2 * torch.sigmoid(torch.cat([h[:, :6], kw["ve"][:, :6]], -1) @ kw["ve_gate_w"].T)   # #81
     freq = yarn.angular_freq.tolist()
     assert q.shape == k.shape == v.shape == (2 * T, H // 2, D)
     for t in range(T):
@@ -321,8 +322,9 @@ def test_paired_head_layout_matches_direct_per_head_construction():
 
 def test_value_embedding_gate_reads_half_input_half_embedding_on_unpaired_layers():
     """Record #70: an unpaired layer's value-embedding gate is sigmoid-linear over the normed
-    input's first 6 channels followed by the embedding's first 6; a paired layer keeps the
-    input's first 12. Checked against that formula written out directly."""
+    input's first 6 channels followed by the embedding's first 6 (paired layers too since #81:
+    test_paired_head_layout_matches_direct_per_head_construction). Checked against that formula
+    written out directly."""
     T, H, D = 12, 4, 16
     kw = layer_inputs(T, H, D, seed=3)
     yarn = ts.Yarn(D, 64)
