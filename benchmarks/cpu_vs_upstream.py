@@ -1,0 +1,857 @@
+"""Train upstream modded-nanogpt's own code and our train_speedrun.py side by side on CPU.
+
+  python3 benchmarks/cpu_vs_upstream.py --upstream ref/upstream82/train_gpt.py [--ours-rev REV]
+      [--steps 12 --ext 2] [--warmup both|none] [--sync-grads] [--micro 1] [--tokens 1024] [--seed 0]
+      [--upstream-edit OLD NEW ...]
+
+Both sides build the record's 11-layer model at a tiny width (d=64, 4 heads of 16, vocab 1000),
+get the same random weights (copied by parameter name), then train on the same synthetic batches
+with their own optimizer, schedule, warm-up and reset (--warmup none skips the warm-ups). Every
+step prints the loss of each side, the worst relative difference of the gradients (before the
+optimizer step) and of the parameters (after it), and the parameter it occurs in; the last line
+is the verdict: bit-identical at all steps, or the first step and tensor that differ. Before
+training it also compares what needs no training: parameter names, shapes and dtypes, the
+optimizer settings of every parameter and its update orders, and the schedule at every step
+(at this run's length and at each side's record length).
+
+Upstream side. Its train_gpt.py is read from --upstream (a file, or a checkout folder holding it)
+and only its definitions are executed (classes, functions, the polar express coefficients, the
+stage table and training schedule); data loading, Hyperparameters, the FP8 custom ops and the
+main script are left out. What they would provide is injected: args (schedule, bigram table),
+world size 1 with 8 micro-batches per step (grad_scale 1/8), a CPU device, and FlashAttention 3
+from benchmarks/fa3_standin/ (the same stand-in vs_upstream.py uses). triton_kernels.py is never
+imported (since record #79 it compiles a CUDA kernel at import); each name upstream imports from
+it is replaced by the plain PyTorch reference of the same math in train_speedrun.py, so both
+sides run identical kernels (the lm_head loss without FP8 on both sides). A few text edits make
+upstream's code run eagerly on CPU; they are printed as a unified diff before anything runs.
+
+Our side: train_speedrun.py imported as is (the working tree's, or with --ours-rev REV the one
+committed at REV), eager (compile_mode none), attention backend "fa3" served by the same stand-in
+function, so both sides' attention is one identical call.
+
+Telling bugs from rounding:
+  * float64 check (always, before training): step 0's forward and backward once more on float64
+    copies of both models holding bf16 values. Summation and gradient-accumulation order then move
+    results by ~1e-15, so a difference above 1e-9 there is different math; bf16 differences that
+    vanish there are rounding order (e.g. autograd summing a tensor's gradients in another order).
+  * --sync-grads: ours' optimizer steps on upstream's gradients, so the parameters test the
+    optimizer, the schedule, the embed/lm_head split and the warm-up/reset alone, bit for bit.
+  * --upstream-edit OLD NEW (repeatable): a what-if text edit of upstream (shown in the diff), e.g.
+    upstream written the way ours computes something, to confirm that this is the one difference.
+
+Exit status: 0 bit-identical, 1 a difference was found, 2 error (one line `error: ...`).
+"""
+import os
+
+# upstream decorates its optimizer math with torch.compile; eager on CPU is what we compare
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import argparse
+import ast
+import atexit
+import copy
+import difflib
+import importlib.util
+import inspect
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from dataclasses import dataclass
+from itertools import accumulate, pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+OURS_SCRIPT = REPO / "train_speedrun.py"
+STANDIN_FILE = Path(__file__).resolve().parent / "fa3_standin" / "kernels.py"
+
+# the tiny model: the record's layout, narrow enough for a few minutes on 2 CPU cores
+MODEL_DIM, NUM_HEADS, HEAD_DIM, VOCAB, NUM_LAYERS = 64, 4, 16, 1000, 11
+BIGRAM_ROWS = 5 * 1024
+GRAD_ACCUM = 8                 # world size 1: 8 // world_size micro-batches make the record's step
+GRAD_SCALE = 1 / GRAD_ACCUM    # each micro-batch's loss is scaled by this before backward (both sides)
+TRAIN_MAX_SEQ_LEN = 2048       # flash-attn max_seqlen (the stand-in does not read it)
+
+# ours' parameter name -> upstream's, where they differ (none at record #82)
+NAME_MAP: dict = {}
+
+# Noise added to upstream's initial value of each parameter (one draw, copied into both models):
+# every weight non-zero (zero-initialized projections and gates too) so every path carries signal.
+NOISE = {"value_embeds": 0.3, "bigram_embed.weight": 0.3, "lm_head.weight": 0.1,
+         "attn_gate_bank": 0.5, "ve_gate_bank": 0.5, "smear_gate.weight": 0.5,
+         "skip_gate.weight": 0.5, "xsa_alphas": 0.5, "mudd_w2": 0.5, "mudd_b2": 1.0}
+MATRIX_NOISE = 0.5 * MODEL_DIM ** -0.5   # other parameters of 2+ dims (the banks, mudd_w1)
+VECTOR_NOISE = 0.2                       # other 1-D parameters (scalars, lambdas)
+
+# Edits to upstream's source: (why, old text, new text, required). Each makes upstream's own code
+# run eagerly on CPU with what compiled CUDA code computes; a required one that is missing stops
+# the tool (upstream changed: check the edit still means the same).
+UPSTREAM_EDITS = [
+    ("key offset: the compiled semantics (eager copies the overlapping slices row by row, so every "
+     "key would get row 0's stationary half; Inductor reads the original keys)",
+     "k[:, 1:, :, self.head_dim // 2:] = k[:, :-1, :, self.head_dim // 2:]",
+     "k[:, 1:, :, self.head_dim // 2:] = k[:, :-1, :, self.head_dim // 2:].clone()", True),
+    ("mantissa update: CPU has no uint32 shifts; the same bits through int64",
+     "p_precise_raw = (p.to(torch.uint32) << 16) | mantissa.to(torch.uint32)",
+     "p_precise_raw = ((p.to(torch.int64) << 16) | mantissa.to(torch.int64)).to(torch.int32)", True),
+    ("mantissa update: high half of the int32 bits (as the uint32 shift would)",
+     "p.copy_((p_precise_raw >> 16).to(torch.uint16))",
+     "p.copy_(((p_precise_raw.to(torch.int64) & 0xFFFFFFFF) >> 16).to(torch.uint16))", True),
+    ("mantissa update: low half of the int32 bits",
+     "mantissa.copy_(p_precise_raw.to(torch.uint16))",
+     "mantissa.copy_((p_precise_raw.to(torch.int64) & 0xFFFF).to(torch.uint16))", True),
+    ("bigram hash: no pinned memory without CUDA",
+     "out = torch.empty_like(x, pin_memory=True)", "out = torch.empty_like(x)", True),
+    ("annotation typo (8ee5feda): evaluated at class creation before Python 3.14",
+     "sa_lambdas: torch.Tensora", "sa_lambdas: torch.Tensor", False),
+]
+
+# upstream definitions left out: FP8 custom ops (CUDA), logging, data loading, Hyperparameters
+SKIPPED_DEFS = {"mm_t_op", "_", "mm_t_backward_op", "backward_t", "setup_context_t", "nvidia_smi",
+                "print0", "_load_data_shard", "Shard", "distributed_data_generator", "Hyperparameters"}
+KEPT_ASSIGNS = {"polar_express_coeffs", "BOS_ID", "TRAIN_MAX_NUM_DOCS", "TRAINING_STAGES",
+                "training_schedule"}
+REQUIRED = ("GPT", "ForwardScheduleConfig", "NorMuonAndAdam", "TrainingManager", "TrainingSchedule",
+            "TRAINING_STAGES", "training_schedule", "get_muon_momentum", "get_bigram_hash",
+            "TRAIN_MAX_NUM_DOCS", "next_multiple_of_n")
+FORWARD_ARGS = ["self", "input_seq", "target_seq", "seqlens", "bigram_input_seq", "schedule_cfg"]
+HANDLED = "records #79-#82 (per-row fused loss with grad_scale, qk/vo banks, MUDD, XSA)"
+
+
+class ToolError(Exception):
+    """Printed as one line: error: <message>."""
+
+
+# =============================================================================
+# Loading both sides
+# =============================================================================
+
+def load_module_from(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module        # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def upstream_file(arg: str) -> Path:
+    path = Path(arg)
+    if path.is_dir():
+        path = path / "train_gpt.py"
+    if not path.is_file():
+        raise ToolError(f"--upstream {arg}: no such file (give upstream's train_gpt.py or the folder holding it)")
+    return path
+
+
+def edit_upstream(text: str, what_if: list) -> tuple:
+    """Apply UPSTREAM_EDITS, then the --upstream-edit ones; returns (edited text, descriptions)."""
+    applied = []
+    extra = [("--upstream-edit (what-if)", old, new, True) for old, new in what_if]
+    for why, old, new, required in UPSTREAM_EDITS + extra:
+        count = text.count(old)
+        if count == 0 and not required:
+            continue
+        if count != 1:
+            raise ToolError(f"upstream train_gpt.py: expected the line `{old}` once, found it {count} times "
+                            f"({why}); this tool handles {HANDLED}")
+        text = text.replace(old, new)
+        applied.append(why)
+    return text, applied
+
+
+def unified_diff(before: str, after: str) -> str:
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                        "upstream/train_gpt.py", "upstream/train_gpt.py (as run here)", n=0))
+
+
+def definitions_only(tree: ast.Module) -> ast.Module:
+    """Upstream's classes, functions and the few module constants the training code reads."""
+    body = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in SKIPPED_DEFS:
+            body.append(node)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in KEPT_ASSIGNS
+                                                  for t in node.targets):
+            body.append(node)
+    return ast.Module(body=body, type_ignores=[])
+
+
+def module_assign(tree: ast.Module, name: str):
+    """The value expression of upstream's module-level `name = ...` (None if absent)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return node.value
+    return None
+
+
+def kernel_imports(tree: ast.Module) -> list:
+    return [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "triton_kernels"
+            for a in node.names]
+
+
+def kernel_standins(O) -> dict:
+    """Plain PyTorch for every name upstream imports from triton_kernels, from OUR references."""
+    class SoftcappedCrossEntropy:
+        @staticmethod
+        def apply(x, targets, mtp_weights, w, x_s, w_s, grad_s, grad_scale):
+            # per-row losses, like upstream's kernel. Its backward ignores the incoming gradient and
+            # scales by grad_scale itself; the caller's loss.sum() * grad_scale gives autograd of
+            # these rows the same factor. No FP8: ours runs the same reference with use_fp8=False.
+            return O.softcapped_mtp_loss_reference(x, targets, mtp_weights, w, x_s, w_s, grad_s, False)
+
+    class LinearReLUSquare:
+        apply = staticmethod(O.relu_square_mlp_reference)
+
+    return dict(
+        FusedSoftcappedCrossEntropy=SoftcappedCrossEntropy,
+        FusedLinearReLUSquareFunction=LinearReLUSquare,
+        XXT=O.xxt_reference,
+        XTX=lambda A, out: O.xxt_reference(A.mT, out),          # what ours' xtx does off-GPU
+        ba_plus_cAA=O.ba_plus_caa_reference,
+        transpose_add=lambda src, dst: O.transpose_add_(dst, src),      # upstream: (src, dst)
+        transpose_copy=lambda src, dst: O.transpose_copy_(dst, src),
+    )
+
+
+def upstream_globals(O, standin, kernels: dict, sched: int, ext: int, tokens: int) -> dict:
+    """What upstream's definitions read from its module globals (main script, imports)."""
+    args = types.SimpleNamespace(num_scheduled_iterations=sched, num_extension_iterations=ext,
+                                 bigram_vocab_size=BIGRAM_ROWS, val_batch_size=tokens * GRAD_ACCUM,
+                                 train_max_seq_len=TRAIN_MAX_SEQ_LEN)
+    ns = dict(torch=torch, nn=nn, F=F, Tensor=Tensor, dist=dist, math=math, copy=copy, np=np, os=os,
+              threading=threading, Path=Path, dataclass=dataclass, accumulate=accumulate, pairwise=pairwise,
+              device=torch.device("cpu"), rank=0, world_size=1, master_process=True,
+              grad_accum_steps=GRAD_ACCUM, grad_scale=GRAD_SCALE, args=args,
+              flash_attn_interface=standin.flash_attn_interface)
+    ns.update(kernels)
+    ns["ReLUSqrdMLP"] = kernels["FusedLinearReLUSquareFunction"].apply   # upstream: a module alias
+    return ns
+
+
+def check_upstream_layout(U, tree: ast.Module) -> None:
+    missing = [n for n in REQUIRED if not hasattr(U, n)]
+    if missing:
+        raise ToolError(f"upstream train_gpt.py has no {', '.join(missing)}; this tool handles {HANDLED}")
+    params = list(inspect.signature(U.GPT.forward).parameters)
+    if params != FORWARD_ARGS:
+        raise ToolError(f"upstream GPT.forward takes ({', '.join(params)}), expected ({', '.join(FORWARD_ARGS)}); "
+                        f"this tool handles {HANDLED}")
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "apply" and getattr(n.func.value, "id", "") == "FusedSoftcappedCrossEntropy"]
+    if len(calls) != 1 or len(calls[0].args) != 8:
+        raise ToolError("upstream's FusedSoftcappedCrossEntropy.apply call is not the 8-argument one of record "
+                        f"#79 on (x, targets, mtp, w, x_s, w_s, grad_s, grad_scale); this tool handles {HANDLED}")
+
+
+def load_upstream(path: Path, O, standin, sched: int, ext: int, tokens: int, what_if: list = ()):
+    """Returns (module namespace, parsed tree, the diff of the edits, edit descriptions)."""
+    original = path.read_text()
+    text, applied = edit_upstream(original, list(what_if))
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as e:
+        raise ToolError(f"{path}: not Python ({e.msg}, line {e.lineno})") from None
+    kernels = kernel_standins(O)
+    unknown = [n for n in kernel_imports(tree) if n not in kernels]
+    if unknown:
+        raise ToolError(f"upstream imports {', '.join(unknown)} from triton_kernels: no CPU stand-in "
+                        f"for it here; this tool handles {HANDLED}")
+    U = types.ModuleType("upstream_train_gpt")
+    U.__dict__.update(upstream_globals(O, standin, kernels, sched, ext, tokens))
+    sys.modules[U.__name__] = U
+    exec(compile(definitions_only(tree), str(path), "exec"), U.__dict__)
+    check_upstream_layout(U, tree)
+    return U, tree, unified_diff(original, text), applied
+
+
+def ours_source(rev: str | None) -> Path:
+    """train_speedrun.py of the working tree, or (--ours-rev) of a git revision, written with that
+    revision's prepare_data.py to a temporary folder (another edit in progress stays out)."""
+    if rev is None:
+        return OURS_SCRIPT
+    folder = Path(tempfile.mkdtemp(prefix="cpu_vs_upstream_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name in (OURS_SCRIPT.name, "prepare_data.py"):
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{name}"], capture_output=True, text=True)
+        if shown.returncode:
+            raise ToolError(f"--ours-rev {rev}: git show {rev}:{name} failed ({shown.stderr.strip()})")
+        (folder / name).write_text(shown.stdout)
+    return folder / OURS_SCRIPT.name
+
+
+def load_ours(path: Path, standin):
+    """Our script unchanged; its "fa3" backend is served by the stand-in (as upstream's)."""
+    sys.path.insert(0, str(path.parent))     # it imports prepare_data from its folder
+    O = load_module_from(path, "train_speedrun_under_test")
+    if not hasattr(O, "_FLASH_VARLEN"):
+        raise ToolError(f"{path.name} has no _FLASH_VARLEN backend table to register the FA3 stand-in in")
+    O._FLASH_VARLEN["fa3"] = (standin.flash_attn_varlen_func, "benchmarks/fa3_standin")
+    return O
+
+
+def ours_revision(rev: str | None) -> str:
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True).stdout.strip()
+    if rev is not None:
+        return f"{OURS_SCRIPT.name} at {rev} = {git('rev-parse', '--short', rev) or '?'} (from git)"
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = " + uncommitted edits" if git("status", "--porcelain", "--", OURS_SCRIPT.name) else ""
+    return f"{OURS_SCRIPT.name} (working tree) at {head}{dirty}"
+
+
+# =============================================================================
+# Models: built by each side's code, the same random weights copied into both
+# =============================================================================
+
+def upstream_bf16_params(tree: ast.Module) -> list:
+    """Names upstream's main casts to bf16 (`model.X.data = model.X.data.bfloat16()`), besides every
+    nn.Embedding / nn.Linear weight (its `for m in model.modules()` loop)."""
+    names = []
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and ast.unparse(node.targets[0]).startswith("model.")
+                and ast.unparse(node.value).endswith(".data.bfloat16()")):
+            names.append(ast.unparse(node.targets[0])[len("model."):-len(".data")])
+    loop = [n for n in tree.body if isinstance(n, ast.For) and "nn.Embedding, nn.Linear" in ast.unparse(n)]
+    if not names or not loop:
+        raise ToolError("could not find how upstream's main casts its parameters to bf16 "
+                        f"(`model.X.data = model.X.data.bfloat16()` lines); this tool handles {HANDLED}")
+    return names
+
+
+def build_upstream(U, tree, tokens: int) -> nn.Module:
+    model = U.GPT(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM,
+                  model_dim=MODEL_DIM, max_seq_len=tokens)
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.Linear)):
+            m.weight.data = m.weight.data.bfloat16()
+    for name in upstream_bf16_params(tree):
+        p = model.get_parameter(name)
+        p.data = p.data.bfloat16()
+    return model
+
+
+def build_ours(O, tokens: int) -> nn.Module:
+    try:
+        cfg = O.ModelConfig(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM,
+                            model_dim=MODEL_DIM, max_seq_len=tokens, bigram_vocab_size=BIGRAM_ROWS,
+                            use_fp8=False, attn_backend="fa3", world_size=1,
+                            train_max_seq_len=TRAIN_MAX_SEQ_LEN, val_max_len=tokens, compile_mode="none")
+    except (TypeError, ValueError) as e:
+        raise ToolError(f"ours' ModelConfig refused the tiny model: {e}") from None
+    return O.GPT(cfg).cast_to_bf16()
+
+
+def pair_parameters(up: nn.Module, ours: nn.Module) -> list:
+    """[(name, upstream param, our param)] matched by name (NAME_MAP for renamed ones)."""
+    up_params = dict(up.named_parameters())
+    ours_params = {NAME_MAP.get(n, n): p for n, p in ours.named_parameters()}
+    if set(up_params) != set(ours_params):
+        raise ToolError(f"parameter names differ: upstream only {sorted(set(up_params) - set(ours_params))}, "
+                        f"ours only {sorted(set(ours_params) - set(up_params))} (add a NAME_MAP entry?)")
+    bad = [f"{n} {tuple(p.shape)} vs {tuple(ours_params[n].shape)}" for n, p in up_params.items()
+           if p.shape != ours_params[n].shape]
+    if bad:
+        raise ToolError(f"parameter shapes differ (upstream vs ours): {'; '.join(bad)}")
+    return [(n, p, ours_params[n]) for n, p in up_params.items()]
+
+
+def dtype_findings(pairs: list) -> list:
+    return [f"dtype of {n}: upstream {a.dtype}, ours {b.dtype}" for n, a, b in pairs if a.dtype != b.dtype]
+
+
+@torch.no_grad()
+def randomize(pairs: list, seed: int) -> None:
+    """One draw per parameter around upstream's initial value, copied into both; embed = lm_head^T
+    (tied at the start on both sides)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, a, b in pairs:
+        if name == "embed.weight":
+            continue
+        scale = NOISE.get(name, MATRIX_NOISE if a.dim() >= 2 else VECTOR_NOISE)
+        value = a.float() + scale * torch.randn(a.shape, generator=g)
+        a.copy_(value)
+        b.copy_(value)
+    named = {n: (a, b) for n, a, b in pairs}
+    for side in (0, 1):
+        named["embed.weight"][side].copy_(named["lm_head.weight"][side].T)
+
+
+# =============================================================================
+# What needs no training: optimizer settings and the schedule
+# =============================================================================
+
+def optimizer_findings(tm, opt, pairs: list) -> list:
+    """Per parameter: optimizer, betas, lr and wd multipliers (with NorMuon's shape factor), base lr,
+    decay, eps, NorMuon beta2 and the per-matrix lr ratio; then the scatter and work orders."""
+    found = []
+    up_cfg = tm.optimizer.param_cfgs
+    for name, a, b in pairs:
+        u, o = up_cfg[a], opt.settings[b]
+        ours_ratio = opt.state[b]["lr_ratio"].flatten().tolist() if o.optim == "normuon" else None
+        up_ratio = u.per_matrix_lr_mul if u.optim == "normuon" else None
+        if up_ratio is None and ours_ratio is not None:
+            up_ratio = [1.0] * len(ours_ratio)
+        fields = [("optim", u.optim, o.optim), ("betas", u.adam_betas, o.betas), ("lr_mul", u.lr_mul, o.lr_mul),
+                  ("wd_mul", u.wd_mul, o.wd_mul), ("lr", u.initial_lr, o.initial_lr),
+                  ("weight_decay", u.weight_decay, o.weight_decay), ("eps", u.eps, o.eps),
+                  ("beta2", u.beta2, o.beta2), ("per-matrix lr", up_ratio, ours_ratio)]
+        found += [f"optimizer {name}: {field} upstream {x}, ours {y}" for field, x, y in fields if x != y]
+    up_names = {p: n for n, p, _ in pairs}
+    ours_names = {p: n for n, _, p in pairs}
+    for what, up_order, ours_order in (("scatter", tm.optimizer.scatter_order, opt.scatter_order),
+                                       ("work", tm.optimizer.work_order, opt.work_order)):
+        u = [up_names[tm.optimizer._param_by_label[label]] for label in up_order]
+        o = [ours_names[opt.by_label[label]] for label in ours_order]
+        if u != o:
+            found.append(f"{what} order: upstream {u}, ours {o}")
+    return found
+
+
+def upstream_schedule(U, tree, sched: int, ext: int):
+    """Upstream's module-level `training_schedule = TrainingSchedule(...)` for another length."""
+    expr = module_assign(tree, "training_schedule")
+    saved = (U.args.num_scheduled_iterations, U.args.num_extension_iterations)
+    U.args.num_scheduled_iterations, U.args.num_extension_iterations = sched, ext
+    try:
+        return eval(compile(ast.Expression(expr), "upstream training_schedule", "eval"), U.__dict__)
+    finally:
+        U.args.num_scheduled_iterations, U.args.num_extension_iterations = saved
+
+
+def ours_schedule(O, sched: int, ext: int):
+    args = O.Hyperparameters(num_scheduled_iterations=sched, num_extension_iterations=ext)
+    return O.training_schedule(args), args
+
+
+def schedule_findings(U, O, tree, sched: int, ext: int) -> list:
+    """Every step's stage settings, lr multiplier, NorMuon momentum, MTP weights and Adam parity;
+    stage boundaries, split step and the final validation window."""
+    ts = upstream_schedule(U, tree, sched, ext)
+    os_, oargs = ours_schedule(O, sched, ext)
+    saved, U.training_schedule = U.training_schedule, ts      # get_muon_momentum reads the global
+    found = []
+    try:
+        for what, x, y in (("boundaries", ts.boundaries, os_.boundaries), ("split step", ts.split_step, os_.split_step),
+                           ("final window", ts.ws_post_yarn_ext, os_.final_window_blocks)):
+            if x != y:
+                found.append(f"schedule {sched}+{ext}: {what} upstream {x}, ours {y}")
+        for s in range(ts.total_steps + 1):
+            ustage, _ = ts.lookup(s)
+            ostage, _ = os_.lookup(s)
+            ours_momentum = O.muon_momentum(s, os_.total_steps, oargs.muon_warmup_steps, oargs.muon_cooldown_steps)
+            values = [("windows", tuple(ustage.window_sizes), tuple(ostage.window_blocks)),
+                      ("batch", ustage.batch_size, ostage.batch_size),
+                      ("max_seq_len", ustage.train_max_seq_len, ostage.max_seq_len),
+                      ("lr", ts.get_lr(s), os_.lr_multiplier(s)),
+                      ("momentum", U.get_muon_momentum(s), ours_momentum),
+                      # upstream keeps fp32 tensors: compare ours' floats as fp32
+                      ("mtp", ts.mtp_weights[s].tolist(), torch.tensor(os_.mtp_weights(s)).tolist()),
+                      ("adam", s % 2 == 1, O.is_adam_step(s))]
+            found += [f"schedule {sched}+{ext} step {s}: {what} upstream {x}, ours {y}"
+                      for what, x, y in values if x != y]
+    finally:
+        U.training_schedule = saved
+    return found
+
+
+def record_length(tree: ast.Module, O) -> tuple:
+    """(upstream's, ours') default scheduled + extension steps."""
+    up = []
+    for field in ("num_scheduled_iterations", "num_extension_iterations"):
+        hits = [n.value for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)
+                and getattr(n.target, "id", None) == field and isinstance(n.value, ast.Constant)]
+        up.append(hits[0].value if len(hits) == 1 else None)
+    ours = O.Hyperparameters()
+    return tuple(up), (ours.num_scheduled_iterations, ours.num_extension_iterations)
+
+
+# =============================================================================
+# Training: each side's own step, warm-up and reset
+# =============================================================================
+
+@dataclass
+class Batch:
+    inputs: Tensor
+    targets: Tensor
+    cu_seqlens: Tensor
+    bigram_up: Tensor      # upstream's get_bigram_hash
+    bigram_ours: Tensor    # ours' host-side hash (what its loader hands the model)
+
+
+def make_batch(U, O, seed: int, tokens: int) -> Batch:
+    """Documents of 20-300 tokens packed into one sequence, cu_seqlens padded as upstream's loader."""
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.randint(20, 300, (tokens // 20,), generator=g).cumsum(0)
+    ends = ends[ends < tokens]
+    slots = U.TRAIN_MAX_NUM_DOCS.get(tokens, U.next_multiple_of_n(tokens // 300, n=128))
+    cu = torch.full((slots,), tokens, dtype=torch.int32)
+    cu[0] = 0
+    cu[1:len(ends) + 1] = ends.to(torch.int32)
+    tok = torch.randint(0, VOCAB, (tokens + 1,), generator=g)
+    inputs = tok[:-1].to(torch.int32)
+    return Batch(inputs, tok[1:].to(torch.int64), cu, U.get_bigram_hash(inputs),
+                 torch.from_numpy(O.bigram_rows_host(inputs.numpy(), BIGRAM_ROWS)))
+
+
+class UpstreamSide:
+    """Upstream's TrainingManager and the body of its main loop (one rank)."""
+
+    def __init__(self, U, tree, model):
+        self.U, self.tree, self.model = U, tree, model
+        self.tm = U.TrainingManager(model)
+
+    def forward_backward(self, step: int, batches: list) -> list:
+        self.tm.advance_schedule(step)
+        losses = []
+        for b in batches:
+            loss = self.model(b.inputs, b.targets, b.cu_seqlens, b.bigram_up, self.tm.get_forward_args()).sum()
+            (loss * GRAD_SCALE).backward()
+            losses.append(loss.detach())
+        return losses
+
+    def optimizer_step(self, step: int) -> None:
+        self.tm.step_optimizers(step)
+
+    def warmup_steps(self) -> list:
+        """Upstream main's own `warmup_steps = sorted(...)` expression."""
+        expr = module_assign(self.tree, "warmup_steps")
+        if expr is None:
+            raise ToolError(f"upstream's main has no `warmup_steps = ...` line; this tool handles {HANDLED}")
+        scope = dict(self.U.__dict__, transition_steps=self.tm.get_transition_steps())
+        return list(eval(compile(ast.Expression(expr), "upstream warmup_steps", "eval"), scope))
+
+    def warm_up(self, batches_for) -> list:
+        """As upstream's main: save, replay the warm-up steps, restore (its validation forwards are
+        left out: a no-grad forward changes no state)."""
+        initial = dict(model=copy.deepcopy(self.model.state_dict()), optimizer=self.tm.get_state())
+        steps = self.warmup_steps()
+        for step in steps:
+            self.forward_backward(step, batches_for(step))
+            self.optimizer_step(step)
+        self.model.zero_grad(set_to_none=True)
+        self.model.load_state_dict(initial["model"])
+        self.tm.reset(initial["optimizer"])
+        return steps
+
+    def windows(self) -> tuple:
+        return self.tm.ws_short, self.tm.ws_long
+
+
+class OursSide:
+    """Our optimizer, StageState and train_step's micro-batch loop (one rank)."""
+
+    def __init__(self, O, model, sched: int, ext: int):
+        self.O, self.model = O, model
+        self.schedule, self.args = ours_schedule(O, sched, ext)
+        self.opt = O.NorMuonAndAdam(model.named_parameters(), world_size=1, rank=0, compile=False)
+        self.stage = O.StageState(self.schedule, model, torch.device("cpu"))
+
+    def forward_backward(self, step: int, batches: list) -> list:
+        self.stage.advance(step)
+        losses = []
+        for b in batches:
+            loss = self.model(b.inputs, b.targets, b.cu_seqlens, self.stage.forward_config(), b.bigram_ours)
+            (loss * GRAD_SCALE).backward()
+            losses.append(loss.detach())
+        return losses
+
+    def optimizer_step(self, step: int) -> None:
+        self.O.optimizer_step(self.opt, self.schedule, step, self.args)
+
+    def warm_up(self, batches_for) -> list:
+        """As ours' warm_up(): the steps warmup_plan picks for a compiled run, then the reset."""
+        initial_model = copy.deepcopy(self.model.state_dict())
+        initial_opt = self.opt.state_dict()
+        steps, _, _ = self.O.warmup_plan(self.args, self.schedule)
+        for step in steps:
+            self.forward_backward(step, batches_for(step))
+            self.optimizer_step(step)
+        self.model.zero_grad(set_to_none=True)
+        self.model.load_state_dict(initial_model)
+        self.opt.load_state_dict(initial_opt)
+        self.opt.reset()
+        self.stage.reset()
+        return steps
+
+    def windows(self) -> tuple:
+        return self.stage.ws_short, self.stage.ws_long
+
+
+# =============================================================================
+# Comparing tensors
+# =============================================================================
+
+def differing_rows(x: Tensor, y: Tensor, limit: int = 8) -> str:
+    """Indices along dim 0 where x and y differ (a bank's matrices, a lambda's layers)."""
+    diff = (x != y) if x.dim() < 2 else (x != y).flatten(1).any(1)
+    rows = diff.nonzero().flatten().tolist()
+    shown = ",".join(map(str, rows[:limit])) + (",..." if len(rows) > limit else "")
+    return f"{len(rows)}/{x.size(0)} rows [{shown}]"
+
+
+def tensor_differences(pairs: list, grads: bool) -> list:
+    """[(relative difference, name, rows)] of every tensor not bit-identical, worst first.
+    Relative: ||up - ours|| / ||up|| in fp32."""
+    found = []
+    for name, a, b in pairs:
+        x, y = (a.grad, b.grad) if grads else (a.detach(), b.detach())
+        if x is None and y is None:
+            continue
+        if (x is None) != (y is None):
+            found.append((math.inf, name, f"gradient on the {'ours' if x is None else 'upstream'} side only"))
+            continue
+        if x.dtype == y.dtype and torch.equal(x, y):
+            continue
+        xf, yf = x.float(), y.float()
+        rel = ((xf - yf).norm() / xf.norm().clamp_min(1e-30)).item()
+        found.append((rel, name, differing_rows(xf, yf)))
+    return sorted(found, key=lambda t: -t[0])
+
+
+def worst(found: list) -> str:
+    if not found:
+        return "identical"
+    rel, name, _ = found[0]
+    return f"{rel:.1e} {name}" + (f" (+{len(found) - 1})" if len(found) > 1 else "")
+
+
+# =============================================================================
+# Math or rounding? The same step in float64
+# =============================================================================
+
+FLOAT64_AGREE = 1e-9    # relative; float64 summation-order effects are ~1e-15
+
+
+def float64_check(up_side, ours_side, pairs: list, batch: Batch) -> list:
+    """Step 0's forward and backward on float64 copies of both models whose weights hold bf16
+    values. Upstream's explicit .bfloat16() casts (its lambdas) are then exact, and the order in
+    which a sum or a gradient accumulation runs moves results by ~1e-15: what still differs by more
+    than FLOAT64_AGREE is different math. Returns [(relative difference, what)], worst first."""
+    up64, ours64 = copy.deepcopy(up_side.model), copy.deepcopy(ours_side.model)
+    for model in (up64, ours64):
+        for p in model.parameters():
+            p.data = p.data.bfloat16().double()
+    up_side.tm.advance_schedule(0)
+    ours_side.stage.advance(0)
+    # upstream's forward casts its lambdas with .bfloat16() (ours: .type_as(x)): exact on bf16
+    # values, but it would round their gradients to bf16 here; read it as float64 for this check
+    # (in the bf16 training both sides round those gradients alike)
+    bfloat16 = torch.Tensor.bfloat16
+    torch.Tensor.bfloat16 = lambda t, *a, **k: t.double() if t.dtype == torch.float64 else bfloat16(t, *a, **k)
+    try:
+        lu = up64(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_up, up_side.tm.get_forward_args()).sum()
+        (lu * GRAD_SCALE).backward()
+    finally:
+        torch.Tensor.bfloat16 = bfloat16
+    lo = ours64(batch.inputs, batch.targets, batch.cu_seqlens, ours_side.stage.forward_config(), batch.bigram_ours)
+    (lo * GRAD_SCALE).backward()
+    found = [(abs(lu.item() - lo.item()) / abs(lu.item()), "loss", "")]
+    up_named = dict(up64.named_parameters())
+    ours_named = {NAME_MAP.get(n, n): p for n, p in ours64.named_parameters()}
+    grads64 = [(n, up_named[n], ours_named[n]) for n, _, _ in pairs]
+    found += [(rel, f"grad {name}", rows) for rel, name, rows in tensor_differences(grads64, grads=True)]
+    return sorted([f for f in found if f[0] > FLOAT64_AGREE], key=lambda t: -t[0])
+
+
+def report_float64(found: list) -> None:
+    head = ("float64 check (step 0; both models in float64 holding bf16 values, so rounding order cannot "
+            "matter):")
+    if not found:
+        print(f"{head} loss and every gradient agree within {FLOAT64_AGREE:.0e} -> the same math")
+        return
+    print(f"{head} MATH DIFFERS in {len(found)} quantities")
+    for rel, what, rows in found[:12]:
+        print(f"    {what}: rel {rel:.2e}{', ' + rows if rows else ''}")
+
+
+# =============================================================================
+# main
+# =============================================================================
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upstream", required=True, help="upstream's train_gpt.py (or its checkout folder)")
+    p.add_argument("--ours-rev", metavar="REV", help="our train_speedrun.py as committed at this git revision "
+                   "(e.g. HEAD) instead of the working tree's")
+    p.add_argument("--upstream-edit", nargs=2, action="append", default=[], metavar=("OLD", "NEW"),
+                   help="what-if: also replace this exact text (once) in upstream's source; repeatable")
+    p.add_argument("--sync-grads", action="store_true",
+                   help="copy upstream's gradients into ours before every optimizer step: checks the optimizer, "
+                   "schedule and warm-up/reset bit for bit even when the gradients differ by rounding")
+    p.add_argument("--steps", type=int, default=12, help="scheduled steps (the stages scale with it)")
+    p.add_argument("--ext", type=int, default=2, help="extension steps after the schedule")
+    p.add_argument("--warmup", choices=("both", "none"), default="both",
+                   help="both: each side's warm-up and reset first (as its main does); none: skip them")
+    p.add_argument("--micro", type=int, default=1, help=f"micro-batches per step (each scaled by 1/{GRAD_ACCUM})")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per micro-batch (a multiple of 128)")
+    p.add_argument("--seed", type=int, default=0, help="weights and batches")
+    args = p.parse_args(argv)
+    if args.steps < 3 or args.ext < 0 or args.micro < 1:
+        p.error("--steps must be >= 3 (three stages), --ext >= 0, --micro >= 1")
+    if args.tokens % 128 or args.tokens < 256:
+        p.error("--tokens must be a multiple of 128, at least 256")
+    return args
+
+
+def init_process_group() -> None:
+    """Upstream's model reads dist.get_world_size(): a one-rank gloo group, no network."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def report_static(U, O, tree, pairs, up_side, ours_side, args) -> list:
+    findings = dtype_findings(pairs)
+    findings += optimizer_findings(up_side.tm, ours_side.opt, pairs)
+    findings += schedule_findings(U, O, tree, args.steps, args.ext)
+    (us, ue), (os_, oe) = record_length(tree, O)
+    if (us, ue) != (os_, oe):
+        findings.append(f"record length: upstream {us}+{ue} steps, ours {os_}+{oe}")
+    elif us is not None:
+        findings += schedule_findings(U, O, tree, us, ue)
+    print(f"checked without training: {len(pairs)} parameters (names, shapes, dtypes, optimizer settings, "
+          f"orders), schedule at {args.steps}+{args.ext} and {us}+{ue} steps: "
+          f"{'all equal' if not findings else f'{len(findings)} differences'}")
+    for line in findings[:40]:
+        print(f"  DIFF {line}")
+    if len(findings) > 40:
+        print(f"  ... and {len(findings) - 40} more")
+    return findings
+
+
+@torch.no_grad()
+def copy_grads(pairs: list) -> None:
+    """--sync-grads: ours' optimizer gets upstream's gradients (Adam's pending even-step sums too)."""
+    for _, a, b in pairs:
+        b.grad = None if a.grad is None else a.grad.clone()
+
+
+KINDS = ("bigram hash", "loss", "gradients", "parameters")
+
+
+def train_and_compare(U, O, up_side, ours_side, pairs, args) -> tuple:
+    """Trains both sides; returns (steps, {kind: (step, [(rel, name, rows)])} of each kind's first
+    difference). Gradients are compared before the optimizer step, parameters after it."""
+    def batches_for(seed_base):
+        return lambda step: [make_batch(U, O, seed_base + 16 * step + m, args.tokens) for m in range(args.micro)]
+
+    first = {}
+    if args.warmup == "both":
+        up_steps = up_side.warm_up(batches_for(1_000_000))
+        ours_steps = ours_side.warm_up(batches_for(1_000_000))
+        print(f"warm-up then reset: upstream replayed steps {up_steps}, ours {ours_steps}")
+        after = tensor_differences(pairs, grads=False)
+        print(f"after the reset: parameters {worst(after)}")
+        if after:
+            first["parameters"] = ("after the warm-up reset", after)
+    steps = args.steps + args.ext
+    for step in range(steps):
+        batches = batches_for(100_003 * args.seed)(step)
+        hashes = [(1.0, f"micro-batch {i}", differing_rows(b.bigram_up, b.bigram_ours))
+                  for i, b in enumerate(batches) if not torch.equal(b.bigram_up, b.bigram_ours)]
+        lu = up_side.forward_backward(step, batches)
+        lo = ours_side.forward_backward(step, batches)
+        grads = tensor_differences(pairs, grads=True)
+        if args.sync_grads:
+            copy_grads(pairs)
+        up_side.optimizer_step(step)
+        ours_side.optimizer_step(step)
+        params = tensor_differences(pairs, grads=False)
+        losses = [(abs(a.item() - b.item()) / abs(a.item()), "loss", "")
+                  for a, b in zip(lu, lo) if not torch.equal(a, b)]
+        found = dict(zip(KINDS, (hashes, losses, grads, params)))
+        per_token = lambda values: sum(v.item() for v in values) / (len(values) * args.tokens)
+        print(f"step {step:3d} {'adam' if step % 2 else '    '} loss up {per_token(lu):.6f} ours {per_token(lo):.6f}"
+              f"{' (differ)' if losses else ''}  grads {worst(grads)}  params {worst(params)}  "
+              f"windows up {up_side.windows()} ours {ours_side.windows()}")
+        for kind in KINDS:
+            if found[kind] and kind not in first:
+                first[kind] = (f"step {step}", found[kind])
+                if kind in ("gradients", "parameters"):
+                    for rel, name, rows in found[kind][:12]:
+                        print(f"    first {kind} difference: {name}: rel {rel:.2e}, {rows}")
+    return steps, first
+
+
+def verdict(steps: int, first: dict, static: list, math_diffs: list, sync_grads: bool) -> str:
+    if not first and not static:
+        return f"verdict: bit-identical at all {steps} steps (losses, gradients, parameters)"
+    parts = []
+    for kind in KINDS:
+        if kind in first:
+            where, found = first[kind]
+            rel, name, rows = found[0]
+            if kind == "bigram hash":
+                parts.append(f"bigram hash first differs at {where} ({name}: {rows.replace('rows', 'positions')})")
+                continue
+            what = "" if kind == "loss" else f" {name}"
+            parts.append(f"{kind} first differ at {where}{what} (rel {rel:.1e}{', ' + rows if rows else ''})")
+        elif kind == "parameters" and sync_grads:
+            parts.append(f"parameters identical at all {steps} steps given upstream's gradients "
+                         "(optimizer, schedule, warm-up/reset agree)")
+    if static:
+        parts.append(f"{len(static)} static differences (above)")
+    if math_diffs:
+        parts.append(f"float64 check: math differs ({math_diffs[0][1]} rel {math_diffs[0][0]:.1e})")
+    elif first:
+        parts.append("float64 check: same math, so the step-0 differences are rounding order")
+    return "verdict: " + "; ".join(parts)
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    path = upstream_file(args.upstream)
+    started = time.perf_counter()
+    init_process_group()
+    standin = load_module_from(STANDIN_FILE, "fa3_standin_kernels")
+    O = load_ours(ours_source(args.ours_rev), standin)
+    U, tree, diff, applied = load_upstream(path, O, standin, args.steps, args.ext, args.tokens,
+                                          args.upstream_edit)
+    what_if = f", {len(args.upstream_edit)} of them --upstream-edit what-ifs" if args.upstream_edit else ""
+    print(f"upstream: {path} ({len(applied)} edits{what_if}, below); ours: {ours_revision(args.ours_rev)}")
+    print(diff, end="")
+    print("upstream's triton_kernels names -> ours' plain PyTorch: " + ", ".join(kernel_imports(tree))
+          + " (no FP8 on either side); FlashAttention 3 -> benchmarks/fa3_standin (both sides)"
+          + ("; --sync-grads: ours' optimizer steps on upstream's gradients" if args.sync_grads else ""))
+
+    torch.manual_seed(args.seed)
+    up_model = build_upstream(U, tree, args.tokens)
+    ours_model = build_ours(O, args.tokens)
+    pairs = pair_parameters(up_model, ours_model)
+    randomize(pairs, args.seed)
+    up_side = UpstreamSide(U, tree, up_model)
+    ours_side = OursSide(O, ours_model, args.steps, args.ext)
+    static = report_static(U, O, tree, pairs, up_side, ours_side, args)
+    math_diffs = float64_check(up_side, ours_side, pairs, make_batch(U, O, 7, args.tokens))
+    report_float64(math_diffs)
+
+    steps, first = train_and_compare(U, O, up_side, ours_side, pairs, args)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    print(verdict(steps, first, static, math_diffs, args.sync_grads))
+    return 0 if not first and not static else 1
+
+
+def main(argv=None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
