@@ -97,7 +97,7 @@ class Hyperparameters:
     run_id: str = option("", "name of the log file (default: a fresh uuid)", show_default=False)
     # hardware and compilation
     device: str = option("cuda", "cuda, or cpu (tiny runs and tests)", choices=("cuda", "cpu"))
-    gpu_type: str = option("auto", "card family (auto: from the device name); FP8 lm_head wherever the card "
+    gpu_type: str = option("auto", "card family (auto: from the device name); FP8 lm_head and MLP up-projection wherever the card "
                                    "supports FP8 (compute capability >= 8.9), never with a100", choices=GPU_TYPES)
     attn: str = option("auto", "attention backend", choices=ATTN_CHOICES)
     compile: bool = option(True, "torch.compile the model and optimizer math (default on for cuda, off for cpu)",
@@ -968,19 +968,15 @@ def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor, use_fp8: bool = False) -
     return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x), use_fp8)
 
 
-def into_stream(t: Tensor, width: int) -> Tensor:
-    """A narrower term (the bigram embeddings) as a stream-wide one: its channels first, zeros
-    after (record #83: bigram embeddings enter the first bigram_dim channels only)."""
-    return F.pad(t, (0, width - t.size(-1)))
+def add_bigram(x: Tensor, x_bigram: Tensor, weight: Tensor) -> Tensor:
+    """x plus weight * the bigram embeddings in its first bigram_dim channels (record #83). Added
+    after the rest of a write, in the record's order of additions."""
+    return x + F.pad(x_bigram * weight.type_as(x_bigram), (0, x.size(-1) - x_bigram.size(-1)))
 
 
-def input_injection(x0: Tensor, x_bigram: Tensor, lam: dict, first_layer: bool) -> Tensor:
-    """What an attention output carries besides attention: scaled x0 and bigram embeddings.
-    The first layer's bigram part entered the stream before it (GPT.body), so only x0 here."""
-    inject = x0 * lam["x0_lambdas"].type_as(x0)
-    if first_layer:
-        return inject
-    return inject + into_stream(x_bigram * lam["bigram_lambdas"].type_as(x_bigram), x0.size(-1))
+def input_injection(x0: Tensor, lam: dict) -> Tensor:
+    """What an attention output carries besides attention and the bigram part: scaled x0."""
+    return x0 * lam["x0_lambdas"].type_as(x0)
 
 
 def residual_write(x: Tensor, out: Tensor, resid: Tensor, post: Tensor, inject: Tensor | None = None) -> Tensor:
@@ -1282,7 +1278,8 @@ class GPT(nn.Module):
         proj_w = self.mlp_bank[:, 1].unbind(0)
         d = x0.size(-1)
         T = input_seq.size(0)
-        x = x0 + into_stream(x_bigram * self.bigram_lambdas[0].type_as(x_bigram), d)   # layer 0's bigram part
+        x = add_bigram(x0, x_bigram, self.bigram_lambdas[0])   # layer 0's bigram part, and ...
+        x0 = x    # ... x0's: the record adds it in place to a tensor x0 aliases (records #83, #84)
         states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
         mlp_fp8 = self.cfg.use_fp8 and self.training   # FP8 up-projection forward (record #84)
         for spec in self.layers:
@@ -1317,10 +1314,13 @@ class GPT(nn.Module):
                 out = attention_output(y, gate, qkvo[3 * d:], lam)
                 if mudd is None:
                     x = residual_write(x, out, lam["resid_lambdas"][0], lam["post_lambdas"][0],
-                                       inject=input_injection(x0, x_bigram, lam, i == 0))
+                                       inject=input_injection(x0, lam))
+                    if i > 0:     # layer 0's bigram part entered before it
+                        x = add_bigram(x, x_bigram, lam["bigram_lambdas"])
                 else:
-                    inject = mudd["input_inject"] * states["input"] + into_stream(mudd["bigram_inject"] * x_bigram, d)
-                    x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"], inject=inject)
+                    x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"],
+                                       inject=mudd["input_inject"] * states["input"])
+                    x = add_bigram(x, x_bigram, mudd["bigram_inject"])
             resid, post = (lam["resid_lambdas"][1], lam["post_lambdas"][1]) if mudd is None else (
                 mudd["resid_mlp"], mudd["post_mlp"])
             x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i], mlp_fp8), resid, post)
@@ -2931,7 +2931,8 @@ def detect_gpu_type(requested: str, device: torch.device) -> str:
 
 
 def use_fp8_for(gpu_type: str, device: torch.device) -> bool:
-    """FP8 lm_head only where the card has FP8 tensor cores and the user did not name an older card."""
+    """FP8 (lm_head, MLP up-projection) only where the card has FP8 tensor cores and the user did not
+    name an older card."""
     if device.type != "cuda" or gpu_type == "a100":
         return False
     return fp8_supported(device)

@@ -401,6 +401,7 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
     xb = torch.zeros(T, d)
     xb[:, :b] = model.bigram_embed.weight[ts.bigram_hash(inputs, model.bigram_embed.weight.size(0))] * model.bigram_signs[sign_rows].float()
     x = x0 + bigram_lam[0] * xb
+    x0 = x           # records #83/#84: the record's in-place add also lands in x0 (an alias of x)
     cache0 = x
     skip_gate = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
     layer3 = layer7 = layer9 = None
