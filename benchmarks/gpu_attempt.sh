@@ -23,6 +23,9 @@
 #        for offline BPE; SEED=N: vs_* start both sides from the same weights (vs_upstream.py --seed);
 #        BEFORE=folder holding the 'before' train_speedrun.py and prepare_data.py
 #        (default .carry/before, e.g. `git show COMMIT:train_speedrun.py > .carry/before/...`)
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then   # the header above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0
+fi
 set -uo pipefail
 out=$1; shift; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -4,6 +4,9 @@
 # Usage: NANOGPT_DIR=/path/to/nanoGPT TINYSHAKESPEARE=/path/input.txt bash benchmarks/gpu_baseline.sh [OUTDIR]
 # nanoGPT's code is not part of this repo: point NANOGPT_DIR at your own clone (bench.py, model.py,
 # configurator.py). Prints a ratio line "ours/nanoGPT tokens/s".
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then   # the header above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0
+fi
 set -uo pipefail  # keep going past a failed step: every figure this call can give is wanted
 out=${1:-bench_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -8,6 +8,9 @@
 #           (short_cold / short_warm: one of the two; the cache lives in /tmp, so a warm run needs
 #           the cold one earlier on the same machine)
 # Usage: bash benchmarks/gpu_speedrun.sh OUTDIR STEP [STEP...]   (GPT2_TIKTOKEN_FILE for offline BPE)
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then   # the header above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0
+fi
 set -uo pipefail
 out=$1; shift; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -453,3 +453,13 @@ def test_read_only_out_dir_is_refused_before_any_work(template, tmp_path):
             assert result.stderr.splitlines() == [result.stderr.strip()] and "not writable" in result.stderr
     finally:
         (work / "ro").chmod(0o755)
+
+
+@pytest.mark.parametrize("script", ["gpu_speedrun.sh", "gpu_attempt.sh", "gpu_baseline.sh"])
+def test_gpu_scripts_print_their_header_on_help_and_do_nothing_else(script, tmp_path):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    header = [l[2:] for l in (REPO / "benchmarks" / script).read_text().splitlines()[1:6] if l.startswith("# ")]
+    assert result.stdout.splitlines()[:len(header)] == header and result.stderr == ""
+    assert list(tmp_path.iterdir()) == []          # no output folder named --help, no corpus
