@@ -1,11 +1,16 @@
 """Train upstream modded-nanogpt's own code and our train_speedrun.py side by side on CPU.
 
-  python3 benchmarks/cpu_vs_upstream.py --upstream ref/upstream82/train_gpt.py [--ours-rev REV]
-      [--steps 12 --ext 2] [--warmup both|none] [--sync-grads] [--micro 1] [--tokens 1024] [--seed 0]
-      [--upstream-edit OLD NEW ...]
+  python3 benchmarks/cpu_vs_upstream.py --upstream ref/upstream84/train_gpt.py [--ours-rev REV]
+      [--steps 12 --ext 2] [--warmup both|none] [--sync-grads] [--fp8] [--micro 1] [--tokens 1024]
+      [--seed 0] [--upstream-edit OLD NEW ...]
 
-Both sides build the record's 11-layer model at a tiny width (d=64, 4 heads of 16, vocab 1000),
-get the same random weights (copied by parameter name), then train on the same synthetic batches
+Handles upstream records #79-#84 with ours at the same record (upstream #82 = 8ee5feda with
+--ours-rev 74ce5b6; #84 = a333be08 with the working tree); a pairing where only one side has #83's
+bigram sign table or --fp8 where one side lacks #84's FP8 MLP stops with one error line.
+
+Both sides build the record's 11-layer model at a tiny width (d=64, 4 heads of 16, vocab 1000,
+bigram_dim 16 from #83 on), get the same random weights (copied by parameter name; #83's random
+sign-table buffer is copied from upstream into ours too), then train on the same synthetic batches
 with their own optimizer, schedule, warm-up and reset (--warmup none skips the warm-ups). Every
 step prints the loss of each side, the worst relative difference of the gradients (before the
 optimizer step) and of the parameters (after it), and the parameter it occurs in; the last line
@@ -22,7 +27,12 @@ world size 1 with 8 micro-batches per step (grad_scale 1/8), a CPU device, and F
 from benchmarks/fa3_standin/ (the same stand-in vs_upstream.py uses). triton_kernels.py is never
 imported (since record #79 it compiles a CUDA kernel at import); each name upstream imports from
 it is replaced by the plain PyTorch reference of the same math in train_speedrun.py, so both
-sides run identical kernels (the lm_head loss without FP8 on both sides). A few text edits make
+sides run identical kernels (the lm_head loss without FP8 on both sides). Record #84's FP8 MLP
+up-projection is off on both sides (upstream DISABLE_FP8=1, ours use_fp8=False) unless --fp8: then
+upstream's own quantize_mlp_fp8() (after init, each optimizer step and the warm-up reset, as its
+main) and per-layer activation quantization feed a stand-in that multiplies its FP8 operands in
+fp32, times the dequant factor, rounded to bf16, with a straight-through gradient (ours: its
+relu_square_mlp_fp8_reference); the float64 check then runs without FP8. A few text edits make
 upstream's code run eagerly on CPU; they are printed as a unified diff before anything runs.
 
 Our side: train_speedrun.py imported as is (the working tree's, or with --ours-rev REV the one
@@ -50,6 +60,7 @@ import argparse
 import ast
 import atexit
 import copy
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -78,6 +89,8 @@ STANDIN_FILE = Path(__file__).resolve().parent / "fa3_standin" / "kernels.py"
 # the tiny model: the record's layout, narrow enough for a few minutes on 2 CPU cores
 MODEL_DIM, NUM_HEADS, HEAD_DIM, VOCAB, NUM_LAYERS = 64, 4, 16, 1000, 11
 BIGRAM_ROWS = 5 * 1024
+BIGRAM_DIM = 16                # record #83 on: bigram embeddings enter the first BIGRAM_DIM channels
+SIGN_TABLE = ("bigram_sign_table", "bigram_signs")   # #83's random +-1 buffer: upstream's, ours' name
 GRAD_ACCUM = 8                 # world size 1: 8 // world_size micro-batches make the record's step
 GRAD_SCALE = 1 / GRAD_ACCUM    # each micro-batch's loss is scaled by this before backward (both sides)
 TRAIN_MAX_SEQ_LEN = 2048       # flash-attn max_seqlen (the stand-in does not read it)
@@ -125,7 +138,8 @@ REQUIRED = ("GPT", "ForwardScheduleConfig", "NorMuonAndAdam", "TrainingManager",
             "TRAINING_STAGES", "training_schedule", "get_muon_momentum", "get_bigram_hash",
             "TRAIN_MAX_NUM_DOCS", "next_multiple_of_n")
 FORWARD_ARGS = ["self", "input_seq", "target_seq", "seqlens", "bigram_input_seq", "schedule_cfg"]
-HANDLED = "records #79-#82 (per-row fused loss with grad_scale, qk/vo banks, MUDD, XSA)"
+HANDLED = ("records #79-#84 (per-row fused loss with grad_scale, qk/vo banks, MUDD, XSA, #83's bigram sign "
+           "table, #84's FP8 MLP up-projection)")
 
 
 class ToolError(Exception):
@@ -210,7 +224,17 @@ def kernel_standins(O) -> dict:
             return O.softcapped_mtp_loss_reference(x, targets, mtp_weights, w, x_s, w_s, grad_s, False)
 
     class LinearReLUSquare:
-        apply = staticmethod(O.relu_square_mlp_reference)
+        @staticmethod
+        def apply(x, W1, W2, W1_f8=None, dequant_scale=None, x_f8=None):
+            if W1_f8 is None:
+                return O.relu_square_mlp_reference(x, W1, W2)
+            # record #84 (--fp8): the product of the FP8 operands upstream's own code quantized,
+            # times its dequant factor, rounded to x's dtype; the gradient is the bf16 formula's at
+            # that pre-activation (straight through), as its kernel's backward and ours' reference
+            exact = x @ W1.mT
+            f8 = ((x_f8.float() @ W1_f8.float().mT) * dequant_scale).to(exact.dtype)
+            pre = exact + (f8 - exact).detach()
+            return F.relu(pre).square() @ W2
 
     return dict(
         FusedSoftcappedCrossEntropy=SoftcappedCrossEntropy,
@@ -227,6 +251,7 @@ def upstream_globals(O, standin, kernels: dict, sched: int, ext: int, tokens: in
     """What upstream's definitions read from its module globals (main script, imports)."""
     args = types.SimpleNamespace(num_scheduled_iterations=sched, num_extension_iterations=ext,
                                  bigram_vocab_size=BIGRAM_ROWS, val_batch_size=tokens * GRAD_ACCUM,
+                                 bigram_dim=BIGRAM_DIM, bigram_sign_table_rows=getattr(O, "BIGRAM_SIGN_ROWS", 8192),
                                  train_max_seq_len=TRAIN_MAX_SEQ_LEN)
     ns = dict(torch=torch, nn=nn, F=F, Tensor=Tensor, dist=dist, math=math, copy=copy, np=np, os=os,
               threading=threading, Path=Path, dataclass=dataclass, accumulate=accumulate, pairwise=pairwise,
@@ -338,18 +363,61 @@ def build_upstream(U, tree, tokens: int) -> nn.Module:
     for name in upstream_bf16_params(tree):
         p = model.get_parameter(name)
         p.data = p.data.bfloat16()
+    U.model = model      # #84's quantize_mlp_fp8 reads the module global `model` (its main's)
     return model
 
 
-def build_ours(O, tokens: int) -> nn.Module:
+def build_ours(O, tokens: int, fp8: bool) -> nn.Module:
+    fields = {f.name for f in dataclasses.fields(O.ModelConfig)}
+    extra = dict(bigram_dim=BIGRAM_DIM) if "bigram_dim" in fields else {}     # record #83 on
     try:
         cfg = O.ModelConfig(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM,
                             model_dim=MODEL_DIM, max_seq_len=tokens, bigram_vocab_size=BIGRAM_ROWS,
-                            use_fp8=False, attn_backend="fa3", world_size=1,
-                            train_max_seq_len=TRAIN_MAX_SEQ_LEN, val_max_len=tokens, compile_mode="none")
+                            use_fp8=fp8, attn_backend="fa3", world_size=1,
+                            train_max_seq_len=TRAIN_MAX_SEQ_LEN, val_max_len=tokens, compile_mode="none", **extra)
     except (TypeError, ValueError) as e:
         raise ToolError(f"ours' ModelConfig refused the tiny model: {e}") from None
-    return O.GPT(cfg).cast_to_bf16()
+    model = O.GPT(cfg).cast_to_bf16()
+    model.lm_head.use_fp8 = False    # cfg.use_fp8 (--fp8) is for the MLP here: no FP8 lm_head on either side
+    return model
+
+
+def fp8_mode(U, O, fp8: bool) -> str:
+    """Record #84's FP8 MLP up-projection: off on both sides (upstream: DISABLE_FP8=1, ours:
+    use_fp8=False) unless --fp8, then on on both; refused where one side lacks it."""
+    up_has = hasattr(U.GPT, "quantize_mlp_fp8")
+    ours_has = hasattr(O, "mlp_up_fp8_operands")
+    if fp8 and not (up_has and ours_has):
+        raise ToolError(f"--fp8 needs record #84's FP8 MLP up-projection on both sides; it is missing in "
+                        f"{' and '.join(n for n, has in (('upstream', up_has), ('ours', ours_has)) if not has)}")
+    if fp8:
+        os.environ.pop("DISABLE_FP8", None)
+        return "FP8 MLP up-projection ON on both sides (plain-PyTorch FP8 operands, straight-through gradient)"
+    os.environ["DISABLE_FP8"] = "1"
+    return "no FP8 on either side" + (" (upstream: DISABLE_FP8=1)" if up_has else "")
+
+
+def refresh_fp8(model: nn.Module) -> None:
+    """Upstream main's model.quantize_mlp_fp8() (record #84): after init, each optimizer step and
+    the warm-up reset."""
+    if hasattr(model, "quantize_mlp_fp8"):
+        model.quantize_mlp_fp8()
+
+
+@torch.no_grad()
+def share_sign_table(up: nn.Module, ours: nn.Module) -> str:
+    """Record #83's random +-1 table (a buffer, not a parameter): ours gets upstream's copy."""
+    a, b = (dict(m.named_buffers()).get(n) for m, n in zip((up, ours), SIGN_TABLE))
+    if a is None and b is None:
+        return ""
+    if a is None or b is None:
+        raise ToolError(f"record #83's bigram sign table is only on the {'ours' if a is None else 'upstream'} "
+                        f"side (buffer {SIGN_TABLE[1] if a is None else SIGN_TABLE[0]}): unsupported combination "
+                        "(pair upstream #83+ with ours at #83+, or upstream #82 with --ours-rev 74ce5b6)")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ToolError(f"bigram sign table: upstream {tuple(a.shape)} {a.dtype}, ours {tuple(b.shape)} {b.dtype}")
+    b.copy_(a)
+    return f"; sign table {SIGN_TABLE[0]} {tuple(a.shape)} copied into ours' {SIGN_TABLE[1]}"
 
 
 def pair_parameters(up: nn.Module, ours: nn.Module) -> list:
@@ -510,6 +578,7 @@ class UpstreamSide:
     def __init__(self, U, tree, model):
         self.U, self.tree, self.model = U, tree, model
         self.tm = U.TrainingManager(model)
+        refresh_fp8(model)
 
     def forward_backward(self, step: int, batches: list) -> list:
         self.tm.advance_schedule(step)
@@ -522,6 +591,7 @@ class UpstreamSide:
 
     def optimizer_step(self, step: int) -> None:
         self.tm.step_optimizers(step)
+        refresh_fp8(self.model)
 
     def warmup_steps(self) -> list:
         """Upstream main's own `warmup_steps = sorted(...)` expression."""
@@ -542,6 +612,7 @@ class UpstreamSide:
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(initial["model"])
         self.tm.reset(initial["optimizer"])
+        refresh_fp8(self.model)
         return steps
 
     def windows(self) -> tuple:
@@ -642,6 +713,11 @@ def float64_check(up_side, ours_side, pairs: list, batch: Batch) -> list:
     for model in (up64, ours64):
         for p in model.parameters():
             p.data = p.data.bfloat16().double()
+    # without FP8 (--fp8): quantizing float64 operands is not what the bf16 run does (upstream's
+    # weight scales would be rounded to bf16, ours' not); the bf16 training compares the FP8 path
+    ours64.cfg.use_fp8 = False
+    saved_env = os.environ.get("DISABLE_FP8")
+    os.environ["DISABLE_FP8"] = "1"
     up_side.tm.advance_schedule(0)
     ours_side.stage.advance(0)
     # upstream's forward casts its lambdas with .bfloat16() (ours: .type_as(x)): exact on bf16
@@ -654,6 +730,8 @@ def float64_check(up_side, ours_side, pairs: list, batch: Batch) -> list:
         (lu * GRAD_SCALE).backward()
     finally:
         torch.Tensor.bfloat16 = bfloat16
+        if saved_env is None:
+            os.environ.pop("DISABLE_FP8", None)
     lo = ours64(batch.inputs, batch.targets, batch.cu_seqlens, ours_side.stage.forward_config(), batch.bigram_ours)
     (lo * GRAD_SCALE).backward()
     found = [(abs(lu.item() - lo.item()) / abs(lu.item()), "loss", "")]
@@ -690,6 +768,9 @@ def parse_args(argv):
     p.add_argument("--sync-grads", action="store_true",
                    help="copy upstream's gradients into ours before every optimizer step: checks the optimizer, "
                    "schedule and warm-up/reset bit for bit even when the gradients differ by rounding")
+    p.add_argument("--fp8", action="store_true",
+                   help="record #84's FP8 MLP up-projection forward on both sides (plain-PyTorch FP8 stand-ins); "
+                   "default: off on both (upstream DISABLE_FP8=1, ours use_fp8=False)")
     p.add_argument("--steps", type=int, default=12, help="scheduled steps (the stages scale with it)")
     p.add_argument("--ext", type=int, default=2, help="extension steps after the schedule")
     p.add_argument("--warmup", choices=("both", "none"), default="both",
@@ -821,15 +902,16 @@ def run(argv) -> int:
     what_if = f", {len(args.upstream_edit)} of them --upstream-edit what-ifs" if args.upstream_edit else ""
     print(f"upstream: {path} ({len(applied)} edits{what_if}, below); ours: {ours_revision(args.ours_rev)}")
     print(diff, end="")
-    print("upstream's triton_kernels names -> ours' plain PyTorch: " + ", ".join(kernel_imports(tree))
-          + " (no FP8 on either side); FlashAttention 3 -> benchmarks/fa3_standin (both sides)"
-          + ("; --sync-grads: ours' optimizer steps on upstream's gradients" if args.sync_grads else ""))
-
+    fp8 = fp8_mode(U, O, args.fp8)
     torch.manual_seed(args.seed)
     up_model = build_upstream(U, tree, args.tokens)
-    ours_model = build_ours(O, args.tokens)
+    ours_model = build_ours(O, args.tokens, args.fp8)
+    shared = share_sign_table(up_model, ours_model)
     pairs = pair_parameters(up_model, ours_model)
     randomize(pairs, args.seed)
+    print("upstream's triton_kernels names -> ours' plain PyTorch: " + ", ".join(kernel_imports(tree))
+          + f" ({fp8}); FlashAttention 3 -> benchmarks/fa3_standin (both sides){shared}"
+          + ("; --sync-grads: ours' optimizer steps on upstream's gradients" if args.sync_grads else ""))
     up_side = UpstreamSide(U, tree, up_model)
     ours_side = OursSide(O, ours_model, args.steps, args.ext)
     static = report_static(U, O, tree, pairs, up_side, ours_side, args)
