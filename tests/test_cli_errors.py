@@ -463,3 +463,15 @@ def test_gpu_scripts_print_their_header_on_help_and_do_nothing_else(script, tmp_
     header = [l[2:] for l in (REPO / "benchmarks" / script).read_text().splitlines()[1:6] if l.startswith("# ")]
     assert result.stdout.splitlines()[:len(header)] == header and result.stderr == ""
     assert list(tmp_path.iterdir()) == []          # no output folder named --help, no corpus
+
+
+def test_cpu_vs_upstream_bad_path_is_one_error_line(tmp_path):
+    (tmp_path / "train_gpt.py").write_text("print('not modded-nanogpt')\n")
+    for target, expected in [(tmp_path / "missing", "no such file"),
+                             (tmp_path, "")]:       # a file without upstream's classes: refused too
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_vs_upstream.py"),
+                                 "--upstream", str(target)], capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines() + result.stdout.strip().splitlines()
+        errors = [l for l in lines if l.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
