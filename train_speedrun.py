@@ -3641,11 +3641,12 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
 TOGGLED_OPTIONS = ("compile", "parallel_compile")
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser(prog: str = "train_speedrun.py", description: str | None = None) -> argparse.ArgumentParser:
     """One option per Hyperparameters field; an option not given stays None (parse_args then
-    keeps the default, or the --smoke / --device cpu one)."""
+    keeps the default, or the --smoke / --device cpu one). Tools that take the trainer's options
+    pass their own prog and description."""
     p = prepare_data.OneLineErrorParser(   # usage errors: one `error: ...` line
-        prog="train_speedrun.py", description="modded-nanogpt record #84, our implementation (see README: speedrun)")
+        prog=prog, description=description or "modded-nanogpt record #84, our implementation (see README: speedrun)")
     for f in dataclasses.fields(Hyperparameters):
         meta = f.metadata
         if not meta.get("cli", True):
@@ -3664,9 +3665,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> Hyperparameters:
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> Hyperparameters:
     """Command line -> validated Hyperparameters. Bad values exit with a one-line error."""
-    given = {k: v for k, v in vars(build_arg_parser().parse_args(argv)).items() if v is not None}
+    given = {k: v for k, v in vars((parser or build_arg_parser()).parse_args(argv)).items() if v is not None}
     values = dataclasses.asdict(Hyperparameters())
     if given.get("smoke"):
         values.update(SMOKE_OVERRIDES)

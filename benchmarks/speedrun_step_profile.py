@@ -16,7 +16,9 @@ import train_speedrun as T  # noqa: E402
 
 
 def main(argv):
-    args = T.parse_args(argv)
+    parser = T.build_arg_parser(prog="speedrun_step_profile.py", description=__doc__.split("\n")[0] +
+                                " Takes train_speedrun.py's options.")
+    args = T.parse_args(argv, parser)
     env = T.init_distributed(args.device)
     run = T.build_training_run(args, env)
     cfg, model, opt, sched, stage = run.cfg, run.model, run.optimizer, run.schedule, run.stage
