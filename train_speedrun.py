@@ -916,10 +916,14 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
     q, k = norm(q), norm(k)                                   # QK norm
     head_dim = q.size(-1)
     gate_in = h[:, :GATE_INPUTS]
+    # values gain their extras per token and head, before any paired-head reshape
     if ve is not None:
         # the gate of the value embedding sees part of the embedding itself
         ve_gate_in = torch.cat([h[:, :VE_GATE_SPLIT], ve[:, :VE_GATE_SPLIT].type_as(h)], -1)
         ve_gate = 2 * torch.sigmoid(F.linear(ve_gate_in, ve_gate_w.type_as(h)))   # (T, heads)
+        v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
+    if v_extra is not None:
+        v = v + v_extra.view_as(v)
     if paired:
         # each token's heads become two consecutive positions of half as many heads
         q = apply_rotary(q.reshape(T, num_heads // 2, 2 * head_dim), cos, sin)
@@ -927,10 +931,6 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
         q = q.reshape(2 * T, num_heads // 2, head_dim)
         k = k.reshape(2 * T, num_heads // 2, head_dim)
         v = v.reshape(2 * T, num_heads // 2, head_dim)
-        if ve is not None:
-            v = v + ve_gate.view(2 * T, num_heads // 2, 1) * ve.view_as(v)
-        if v_extra is not None:
-            v = v + v_extra.view_as(v)
     else:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if key_offset:
@@ -939,10 +939,6 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
             half = head_dim // 2
             still = k[..., half:]
             k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
-        if ve is not None:
-            v = v + ve_gate.unsqueeze(-1) * ve.view_as(v)
-        if v_extra is not None:
-            v = v + v_extra.view_as(v)
     gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
     # v may still be a strided view of the projection: hand every layer kind the same layout
     return q, k, v.contiguous(), gate
@@ -1657,13 +1653,13 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
     def forward(ctx, x, targets, mtp_weights, w_t, x_s, w_s, grad_s, use_fp8):
         if use_fp8:
             logits, lhs, rhs = _fp8_lm_head_forward(x, w_t, x_s, w_s)   # and the e4m3 operands
-            losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
-                                                                1.0 / grad_s, torch.float8_e5m2)
+            grad_multiplier, grad_dtype = 1.0 / grad_s, torch.float8_e5m2
         else:
             logits = x @ w_t.type_as(x)
             lhs, rhs = x, w_t
-            losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
-                                                                1.0, logits.dtype)
+            grad_multiplier, grad_dtype = 1.0, logits.dtype
+        losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
+                                                            grad_multiplier, grad_dtype)
         ctx.save_for_backward(grad_logits, lhs, rhs)
         ctx.scales = (x_s, w_s, grad_s, use_fp8)
         ctx.w_dtype = w_t.dtype

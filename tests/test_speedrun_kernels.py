@@ -271,34 +271,27 @@ def check_linear_relu_square_fp8(device, dtype, tol):
         assert _rel_err(post, torch.relu(want_pre).square()) < tol
 
 
-def check_fused_mlp_fp8_autograd(device, dtype, tol):
+def _check_fused_mlp_autograd(device, dtype, tol, use_fp8, reference):
     x = _randn(2, 70, 64, device=device, dtype=dtype).requires_grad_()
     w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
     w_proj = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=2).requires_grad_()
     upstream = _randn(2, 70, 64, device=device, dtype=dtype, seed=3)
-    got = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj, True)
+    got = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj, use_fp8)
     got_grads = torch.autograd.grad(got, (x, w_fc, w_proj), upstream)
     leaves = [t.detach().float().requires_grad_() for t in (x, w_fc, w_proj)]
-    want = ts.relu_square_mlp_fp8_reference(*leaves)
+    want = reference(*leaves)
     want_grads = torch.autograd.grad(want, leaves, upstream.float())
     assert _rel_err(got, want) < tol
     for g, w in zip(got_grads, want_grads):
         assert _rel_err(g, w) < tol
+
+
+def check_fused_mlp_fp8_autograd(device, dtype, tol):
+    _check_fused_mlp_autograd(device, dtype, tol, True, ts.relu_square_mlp_fp8_reference)
 
 
 def check_fused_mlp_autograd(device, dtype, tol):
-    x = _randn(2, 70, 64, device=device, dtype=dtype).requires_grad_()
-    w_fc = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=1).requires_grad_()
-    w_proj = _randn(256, 64, device=device, dtype=dtype, scale=0.1, seed=2).requires_grad_()
-    upstream = _randn(2, 70, 64, device=device, dtype=dtype, seed=3)
-    got = ts._FusedReluSquareMLP.apply(x, w_fc, w_proj)
-    got_grads = torch.autograd.grad(got, (x, w_fc, w_proj), upstream)
-    leaves = [t.detach().float().requires_grad_() for t in (x, w_fc, w_proj)]
-    want = ts.relu_square_mlp_reference(*leaves)
-    want_grads = torch.autograd.grad(want, leaves, upstream.float())
-    assert _rel_err(got, want) < tol
-    for g, w in zip(got_grads, want_grads):
-        assert _rel_err(g, w) < tol
+    _check_fused_mlp_autograd(device, dtype, tol, False, ts.relu_square_mlp_reference)
 
 
 def check_softcapped_ce_kernels(device, dtype, tol):
