@@ -79,8 +79,8 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1380, "steps of the 3-stage schedule; stage boundaries scale with it")
-    num_extension_iterations: int = option(10, "steps after the schedule at final lr and windows")
+    num_scheduled_iterations: int = option(1285, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_extension_iterations: int = option(15, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
     # evaluation, logging, checkpoints
@@ -140,12 +140,16 @@ VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)   # value embeddings 0..4 (and their gates
 SKIP_FROM_LAYER, SKIP_TO_LAYER = 3, 6   # U-net style gated skip: layer 3's output, added where
                                         # layer 6 starts (in place of its attention)
 QK_HEADS_PER_MATRIX = 2           # NorMuon orthogonalizes W_q and W_k per pair of heads (#80)
-XSA_LAYERS = (1, 3, 4, 7, 8, 10)  # gated exclusive self-attention (#82): the unpaired attention
-                                  # layers (a paired layer's values do not line up with its heads)
-GATE_INPUTS = 12                  # every gate reads only the first 12 channels of its input ...
-VE_GATE_SPLIT = 6                 # ... except the value-embedding gates: the first 6 channels of
-                                  # the input and the first 6 of the embedding (#70; paired layers too
-                                  # since #81)
+XSA_LAYERS = (1, 3, 4, 7)         # gated exclusive self-attention (#82; 8 and 10 dropped in #85):
+                                  # unpaired layers only (a paired layer's values do not line up
+                                  # with its heads); strengths per token from the MUDD gate
+ATTN_GATE_LAYERS = (3, 10)        # attention outputs gated per token and head (MUDD gate, #85);
+                                  # every other layer's output goes ungated since #85
+DC_LAYER = 10                     # "dynamically composable" correction of this layer's attention
+DC_WINDOW = 112                   # output (record #85): keys t-111..t, heads' probabilities mixed
+GATE_INPUTS = 12                  # the smear gate reads only the first 12 channels of its input;
+VE_GATE_SPLIT = 6                 # the value-embedding gates the first 6 channels of the input
+                                  # and the first 6 of the embedding (#70; paired layers too since #81)
 
 # ---- model constants (rotary, YaRN, bigram hash, FP8 scales, init) ----
 ROPE_MIN_FREQ = 1 / 1024          # rotary frequencies run from 1 down to this, log-spaced
@@ -171,21 +175,22 @@ LAYER_SCALARS = dict(
 )
 MODEL_SCALARS = dict(
     smear_lambda=0.0,             # strength of the smear gate (previous token into x0)
-    skip_lambda=-1.5,             # skip-gate bias: sigmoid(-1.5) ~ 0.18 at the start
+    skip_lambda=-1.5,             # skip strength sigmoid(-1.5) ~ 0.18, times the MUDD gate's "skip"
 )
 
 # ---- residual stream: per-layer lambdas, each its own parameter (records #73-#77) ----
 # Every sublayer (attention, then MLP) writes  x <- resid * x + post * output  into the residual
-# stream; x0 and the hashed-bigram embedding enter with each attention output (x0_lambdas,
-# bigram_lambdas; layer 0 takes its bigram part into the stream before it). The attention layers
-# after ATTN_INPUT_LAYER all read that layer's output instead of the current stream, so they never
-# see the last MLPs' prediction-oriented writes (record #77, replacing #73's two-lane stream).
+# stream; x0 and the hashed-bigram embedding enter with each attention output, scaled per token
+# by the MUDD gate (below; per-layer lambdas before #85; layer 0 takes its bigram part into the
+# stream before it). The attention layers after ATTN_INPUT_LAYER all read that layer's output
+# instead of the current stream, so they never see the last MLPs' prediction-oriented writes
+# (record #77, replacing #73's two-lane stream).
 ATTN_INPUT_LAYER = 7
 RESID_LAMBDA_INIT = 1.1 ** 0.5    # per sublayer, so 1.1 per layer as before #73
 POST_LAMBDA_INIT = 1.0
-X0_LAMBDA_INIT = 0.0
-BIGRAM_LAMBDA_INIT = 0.05
-LAYER_LAMBDA_PARAMS = ("post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas")
+X0_INJECT_INIT = 0.0              # x0 and bigram injection strengths at the start
+BIGRAM_INJECT_INIT = 0.05
+LAYER_LAMBDA_PARAMS = ("post_lambdas", "resid_lambdas")
 
 # ---- dense connections into the last layer and the head (record #81: MUDD, arXiv 2502.12170) ----
 # Where MUDD_LAYER starts, a small MLP of the stream (d -> MUDD_HIDDEN, GELU, -> one number per
@@ -206,10 +211,29 @@ MUDD_LAYER_COEFFICIENTS = dict(
     x_input=0.0, x_layer7=0.0, x_self=0.0,     # stream <- (1 + x_self) x + x_input input + x_layer7 layer7
     ve_gate_first_heads=2.0, ve_gate_last_heads=2.0,   # value-embedding gate (2 = 2 sigmoid's top)
     resid_attn=RESID_LAMBDA_INIT, post_attn=POST_LAMBDA_INIT,        # the attention write, ...
-    input_inject=X0_LAMBDA_INIT, bigram_inject=BIGRAM_LAMBDA_INIT,   # ... injecting input (not x0)
+    input_inject=X0_INJECT_INIT, bigram_inject=BIGRAM_INJECT_INIT,   # ... injecting input (not x0)
     resid_mlp=RESID_LAMBDA_INIT, post_mlp=POST_LAMBDA_INIT,          # and the bigram embedding
 )
 MUDD_HEAD_COEFFICIENTS = dict(input=0.0, layer7=-0.5, mudd_in=0.0, ve0=0.0, layer3=0.0)
+
+# ---- the MUDD gate: per-token gates of the other layers (record #85) ----
+# Two more small MLPs of the same shape (d -> MUDD_GATE_HIDDEN, GELU, -> outputs, times a learned
+# scale that starts at MUDD_GATE_SCALE_INIT) give every token its XSA strengths, attention-output
+# gates, x0/bigram injection strengths, the skip strength and the DC weights: the "pre" gate reads
+# x0 and serves the layers before MUDD_GATE_POST_LAYER, the "post" gate reads the stream entering
+# that layer and serves the rest (mudd_gate_layout lists both). Initial values by kind (per head
+# where the kind is per head): the output weights start at 0, so the gates start at these.
+MUDD_GATE_HIDDEN = 64
+MUDD_GATE_SCALE_INIT = 0.1        # the biases are stored divided by it
+MUDD_GATE_POST_LAYER = 4
+MUDD_GATE_INITS = dict(
+    xsa=0.0,                      # tanh(0): XSA off
+    attn_gate=0.25,               # attention output times 0.25 (ATTN_GATE_LAYERS)
+    x0=X0_INJECT_INIT, bigram=BIGRAM_INJECT_INIT,
+    skip=0.5,                     # layer 3's output into layer 6: sigmoid(skip_lambda) * 0.5
+    dc_w1=1.0,                    # DC: each head's share of the mixed probabilities (RMS-normed over heads)
+    dc_w2=0.0,                    # DC: how much of the correction each head adds (0: off at init)
+)
 
 # ---- schedule: one row per stage; the last row is the extension after the scheduled steps ----
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
@@ -251,27 +275,26 @@ PARAM_TABLE = {
     "mlp":            dict(optim="normuon", comms="sharded"),
     "scalars":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=5.0, wd_mul=0.0),
     "smear_gate":     dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.01, wd_mul=0.0),
-    "skip_gate":      dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.05, wd_mul=0.0),
-    "attn_gate_bank": dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
     "ve_gate_bank":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99)),
     "lm_head":        dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
     "bigram_embed":   dict(optim="adam", comms="sparse", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "post_lambdas":   dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
-    "x0_lambdas":     dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
-    "bigram_lambdas": dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
     "resid_lambdas":  dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=5.0, wd_mul=0.0),
-    "xsa_alphas":     dict(optim="adam", comms="replicated", betas=(0.9, 0.95), lr_mul=1.0, wd_mul=0.0),
     "value_embed":    dict(optim="adam", comms="sharded", betas=(0.75, 0.95), lr_mul=75.0, wd_mul=5.0),
     "embed":          dict(optim="adam", comms="sharded", betas=(0.5, 0.95), wd_mul=150.0),
     "mudd_w1":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25),
     "mudd_w2":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25),
     "mudd_b2":        dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.25, wd_mul=0.0),
+    "mudd_gate_w1":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.1),
+    "mudd_gate_w2":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.1),
+    "mudd_gate_b2":   dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.1, wd_mul=0.0),
+    "mudd_gate_scale": dict(optim="adam", comms="replicated", betas=(0.9, 0.99), lr_mul=0.1, wd_mul=0.0),
 }
 # Order the updates run in: small tensors first while the big reductions are still in flight;
 # lm_head before embed (the tied embed copies lm_head); the Polar Express banks last.
-WORK_ORDER = ["scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "mudd_b2",
-              "xsa_alphas", "post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "mudd_w2", "value_embed",
-              "bigram_embed", "mudd_w1", "lm_head", "embed", "qk", "vo", "mlp"]
+WORK_ORDER = ["scalars", "smear_gate", "ve_gate_bank", "mudd_b2", "mudd_gate_b2", "mudd_gate_scale",
+              "post_lambdas", "resid_lambdas", "mudd_w2", "mudd_gate_w2", "value_embed", "bigram_embed",
+              "mudd_w1", "mudd_gate_w1", "lm_head", "embed", "qk", "vo", "mlp"]
 ADAM_DEFAULTS = dict(lr=0.008, eps=1e-10, weight_decay=0.005)
 NORMUON_DEFAULTS = dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2)   # momentum: replaced every
                                                        # step by muon_momentum (MUON_MOMENTUM_RANGE);
@@ -304,8 +327,8 @@ class ModelConfig:
     head_dim: int = 128
     model_dim: int = 768
     max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
-    bigram_vocab_size: int = 50304 * 15  # hashed bigram embedding rows (x5 before #83)
-    bigram_dim: int = 192                # their width: they enter the first 192 channels (#83)
+    bigram_vocab_size: int = 50304 * 15 // 2  # hashed bigram embedding rows (x5 before #83, x15 in #83-#84)
+    bigram_dim: int = 768                # their width: they enter the first bigram_dim channels (192 in #83-#84)
     use_fp8: bool = False                # FP8 lm_head and MLP up-projection in training (the card must support it)
     attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
     world_size: int = 1                  # pads `scalars` and the banks like the record
@@ -335,6 +358,14 @@ class ModelConfig:
         if any(i in PAIRED_HEAD_LAYERS or i == NO_ATTENTION_LAYER or not 0 <= i < self.num_layers
                for i in XSA_LAYERS):
             problems.append(f"XSA_LAYERS={XSA_LAYERS} must be unpaired attention layers")
+        attention_layers = [i for i in range(self.num_layers) if i != NO_ATTENTION_LAYER]
+        if any(i not in attention_layers for i in ATTN_GATE_LAYERS):
+            problems.append(f"ATTN_GATE_LAYERS={ATTN_GATE_LAYERS} must be attention layers")
+        if DC_LAYER not in attention_layers or DC_LAYER in PAIRED_HEAD_LAYERS or DC_WINDOW < 1:
+            problems.append(f"DC_LAYER={DC_LAYER} must be an unpaired attention layer and "
+                            f"DC_WINDOW={DC_WINDOW} at least 1")
+        if not 0 < MUDD_GATE_POST_LAYER < self.num_layers:
+            problems.append(f"MUDD_GATE_POST_LAYER={MUDD_GATE_POST_LAYER} must be a layer after 0")
         if not max(SKIP_FROM_LAYER, ATTN_INPUT_LAYER) < MUDD_LAYER < self.num_layers or MUDD_LAYER == NO_ATTENTION_LAYER:
             problems.append(f"MUDD_LAYER={MUDD_LAYER} must be an attention layer after layers "
                             f"{SKIP_FROM_LAYER} and {ATTN_INPUT_LAYER}, whose outputs it reads")
@@ -752,6 +783,43 @@ def masked_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scal
     return out.transpose(0, 1)
 
 
+# ---- DC correction (record #85): heads' local attention probabilities mixed per token ----------
+# On one layer (DC_LAYER), after whichever backend computed its attention output y: each query t
+# recomputes every head's softmax over only its last `window` keys (same document), mixes the
+# heads' probabilities with per-token weights w1 into one pattern A[t, :], and each head h adds
+# w2[t, h] * (A[t, :] @ v_h) to its output: heads read values through each other's patterns
+# ("dynamically composable" attention, post-mixing only). A Triton kernel on CUDA (kernels section).
+
+def dc_correction_reference(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor,
+                            doc_ids: Tensor, scale, window: int) -> Tensor:
+    """Plain PyTorch: y, q, k, v (T, heads, head_dim); w1, w2 (T, heads); doc_ids (T,). Scores,
+    probabilities and A in fp32 (or wider), w2 * A rounded to v's dtype before the product with v
+    (as the record's kernel does), y + correction rounded to y's dtype."""
+    T, H, D = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # the keys each query may see, as windows over a left-padded copy: (T, H, D, window)
+    pad = lambda t: F.pad(t, (0, 0, 0, 0, window - 1, 0))
+    k_win = pad(k).unfold(0, window, 1)
+    v_win = pad(v).unfold(0, window, 1)
+    key_pos = torch.arange(T, device=q.device)[:, None] - (window - 1) + torch.arange(window, device=q.device)
+    doc_win = F.pad(doc_ids, (window - 1, 0), value=-1).unfold(0, window, 1)        # (T, window)
+    visible = (key_pos >= 0) & (doc_win == doc_ids[:, None])
+    scores = torch.einsum("thd,thdw->thw", q.to(acc), k_win.to(acc)) * scale
+    probs = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(-1)     # (T, H, window)
+    mixed = (w1.to(acc).unsqueeze(-1) * probs).sum(1)                                # A: (T, window)
+    weights = (w2.to(acc).unsqueeze(-1) * mixed.unsqueeze(1)).to(v.dtype)           # (T, H, window)
+    correction = torch.einsum("thw,thdw->thd", weights.to(acc), v_win.to(acc))
+    return (y.to(acc) + correction).to(y.dtype)
+
+
+def dc_correction(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor,
+                  doc_ids: Tensor, scale: Tensor, window: int) -> Tensor:
+    """y plus the DC correction (see dc_correction_reference): the Triton kernel on CUDA."""
+    if _use_triton(y):
+        return _DCCorrection.apply(y, q, k, v, w1, w2, doc_ids, scale, window)
+    return dc_correction_reference(y, q, k, v, w1, w2, doc_ids, scale, window)
+
+
 # ---- flash-attn backends (CUDA only) ----------------------------------------------------------
 # name -> (flash_attn_varlen_func, where it came from), and name -> why it did not load
 _FLASH_VARLEN: dict = {}
@@ -899,11 +967,11 @@ def embed_inputs(input_seq: Tensor, embed_w: Tensor, bigram_w: Tensor, bigram_si
 
 
 def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tensor,
-                     attn_gate_w: Tensor, ve: Tensor | None, ve_gate_w: Tensor | None,
-                     num_heads: int, paired: bool, key_offset: bool, v_extra: Tensor | None = None):
+                     ve: Tensor | None, ve_gate_w: Tensor | None, num_heads: int, paired: bool,
+                     key_offset: bool, v_extra: Tensor | None = None):
     """First half of an attention layer: norm the stream it reads, project, QK-norm, rotate, add
     value embeddings (gated here; or v_extra (T, hdim), already gated: the MUDD layer's).
-    Returns (q, k, v in the attention layout, output gate (T, heads)).
+    Returns q, k, v in the attention layout.
 
     Attention layout: (T, heads, head_dim); for paired heads (2T, heads/2, head_dim), where a
     token's head h sits at position 2t + h // (heads/2), lane h % (heads/2) — exactly the record's
@@ -915,7 +983,6 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
     q, k, v = qkv.chunk(3, dim=1)
     q, k = norm(q), norm(k)                                   # QK norm
     head_dim = q.size(-1)
-    gate_in = h[:, :GATE_INPUTS]
     # values gain their extras per token and head, before any paired-head reshape
     if ve is not None:
         # the gate of the value embedding sees part of the embedding itself
@@ -939,25 +1006,31 @@ def attention_inputs(x: Tensor, lam: dict, qkv_w: Tensor, cos: Tensor, sin: Tens
             half = head_dim // 2
             still = k[..., half:]
             k = torch.cat([k[..., :half], torch.cat([still[:1], still[:-1]])], dim=-1)
-    gate = torch.sigmoid(F.linear(gate_in, attn_gate_w.type_as(h)))
     # v may still be a strided view of the projection: hand every layer kind the same layout
-    return q, k, v.contiguous(), gate
+    return q, k, v.contiguous()
 
 
-def attention_output(y: Tensor, gate: Tensor, out_w: Tensor, lam: dict) -> Tensor:
-    """Second half of an attention layer: gate each head's output, project back to the stream."""
-    T, heads = gate.shape
-    y = y.reshape(T, heads, -1) * gate.unsqueeze(-1)
-    return F.linear(y.reshape(T, -1), lam["attn_lambdas"][1] * out_w.type_as(y))
+def attention_output(y: Tensor, gate: Tensor | None, out_w: Tensor, lam: dict) -> Tensor:
+    """Second half of an attention layer: gate each head's output (T, heads) if the layer has a
+    gate (ATTN_GATE_LAYERS), project back to the stream."""
+    if gate is not None:
+        y = y * gate.type_as(y).unsqueeze(-1)
+    return F.linear(y.reshape(y.size(0), -1), lam["attn_lambdas"][1] * out_w.type_as(y))
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
     """Gated XSA (arXiv 2603.09078, record #82): each head's output (T, heads, head_dim) loses
-    tanh(alpha_head) of its component along the token's own value vector, which attention would
-    otherwise largely copy back; alpha (heads,) starts at 0, i.e. off."""
+    tanh(alpha) of its component along the token's own value vector, which attention would
+    otherwise largely copy back; alpha (T, heads) from the MUDD gate (#85), 0 at init: off."""
     v_dir = F.normalize(v, dim=-1, eps=1e-4)
     along = (y * v_dir).sum(-1, keepdim=True)
-    return y - torch.tanh(alpha).type_as(y).view(1, -1, 1) * along * v_dir
+    return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v_dir
+
+
+def dc_weights(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """The DC correction's per-token head weights from the MUDD gate's outputs (T, heads) each:
+    the mixing weights RMS-normed over the heads (in fp32), the output weights as they are."""
+    return F.rms_norm(w1.float(), (w1.size(-1),), eps=1e-6).type_as(w1), w2
 
 
 def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor, use_fp8: bool = False) -> Tensor:
@@ -968,11 +1041,6 @@ def add_bigram(x: Tensor, x_bigram: Tensor, weight: Tensor) -> Tensor:
     """x plus weight * the bigram embeddings in its first bigram_dim channels (record #83). Added
     after the rest of a write, in the record's order of additions."""
     return x + F.pad(x_bigram * weight.type_as(x_bigram), (0, x.size(-1) - x_bigram.size(-1)))
-
-
-def input_injection(x0: Tensor, lam: dict) -> Tensor:
-    """What an attention output carries besides attention and the bigram part: scaled x0."""
-    return x0 * lam["x0_lambdas"].type_as(x0)
 
 
 def residual_write(x: Tensor, out: Tensor, resid: Tensor, post: Tensor, inject: Tensor | None = None) -> Tensor:
@@ -1010,6 +1078,38 @@ def mudd_head_input(mu: dict, states: dict, x: Tensor, ve0: Tensor) -> Tensor:
             + mu["mudd_in"] * states["mudd_in"] + mu["ve0"] * ve0.type_as(x) + mu["layer3"] * states["layer3"])
 
 
+def mudd_gate_layout(num_heads: int, num_layers: int = 11) -> tuple[dict, dict]:
+    """The MUDD gate's outputs (record #85): (pre, post), each name -> (width, initial value) in
+    the order stored. A layer's gates come from the pre gate if it comes before
+    MUDD_GATE_POST_LAYER, else from the post gate. Each lists XSA strengths (per head), attention
+    gates (per head), the x0 then bigram strength of each attention layer written with them (all
+    but MUDD_LAYER, which has its own), the skip strength and the DC weights (per head) of the
+    layers it serves: the record's 26 and 41 outputs."""
+    blocks = []
+    for layers in (range(MUDD_GATE_POST_LAYER), range(MUDD_GATE_POST_LAYER, num_layers)):
+        block = {f"xsa_{i}": (num_heads, MUDD_GATE_INITS["xsa"]) for i in XSA_LAYERS if i in layers}
+        block |= {f"attn_gate_{i}": (num_heads, MUDD_GATE_INITS["attn_gate"])
+                  for i in ATTN_GATE_LAYERS if i in layers}
+        for i in layers:
+            if i not in (NO_ATTENTION_LAYER, MUDD_LAYER):
+                block |= {f"x0_{i}": (1, MUDD_GATE_INITS["x0"]), f"bigram_{i}": (1, MUDD_GATE_INITS["bigram"])}
+        if SKIP_TO_LAYER in layers:
+            block["skip"] = (1, MUDD_GATE_INITS["skip"])
+        if DC_LAYER in layers:
+            block |= {"dc_w1": (num_heads, MUDD_GATE_INITS["dc_w1"]), "dc_w2": (num_heads, MUDD_GATE_INITS["dc_w2"])}
+        blocks.append(block)
+    return tuple(blocks)
+
+
+def mudd_gate(x: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, scale: Tensor, layout: dict) -> dict:
+    """One MUDD gate on stream x (T, d): name -> (T, width), the outputs of
+    scale * (W2 gelu(W1 x) + b2) split as layout says (mudd_gate_layout)."""
+    widths = [width for width, _ in layout.values()]
+    n = sum(widths)
+    g = (F.linear(F.gelu(F.linear(x, w1.type_as(x))), w2[:n].type_as(x)) + b2[:n].type_as(x)) * scale.type_as(x)
+    return dict(zip(layout, g.split(widths, dim=-1)))
+
+
 def output_loss(x: Tensor, lm_head_w: Tensor, targets: Tensor, mtp_weights: Tensor, x_s: float,
                 w_s: float, grad_s: float, use_fp8: bool, training: bool) -> Tensor:
     """Norm, and score with the softcapped head. Training: sum over positions of the
@@ -1030,7 +1130,7 @@ class LayerAttention:
     max_len: int                # flash-attn max_seqlen
     window: int                 # tokens
     scale: float                # softmax scale (python: flash backends, sdpa)
-    scale_tensor: Tensor | None # the same as a device tensor (flex)
+    scale_tensor: Tensor        # the same as a device tensor (flex, the DC correction)
     mask: object                # BlockMask (flex), dense bool mask (sdpa), None (flash)
 
 
@@ -1038,6 +1138,7 @@ class LayerAttention:
 class AttentionPlan:
     backend: str
     kinds: dict                 # (long_window, paired) -> LayerAttention
+    doc_ids: Tensor             # (T,) int32 document of each position (the DC correction)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -1074,7 +1175,7 @@ class GPT(nn.Module):
         # Parameters are created in the record's order and with its RNG draws (nn.Linear and
         # nn.Embedding draw their default init before being overwritten), so one seed gives the
         # record's initial weights. Record #81's order: head and embedding, attention, MLP, the
-        # small parameters, MUDD.
+        # small parameters, MUDD, then (#85) the MUDD gate.
         self.lm_head = TransposedLMHead(d, self.vocab_size, cfg.use_fp8)
         nn.init.normal_(self.lm_head.weight, mean=0, std=LM_HEAD_INIT_STD)
         self.lm_head.weight.label = "lm_head"
@@ -1088,10 +1189,8 @@ class GPT(nn.Module):
             VALUE_EMBED_INIT_STD * torch.randn(5 * self.vocab_size, d, dtype=torch.bfloat16))
         self.value_embeds.label = "value_embed"
         num_attn = sum(s.has_attn for s in self.layers)
-        self.attn_gate_bank = nn.Parameter(torch.zeros(num_attn, H, GATE_INPUTS))
-        self.attn_gate_bank.label = "attn_gate_bank"
         # (the MUDD layer's value-embedding gate comes from MUDD: its row here goes unused, as recorded)
-        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, GATE_INPUTS))
+        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), H, 2 * VE_GATE_SPLIT))
         self.ve_gate_bank.label = "ve_gate_bank"
         # banks the optimizer orthogonalizes matrix by matrix (record #80): qk_bank holds each
         # attention layer's W_q then W_k as row blocks of QK_HEADS_PER_MATRIX heads, (pair, d);
@@ -1123,9 +1222,6 @@ class GPT(nn.Module):
         self.smear_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
         nn.init.zeros_(self.smear_gate.weight)
         self.smear_gate.weight.label = "smear_gate"
-        self.skip_gate = nn.Linear(GATE_INPUTS, 1, bias=False)
-        nn.init.zeros_(self.skip_gate.weight)
-        self.skip_gate.weight.label = "skip_gate"
         self.bigram_embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         self.bigram_embed.weight.label = "bigram_embed"
         nn.init.zeros_(self.bigram_embed.weight)
@@ -1135,14 +1231,9 @@ class GPT(nn.Module):
         # as the record stores them. The attention-free layer never reads its attention entries,
         # the MUDD layer none of its own (MUDD gives it per-token ones); the record keeps them.
         self.post_lambdas = nn.Parameter(torch.full((L, 2), POST_LAMBDA_INIT))
-        self.x0_lambdas = nn.Parameter(torch.full((L,), X0_LAMBDA_INIT))
-        self.bigram_lambdas = nn.Parameter(torch.full((L,), BIGRAM_LAMBDA_INIT))
         self.resid_lambdas = nn.Parameter(torch.full((L, 2), RESID_LAMBDA_INIT))
         for name in LAYER_LAMBDA_PARAMS:
             getattr(self, name).label = name
-        # XSA strength per (layer, head), tanh'ed; rows of layers not in XSA_LAYERS go unused
-        self.xsa_alphas = nn.Parameter(torch.zeros(L, H))
-        self.xsa_alphas.label = "xsa_alphas"
         # LAYER_SCALARS (each repeated per layer), then MODEL_SCALARS, then padding to a multiple
         # of the world size (replicated anyway; the record pads the same way).
         inits = [torch.tensor(v, dtype=torch.float32).repeat(L) for v in LAYER_SCALARS.values()]
@@ -1161,7 +1252,21 @@ class GPT(nn.Module):
         for block, table in enumerate((MUDD_LAYER_COEFFICIENTS, MUDD_HEAD_COEFFICIENTS)):
             biases[block, :len(table)] = torch.tensor(list(table.values())) / MUDD_SCALE
         self.mudd_b2 = nn.Parameter(biases)
-        for name in ("mudd_w1", "mudd_w2", "mudd_b2"):
+        # the MUDD gate (record #85): block 0 the pre gate, block 1 the post gate, padded alike
+        self.gate_layouts = mudd_gate_layout(H, L)
+        sizes = [sum(width for width, _ in layout.values()) for layout in self.gate_layouts]
+        self.mudd_gate_w1 = nn.Parameter(torch.empty(2, MUDD_GATE_HIDDEN, d))
+        for block in range(2):
+            nn.init.kaiming_uniform_(self.mudd_gate_w1.data[block], a=math.sqrt(5))
+        self.mudd_gate_w2 = nn.Parameter(torch.zeros(2, max(sizes), MUDD_GATE_HIDDEN))
+        biases = torch.zeros(2, max(sizes), dtype=torch.float64)
+        for block, layout in enumerate(self.gate_layouts):
+            values = [init for width, init in layout.values() for _ in range(width)]
+            biases[block, :len(values)] = torch.tensor(values, dtype=torch.float64) / MUDD_GATE_SCALE_INIT
+        self.mudd_gate_b2 = nn.Parameter(biases.float())
+        self.mudd_gate_scale = nn.Parameter(torch.tensor(MUDD_GATE_SCALE_INIT))
+        for name in ("mudd_w1", "mudd_w2", "mudd_b2", "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2",
+                     "mudd_gate_scale"):
             getattr(self, name).label = name
 
     def compiled(self) -> "GPT":
@@ -1192,16 +1297,17 @@ class GPT(nn.Module):
 
     def layer_lambdas(self, i: int, layer_scalars: dict) -> dict:
         """Layer i's learned scalars by name: its LAYER_SCALARS values and its entries of the
-        residual lambdas (x0/bigram: 0-dim; resid and post: [sublayer])."""
+        residual lambdas (resid and post: [sublayer])."""
         lam = {name: values[i] for name, values in layer_scalars.items()}
         lam.update({name: getattr(self, name)[i] for name in LAYER_LAMBDA_PARAMS})
         return lam
 
     def cast_to_bf16(self) -> "GPT":
-        """The record's dtypes: embeddings, gates, linears, banks and MUDD bf16; lambdas stay fp32."""
-        for p in (self.smear_gate.weight, self.skip_gate.weight, self.embed.weight,
-                  self.bigram_embed.weight, self.attn_gate_bank, self.ve_gate_bank,
-                  self.qk_bank, self.vo_bank, self.mlp_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2):
+        """The record's dtypes: embeddings, gates, linears, banks and MUDD bf16; lambdas and the
+        MUDD gate's scale stay fp32."""
+        for p in (self.smear_gate.weight, self.embed.weight, self.bigram_embed.weight, self.ve_gate_bank,
+                  self.qk_bank, self.vo_bank, self.mlp_bank, self.mudd_w1, self.mudd_w2, self.mudd_b2,
+                  self.mudd_gate_w1, self.mudd_gate_w2, self.mudd_gate_b2):
             p.data = p.data.bfloat16()
         return self
 
@@ -1228,17 +1334,16 @@ class GPT(nn.Module):
             window = sched.ws_long if long_window else sched.ws_short
             factor = 2 if paired else 1           # paired layers attend over twice the positions
             cu = cu_seqlens * factor if paired else cu_seqlens
-            mask, scale_t = None, None
+            mask = None
+            scale_t = torch.full((), yarn.attn_scale, dtype=torch.float32, device=cu_seqlens.device)
             if backend == "flex":
                 mask = sliding_window_block_mask(cu, factor * length, window,
                                                  with_backward=with_backward)
-                scale_t = torch.full((), yarn.attn_scale, dtype=torch.float32,
-                                     device=cu_seqlens.device)
             elif backend == "sdpa":
                 mask = window_mask_dense(cu, factor * length, window)
             kinds[(long_window, paired)] = LayerAttention(cu, factor * max_len, window,
                                                           yarn.attn_scale, scale_t, mask)
-        return AttentionPlan(backend, kinds)
+        return AttentionPlan(backend, kinds, document_ids(cu_seqlens, length))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, spec: LayerSpec, plan: AttentionPlan) -> Tensor:
         """Attention in the layer's layout -> (T, heads, head_dim), contiguous, for every layer
@@ -1268,24 +1373,24 @@ class GPT(nn.Module):
         qk = self.qk_bank[:self.num_qk_matrices].view(num_attn, -1, self.qk_bank.size(-1))
         vo = self.vo_bank[:self.num_vo_matrices].view(num_attn, -1, self.vo_bank.size(-1))
         attn_w = torch.cat([qk, vo], dim=1).unbind(0)
-        attn_gates = self.attn_gate_bank.unbind(0)
         ve_gates = self.ve_gate_bank.unbind(0)
         fc_w = self.mlp_bank[:, 0].unbind(0)
         proj_w = self.mlp_bank[:, 1].unbind(0)
         d = x0.size(-1)
         T = input_seq.size(0)
-        x = add_bigram(x0, x_bigram, self.bigram_lambdas[0])   # layer 0's bigram part, and ...
-        x0 = x    # ... x0's: the record adds it in place to a tensor x0 aliases (records #83, #84)
+        gate_weights = (self.mudd_gate_w1, self.mudd_gate_w2, self.mudd_gate_b2)
+        gates = mudd_gate(x0, *(w[0] for w in gate_weights), self.mudd_gate_scale, self.gate_layouts[0])
+        x = add_bigram(x0, x_bigram, gates["bigram_0"])   # layer 0's bigram part (not in x0 since #85)
         states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
         mlp_fp8 = self.cfg.use_fp8 and self.training   # FP8 up-projection forward (record #84)
         for spec in self.layers:
             i = spec.index
             lam = self.layer_lambdas(i, layer_scalars)
             mudd = None
+            if i == MUDD_GATE_POST_LAYER:
+                gates |= mudd_gate(x, *(w[1] for w in gate_weights), self.mudd_gate_scale, self.gate_layouts[1])
             if i == SKIP_TO_LAYER:
-                gate = torch.sigmoid(model_scalars["skip_lambda"]) * 2 * torch.sigmoid(
-                    F.linear(x0[:, :GATE_INPUTS], self.skip_gate.weight.type_as(x0)))
-                x = x + gate * states["layer3"]
+                x = x + torch.sigmoid(model_scalars["skip_lambda"]) * gates["skip"] * states["layer3"]
             if spec.has_attn:
                 yarn = self.yarn_paired_head if spec.paired else self.yarn
                 cos, sin = yarn.tables(T)
@@ -1299,20 +1404,23 @@ class GPT(nn.Module):
                     v_extra = mudd_values(mudd, states, x, ve[slot], H)
                     x = mudd_stream(mudd, states, x)
                     slot = None
-                q, k, v, gate = attention_inputs(
-                    attn_input, lam, qkvo[:3 * d], cos, sin, attn_gates[spec.attn_slot],
-                    None if slot is None else ve[slot], None if slot is None else ve_gates[slot],
-                    num_heads=H, paired=spec.paired, key_offset=spec.long_window,
-                    v_extra=None if mudd is None else v_extra)
+                q, k, v = attention_inputs(
+                    attn_input, lam, qkvo[:3 * d], cos, sin, None if slot is None else ve[slot],
+                    None if slot is None else ve_gates[slot], num_heads=H, paired=spec.paired,
+                    key_offset=spec.long_window, v_extra=None if mudd is None else v_extra)
                 y = self.attend(q, k, v, spec, plan)
+                if i == DC_LAYER:
+                    w1, w2 = dc_weights(gates["dc_w1"], gates["dc_w2"])
+                    scale = plan.kinds[(spec.long_window, spec.paired)].scale_tensor
+                    y = dc_correction(y, q, k, v, w1, w2, plan.doc_ids, scale, DC_WINDOW)
                 if spec.xsa:
-                    y = exclusive_self_attention(y, v, self.xsa_alphas[i])
-                out = attention_output(y, gate, qkvo[3 * d:], lam)
+                    y = exclusive_self_attention(y, v, gates[f"xsa_{i}"])
+                out = attention_output(y, gates.get(f"attn_gate_{i}"), qkvo[3 * d:], lam)
                 if mudd is None:
                     x = residual_write(x, out, lam["resid_lambdas"][0], lam["post_lambdas"][0],
-                                       inject=input_injection(x0, lam))
+                                       inject=x0 * gates[f"x0_{i}"])
                     if i > 0:     # layer 0's bigram part entered before it
-                        x = add_bigram(x, x_bigram, lam["bigram_lambdas"])
+                        x = add_bigram(x, x_bigram, gates[f"bigram_{i}"])
                 else:
                     x = residual_write(x, out, mudd["resid_attn"], mudd["post_attn"],
                                        inject=mudd["input_inject"] * states["input"])
@@ -1697,6 +1805,210 @@ def _fp8_lm_head_forward(x, w_t, x_s, w_s):   # (_FusedSoftcappedMTPLoss)
                            use_fast_accum=True)
     return out, x_f8, w_f8
 
+
+
+# ---- Triton: the DC correction (record #85) --------------------------------------------------------
+# One program per BLOCK_M queries; they reach the keys [q0 - WINDOW + 1, q0 + BLOCK_M), all of which
+# fit one BLOCK_K-wide tile, so every head's window softmax is a single (BLOCK_M, BLOCK_K) tile and
+# needs no running maximum. q, k, v, y and the gradients are contiguous (T, H, D); w1, w2, lse (T, H).
+# The loops over heads are runtime loops: unrolled (tl.static_range), ptxas spilled 37 KB per thread
+# in the forward at H 6, D 128, BLOCK_M 16 (sm_90, triton 3.6, compiled offline), none as a loop.
+
+@triton.jit
+def _head_offsets(tokens, head, H: tl.constexpr, D: tl.constexpr):
+    """Element offsets (len(tokens), D) of one head's rows in a contiguous (T, H, D) tensor. int32
+    (the launchers check T H D < 2^31): int64 offset tiles cost the backward 3.5 KB/thread of spills."""
+    return (tokens[:, None] * H + head) * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
+def _dc_block_layout(doc_ptr, T, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's queries and the keys they reach, which of each exist, and the visible
+    (query, key) pairs: 0..WINDOW-1 positions back, both in the sequence, same document."""
+    q_start = tl.program_id(0) * BLOCK_M
+    queries = q_start + tl.arange(0, BLOCK_M)
+    keys = q_start - (WINDOW - 1) + tl.arange(0, BLOCK_K)
+    query_in = queries < T
+    key_in = (keys >= 0) & (keys < T)
+    query_doc = tl.load(doc_ptr + queries, mask=query_in, other=-1)
+    key_doc = tl.load(doc_ptr + keys, mask=key_in, other=-1)
+    back = queries[:, None] - keys[None, :]
+    visible = ((back >= 0) & (back < WINDOW) & query_in[:, None] & key_in[None, :]
+               & (query_doc[:, None] == key_doc[None, :]))
+    return queries, keys, query_in, key_in, visible
+
+
+@triton.jit
+def _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in, key_in, visible,
+                   H: tl.constexpr, D: tl.constexpr, FORWARD: tl.constexpr):
+    """One head's window softmax P (BLOCK_M, BLOCK_K) fp32, 0 where not visible, with the head's
+    q and k tiles. FORWARD: computes each row's log-sum-exp and stores it; backward: loads it, so
+    exp(scores - lse) gives back the forward's P from the same scores."""
+    q = tl.load(q_ptr + _head_offsets(queries, head, H, D), mask=query_in[:, None], other=0.0)
+    k = tl.load(k_ptr + _head_offsets(keys, head, H, D), mask=key_in[:, None], other=0.0)
+    scores = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+    lse_ptrs = lse_ptr + queries * H + head
+    if FORWARD:
+        # rows past T see no key: give them lse 0 so their P is exp(-inf) = 0, not NaN
+        row_max = tl.where(query_in, tl.max(scores, axis=1), 0.0)
+        row_sum = tl.sum(tl.exp(scores - row_max[:, None]), axis=1)
+        lse = row_max + tl.log(tl.where(query_in, row_sum, 1.0))
+        tl.store(lse_ptrs, lse, mask=query_in)
+    else:
+        lse = tl.load(lse_ptrs, mask=query_in, other=0.0)
+    return tl.exp(scores - lse[:, None]), q, k
+
+
+@triton.jit
+def _dc_correction_fwd_kernel(
+    y_ptr, q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, doc_ptr, scale_ptr, out_ptr, lse_ptr, T,
+    H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = y + corr for BLOCK_M queries. Pass 1 mixes the heads' probabilities into A (and stores
+    their log-sum-exps for the backward); pass 2 gives each head its y + (w2 A) v."""
+    queries, keys, query_in, key_in, visible = _dc_block_layout(doc_ptr, T, WINDOW, BLOCK_M, BLOCK_K)
+    scale = tl.load(scale_ptr)   # a tensor: a new value between stages recompiles nothing
+    weight_offsets = queries * H
+    mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for head in range(H):
+        probs, _q, _k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
+                                       key_in, visible, H, D, FORWARD=True)
+        w1 = tl.load(w1_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
+        mix += w1[:, None] * probs
+    for head in range(H):
+        w2 = tl.load(w2_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + _head_offsets(keys, head, H, D), mask=key_in[:, None], other=0.0)
+        corr = tl.dot((w2[:, None] * mix).to(v.dtype), v)   # tensor-core operands, fp32 sum
+        offsets = _head_offsets(queries, head, H, D)
+        y = tl.load(y_ptr + offsets, mask=query_in[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, (y + corr).to(out_ptr.dtype.element_ty), mask=query_in[:, None])
+
+
+@triton.jit
+def _dc_correction_bwd_kernel(
+    grad_ptr, q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, doc_ptr, scale_ptr, lse_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dw1_ptr, dw2_ptr, T,
+    H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gradients through BLOCK_M queries' corrections (y's is the incoming G itself). P comes
+    back from the stored log-sum-exp, in three passes over the heads:
+      1. A = sum_h w1 P_h
+      2. M_h = G_h v_h^T:  dw2 = rowsum(A M_h),  dv_h += (w2 A)^T G_h,  dA = sum_h w2 M_h
+      3. dw1 = rowsum(P_h dA),  dS_h = w1 P_h (dA - dw1):  dq_h = scale dS_h k_h,  dk_h += scale dS_h^T q_h
+    dk and dv are fp32 atomics: each key lies in the windows of several query blocks."""
+    queries, keys, query_in, key_in, visible = _dc_block_layout(doc_ptr, T, WINDOW, BLOCK_M, BLOCK_K)
+    scale = tl.load(scale_ptr)
+    weight_offsets = queries * H
+    mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for head in range(H):
+        probs, _q, _k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
+                                       key_in, visible, H, D, FORWARD=False)
+        w1 = tl.load(w1_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
+        mix += w1[:, None] * probs
+
+    d_mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for head in range(H):
+        grad = tl.load(grad_ptr + _head_offsets(queries, head, H, D), mask=query_in[:, None], other=0.0)
+        key_offsets = _head_offsets(keys, head, H, D)
+        v = tl.load(v_ptr + key_offsets, mask=key_in[:, None], other=0.0)
+        grad_dot_v = tl.dot(grad, tl.trans(v))   # M_h; A is 0 wherever a key is not visible
+        w2 = tl.load(w2_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
+        dw2 = tl.sum(mix * grad_dot_v, axis=1)
+        tl.store(dw2_ptr + weight_offsets + head, dw2.to(dw2_ptr.dtype.element_ty), mask=query_in)
+        # the forward's rounded weights, so dv is the exact gradient of what it multiplied
+        dv = tl.dot(tl.trans((w2[:, None] * mix).to(grad.dtype)), grad)
+        tl.atomic_add(dv_ptr + key_offsets, dv, mask=key_in[:, None], sem="relaxed")
+        d_mix += w2[:, None] * grad_dot_v
+
+    for head in range(H):
+        probs, q, k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
+                                     key_in, visible, H, D, FORWARD=False)
+        w1 = tl.load(w1_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
+        dw1 = tl.sum(probs * d_mix, axis=1)
+        tl.store(dw1_ptr + weight_offsets + head, dw1.to(dw1_ptr.dtype.element_ty), mask=query_in)
+        d_scores = w1[:, None] * probs * (d_mix - dw1[:, None])   # softmax backward of w1 dA
+        dq = tl.dot(d_scores.to(k.dtype), k) * scale   # dS rounded to the inputs' dtype for the tensor cores
+        tl.store(dq_ptr + _head_offsets(queries, head, H, D), dq.to(dq_ptr.dtype.element_ty),
+                 mask=query_in[:, None])
+        dk = tl.dot(tl.trans(d_scores.to(q.dtype)), q) * scale
+        tl.atomic_add(dk_ptr + _head_offsets(keys, head, H, D), dk, mask=key_in[:, None], sem="relaxed")
+
+
+def _dc_launch_shape(q: Tensor, window: int, block_m: int):
+    """(T, H, D, BLOCK_K, grid), after checking what tl.dot and tl.arange need."""
+    T, H, D = q.shape
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"DC correction kernels need the head dim D to be a power of two >= 16 "
+                         f"(tl.dot, tl.arange); got D = {D}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot); got {block_m}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    if T * H * D >= 2 ** 31:
+        raise ValueError(f"DC correction kernels use int32 offsets: T H D = {T * H * D} >= 2^31")
+    block_k = max(16, triton.next_power_of_2(window + block_m - 1))
+    return T, H, D, block_k, (triton.cdiv(T, block_m),)
+
+
+def _dc_scale_tensor(scale, like: Tensor) -> Tensor:
+    """The kernels load the softmax scale (fp32) through a pointer: Inductor would pass a Python
+    float as fp64, and a tensor's new value between training stages recompiles nothing."""
+    return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
+
+
+def _dc_correction_triton_forward(y: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor,
+                                  doc_ids: Tensor, scale, window: int, block_m: int = 16):
+    """(out in y's dtype, lse (T, H) fp32: each head's window log-sum-exp, for the backward)."""
+    y, q, k, v, w1, w2 = (t.contiguous() for t in (y, q, k, v, w1, w2))
+    T, H, D, block_k, grid = _dc_launch_shape(q, window, block_m)
+    out = torch.empty_like(y)
+    lse = q.new_empty((T, H), dtype=torch.float32)
+    _dc_correction_fwd_kernel[grid](
+        y, q, k, v, w1, w2, doc_ids.to(torch.int32).contiguous(), _dc_scale_tensor(scale, q), out, lse, T,
+        H=H, D=D, WINDOW=window, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    return out, lse
+
+
+def _dc_correction_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, w1: Tensor,
+                                   w2: Tensor, doc_ids: Tensor, scale, lse: Tensor, window: int,
+                                   block_m: int = 16):
+    """(dq, dk, dv, dw1, dw2) in the inputs' dtypes; dy is grad_out itself."""
+    grad_out, q, k, v, w1, w2, lse = (t.contiguous() for t in (grad_out, q, k, v, w1, w2, lse))
+    T, H, D, block_k, grid = _dc_launch_shape(q, window, block_m)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(q.shape, dtype=torch.float32, device=q.device)   # atomic sums
+    dv = torch.zeros_like(dk)
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    _dc_correction_bwd_kernel[grid](
+        grad_out, q, k, v, w1, w2, doc_ids.to(torch.int32).contiguous(), _dc_scale_tensor(scale, q),
+        lse, dq, dk, dv, dw1, dw2, T,
+        H=H, D=D, WINDOW=window, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dw1, dw2
+
+
+class _DCCorrection(torch.autograd.Function):
+    """y + DC correction through the Triton kernels; the forward keeps only the (T, H) fp32
+    log-sum-exps besides its inputs, and the backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, y, q, k, v, w1, w2, doc_ids, scale, window):
+        scale = _dc_scale_tensor(scale, q)
+        y, q, k, v, w1, w2 = (t.contiguous() for t in (y, q, k, v, w1, w2))   # saved as the kernels read them
+        out, lse = _dc_correction_triton_forward(y, q, k, v, w1, w2, doc_ids, scale, window)
+        ctx.save_for_backward(q, k, v, w1, w2, doc_ids, scale, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, w1, w2, doc_ids, scale, lse = ctx.saved_tensors
+        dq, dk, dv, dw1, dw2 = _dc_correction_triton_backward(grad_out, q, k, v, w1, w2, doc_ids,
+                                                              scale, lse, ctx.window)
+        return grad_out, dq, dk, dv, dw1, dw2, None, None, None
 
 
 # ---- compilation ---------------------------------------------------------------------------------

@@ -142,13 +142,13 @@ def test_resume_refuses_a_checkpoint_of_another_model_version():
     model = ts.GPT(ts.ModelConfig.smoke(attn_backend="sdpa", compile_mode="none", max_seq_len=512, val_max_len=512))
     optimizer = ts.NorMuonAndAdam(model.named_parameters())
     state = {name: t.clone() for name, t in model.state_dict().items()}
-    state.pop("xsa_alphas")
+    state.pop("mudd_gate_scale")
     state["old_lambdas"] = torch.zeros(3)
     state["bigram_embed.weight"] = torch.zeros(7, 5)
     before = model.mudd_w1.detach().clone()
     state["mudd_w1"] = torch.ones_like(state["mudd_w1"])
     with pytest.raises(SystemExit, match=r"^error: the checkpoint holds another model than this train_speedrun.py "
-                       r"builds \(missing xsa_alphas; not in this model old_lambdas; bigram_embed.weight \(7, 5\) here"):
+                       r"builds \(missing mudd_gate_scale; not in this model old_lambdas; bigram_embed.weight \(7, 5\) here"):
         ts.restore_checkpoint({}, state, model, optimizer)
     assert torch.equal(model.mudd_w1, before)
     assert ts.model_state_mismatch(model.state_dict(), model) is None

@@ -356,12 +356,68 @@ def check_ops_trace_under_compile(device, dtype, tol):
     assert _rel_err(compiled_loss, eager_loss) < 1e-6
     for g, w in zip(compiled_grads, eager_grads):
         assert _rel_err(g, w) < 1e-6
+    # the DC correction (record #85), its softmax scale a tensor that changes between calls
+    T, H, D = 40, 6, 128
+    y, q, k, v = (_randn(T, H, D, device=device, dtype=dtype, seed=s).requires_grad_() for s in range(4))
+    w1, w2 = (_randn(T, H, device=device, dtype=dtype, seed=s).requires_grad_() for s in (4, 5))
+    doc_ids = torch.tensor([0] * 15 + [1] * 25, device=device, dtype=torch.int32)
+    dc = lambda scale: ts._DCCorrection.apply(y, q, k, v, w1, w2, doc_ids, scale, 112).float().square().sum()
+    compiled_dc = torch.compile(dc, backend="aot_eager", fullgraph=True)
+    for value in (0.12, 0.15):
+        scale = torch.tensor(value, device=device)
+        assert _rel_err(compiled_dc(scale), dc(scale)) < 1e-6
+
+
+# (T, H, D, window, document lengths, block_m): a 1-token document, boundaries inside query
+# blocks, T not a multiple of the block, T below the window, window 1, 32-query blocks, and the
+# record's H 6, D 128, window 112
+DC_CASES = [
+    (50, 2, 16, 7, [1, 12, 20, 17], 16),
+    (37, 6, 32, 20, [5, 1, 31], 16),
+    (9, 2, 32, 24, [9], 16),
+    (45, 6, 16, 1, [20, 1, 24], 16),
+    (70, 2, 16, 40, [33, 37], 32),
+    (300, 6, 128, 112, [100, 1, 150, 49], 16),
+]
+
+
+def check_dc_correction(device, dtype, tol):
+    """Record #85: the DC correction's output and the gradients of y, q, k, v, w1, w2 from the
+    Triton kernels against the reference's autograd in fp32 on the same (rounded) inputs; q, k, v
+    strided views of one projection, as in the model."""
+    for case, (T, H, D, window, docs, block_m) in enumerate(DC_CASES):
+        seed = 10 * case
+        y = _randn(T, H, D, device=device, dtype=dtype, seed=seed)
+        q, k, v = _randn(T, 3, H, D, device=device, dtype=dtype, seed=seed + 1).unbind(1)
+        w1 = (1 + _randn(T, H, device=device, dtype=torch.float32, scale=0.3, seed=seed + 2)).to(dtype)
+        w2 = _randn(T, H, device=device, dtype=dtype, scale=0.5, seed=seed + 3)
+        doc_ids = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(docs)).to(device, torch.int32)
+        scale = torch.tensor(2.0 / D ** 0.5, device=device)    # scores of std 2: neither flat nor one-hot
+        upstream = _randn(T, H, D, device=device, dtype=dtype, seed=seed + 7)
+        leaves = [t.detach().float().requires_grad_() for t in (y, q, k, v, w1, w2)]
+        want = ts.dc_correction_reference(*leaves, doc_ids, scale, window)
+        want_grads = torch.autograd.grad(want, leaves, upstream.float())
+        if block_m == 16:   # the autograd Function the model calls
+            leaves = [t.detach().clone().requires_grad_() for t in (y, q, k, v, w1, w2)]
+            got = ts._DCCorrection.apply(*leaves, doc_ids, scale, window)
+            got_grads = torch.autograd.grad(got, leaves, upstream)
+        else:               # the launchers with another query block
+            got, lse = ts._dc_correction_triton_forward(y, q, k, v, w1, w2, doc_ids, scale, window,
+                                                        block_m=block_m)
+            got_grads = (upstream, *ts._dc_correction_triton_backward(upstream, q, k, v, w1, w2, doc_ids,
+                                                                      scale, lse, window, block_m=block_m))
+        assert got.dtype == dtype and _rel_err(got, want) < tol, case
+        for name, g, w in zip(("y", "q", "k", "v", "w1", "w2"), got_grads, want_grads):
+            assert g.dtype == dtype and _rel_err(g, w) < tol, (case, name, _rel_err(g, w))
+    with pytest.raises(ValueError, match="power of two"):     # a head dim tl.dot cannot take
+        ts._dc_correction_triton_forward(y[:, :, :24], q[:, :, :24], k[:, :, :24], v[:, :, :24], w1, w2,
+                                         doc_ids, scale, 4)
 
 
 KERNEL_CHECKS = {f.__name__: f for f in (
     check_symmetric_gram, check_transpose_copy_and_add, check_linear_relu_square, check_fused_mlp_autograd,
     check_linear_relu_square_fp8, check_fused_mlp_fp8_autograd,
-    check_softcapped_ce_kernels, check_fused_loss_autograd, check_ops_trace_under_compile)}
+    check_softcapped_ce_kernels, check_fused_loss_autograd, check_dc_correction, check_ops_trace_under_compile)}
 INTERPRETER_CHECKS = sorted(set(KERNEL_CHECKS) - {"check_ops_trace_under_compile"})
 
 

@@ -51,17 +51,18 @@ def sched(short=128, long=384, mtp=(1.0, 0.5, 0.25), device="cpu"):
 # ---- structure ----------------------------------------------------------------------------------
 
 RECORD_SHAPES = {
-    "value_embeds": (5 * 50304, 768), "attn_gate_bank": (10, 6, 12), "ve_gate_bank": (5, 6, 12),
+    "value_embeds": (5 * 50304, 768), "ve_gate_bank": (5, 6, 12),
     "qk_bank": (64, 256, 768), "vo_bank": (24, 768, 768), "mlp_bank": (12, 2, 3072, 768),
-    "post_lambdas": (11, 2), "x0_lambdas": (11,), "bigram_lambdas": (11,), "resid_lambdas": (11, 2),
-    "scalars": (24,), "smear_gate.weight": (1, 12), "skip_gate.weight": (1, 12),
+    "post_lambdas": (11, 2), "resid_lambdas": (11, 2),
+    "scalars": (24,), "smear_gate.weight": (1, 12),
     "lm_head.weight": (768, 50304), "embed.weight": (50304, 768),
-    "bigram_embed.weight": (50304 * 15, 192),
-    "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14), "xsa_alphas": (11, 6),
+    "bigram_embed.weight": (50304 * 15 // 2, 768),
+    "mudd_w1": (2, 64, 768), "mudd_w2": (2, 14, 64), "mudd_b2": (2, 14),
+    "mudd_gate_w1": (2, 64, 768), "mudd_gate_w2": (2, 41, 64), "mudd_gate_b2": (2, 41), "mudd_gate_scale": (),
 }
 RECORD_LABELS = {
     "value_embeds": "value_embed", "qk_bank": "qk", "vo_bank": "vo", "mlp_bank": "mlp",
-    "smear_gate.weight": "smear_gate", "skip_gate.weight": "skip_gate", "lm_head.weight": "lm_head",
+    "smear_gate.weight": "smear_gate", "lm_head.weight": "lm_head",
     "embed.weight": "embed", "bigram_embed.weight": "bigram_embed",
 }
 
@@ -73,9 +74,11 @@ def test_record_config_parameters_names_shapes_labels():
     assert shapes == RECORD_SHAPES
     # the record's count at 2d218013 (#83), 8 ranks, its shapes summed by hand: #80's 546,964,658,
     # minus backout_lambda with its padding (scalars 32 -> 24), plus MUDD 98,304 + 1,792 + 28 (#81),
-    # plus xsa_alphas 11 x 6 (#82), bigram table 251,520 x 768 -> 754,560 x 192 (#83)
-    assert sum(p.numel() for p in model.parameters()) == 498_773_000
-    assert model.bigram_signs.shape == (8192, 192) and model.bigram_signs.dtype == torch.bfloat16
+    # plus xsa_alphas 11 x 6 (#82), bigram table 251,520 x 768 -> 754,560 x 192 (#83) = 498,773,000;
+    # #85: minus attn_gate_bank 720, skip_gate 12, x0/bigram lambdas 22, xsa_alphas 66; bigram
+    # table -> 377,280 x 768; plus the MUDD gate 98,304 + 5,248 + 82 + 1
+    assert sum(p.numel() for p in model.parameters()) == 643_751_335
+    assert model.bigram_signs.shape == (8192, 768) and model.bigram_signs.dtype == torch.bfloat16
     for name, p in model.named_parameters():
         assert p.label == RECORD_LABELS.get(name, name)
     # record #80: W_q/W_k per pair of heads (60 matrices + 4 padding), W_v/W_o whole (20 + 4)
@@ -101,7 +104,37 @@ def test_layer_layout_is_the_records():
     # record #70 shifted the first two value embeddings one layer up (layers 1, 2; then 8, 9, 10)
     assert [s.value_slot for s in specs] == [None, 0, 1, None, None, None, None, None, 2, 3, 4]
     assert [s.attn_slot for s in specs] == [0, 1, 2, 3, 4, 5, None, 6, 7, 8, 9]
-    assert [s.index for s in specs if s.xsa] == [1, 3, 4, 7, 8, 10]    # record #82: the unpaired ones
+    assert [s.index for s in specs if s.xsa] == [1, 3, 4, 7]    # record #85 (#82: 1, 3, 4, 7, 8, 10)
+
+
+def test_mudd_gate_layout_is_the_records():
+    """Record #85's fixed layouts, offsets as its unpack functions read them: pre (26) = XSA 1, 3,
+    attention gate 3, then (x0, bigram) of layers 0..3; post (41) = XSA 4, 7, attention gate 10,
+    (x0, bigram) of layers 4, 5, 7, 8, 9, skip at 28, DC w1 at 29:35 and w2 at 35:41."""
+    pre, post = ts.mudd_gate_layout(6)
+
+    def offsets(layout):
+        out, start = {}, 0
+        for name, (width, _) in layout.items():
+            out[name] = (start, start + width)
+            start += width
+        return out, start
+    pre_at, pre_n = offsets(pre)
+    post_at, post_n = offsets(post)
+    assert (pre_n, post_n) == (26, 41)
+    assert pre_at["xsa_1"] == (0, 6) and pre_at["xsa_3"] == (6, 12) and pre_at["attn_gate_3"] == (12, 18)
+    for j, layer in enumerate((0, 1, 2, 3)):
+        assert pre_at[f"x0_{layer}"] == (18 + 2 * j, 19 + 2 * j)
+        assert pre_at[f"bigram_{layer}"] == (19 + 2 * j, 20 + 2 * j)
+    assert post_at["xsa_4"] == (0, 6) and post_at["xsa_7"] == (6, 12) and post_at["attn_gate_10"] == (12, 18)
+    for j, layer in enumerate((4, 5, 7, 8, 9)):
+        assert post_at[f"x0_{layer}"] == (18 + 2 * j, 19 + 2 * j)
+        assert post_at[f"bigram_{layer}"] == (19 + 2 * j, 20 + 2 * j)
+    assert post_at["skip"] == (28, 29) and post_at["dc_w1"] == (29, 35) and post_at["dc_w2"] == (35, 41)
+    # the record's biases (stored / 0.1): attention gates 0.25, bigram 0.05, skip 0.5, DC w1 1.0
+    inits = {name: init for layout in (pre, post) for name, (_, init) in layout.items()}
+    assert inits["attn_gate_3"] == inits["attn_gate_10"] == 0.25 and inits["bigram_5"] == 0.05
+    assert inits["skip"] == 0.5 and inits["dc_w1"] == 1.0 and inits["dc_w2"] == inits["xsa_7"] == inits["x0_0"] == 0
 
 
 def test_init_matches_the_record():
@@ -120,17 +153,25 @@ def test_init_matches_the_record():
     assert model.value_embeds.dtype == torch.bfloat16
     assert model.value_embeds.float().std().item() == pytest.approx(0.01, rel=0.05)
     assert model.value_embeds.float().mean().abs().item() < 1e-3
-    for zero in (model.bigram_embed.weight, model.attn_gate_bank,
-                 model.ve_gate_bank, model.smear_gate.weight, model.skip_gate.weight, model.x0_lambdas):
+    for zero in (model.bigram_embed.weight, model.ve_gate_bank, model.smear_gate.weight, model.mudd_gate_w2):
         assert zero.abs().max() == 0
     L = 11
     s = model.scalars
     assert torch.all(s[:2 * L:2] == 0.5) and torch.all(s[1:2 * L:2] == 1.0)
     assert s[2 * L:2 * L + 2].tolist() == [0.0, -1.5]          # smear, skip (backout went in #81)
-    # records #73-#77: residual lambdas sqrt(1.1) per sublayer, bigram 0.05, every write 1.0
+    # records #73-#77: residual lambdas sqrt(1.1) per sublayer, every write 1.0
     assert torch.all(model.resid_lambdas == torch.tensor(1.1 ** 0.5))
-    assert torch.all(model.bigram_lambdas == 0.05)
     assert torch.equal(model.post_lambdas, torch.ones(L, 2))
+    # record #85: the MUDD gate starts at its biases x its scale 0.1 (the record's bias layout)
+    assert model.mudd_gate_scale.item() == pytest.approx(0.1)
+    H = model.cfg.num_heads
+    pre = [0.0] * (2 * H) + [0.25] * H + [0.0, 0.05] * 4
+    post = [0.0] * (2 * H) + [0.25] * H + [0.0, 0.05] * 5 + [0.5] + [1.0] * H + [0.0] * H
+    width = len(post)
+    want = torch.tensor([pre + [0.0] * (width - len(pre)), post])
+    assert model.mudd_gate_b2.shape == (2, width)
+    torch.testing.assert_close(model.mudd_gate_b2 * 0.1, want)
+    assert model.mudd_gate_w1.abs().max() <= d ** -0.5
     # record #81: MUDD output weights 0, so the coefficients start at their biases x 0.1
     assert model.mudd_w2.abs().max() == 0
     assert model.mudd_w1.abs().max() <= d ** -0.5 and model.mudd_w1.std() > 0.5 * d ** -0.5 / 3 ** 0.5
@@ -140,9 +181,9 @@ def test_init_matches_the_record():
 
 
 def test_init_draws_follow_record_81s_order():
-    """One seed, the record's weights: the RNG draws in record #81's order (lm_head, embed's
-    default init, value embeddings, qk/vo banks, MLP bank, smear/skip Linear and bigram Embedding
-    defaults, #83's sign table, MUDD W1), replayed here by hand."""
+    """One seed, the record's weights: the RNG draws in record #85's order (lm_head, embed's
+    default init, value embeddings, qk/vo banks, MLP bank, smear Linear and bigram Embedding
+    defaults, #83's sign table, MUDD W1, the MUDD gate's W1), replayed here by hand."""
     cfg = small_cfg(world_size=2)
     torch.manual_seed(7)
     model = ts.GPT(cfg)
@@ -158,18 +199,22 @@ def test_init_draws_follow_record_81s_order():
     vo[:model.num_vo_matrices].uniform_(-bound, bound)
     mlp = torch.empty(12, 2, 4 * d, d)
     mlp[:, 0].uniform_(-bound, bound)
-    torch.nn.Linear(12, 1, bias=False), torch.nn.Linear(12, 1, bias=False)
+    torch.nn.Linear(12, 1, bias=False)                                # smear gate (skip gate gone in #85)
     torch.empty(cfg.bigram_vocab_size, cfg.bigram_dim).normal_()
     signs = torch.randn(8192, cfg.bigram_dim).sign().bfloat16()     # record #83's sign table
     w1 = torch.empty(2, 64, d)
     for block in range(2):
         torch.nn.init.kaiming_uniform_(w1[block], a=math.sqrt(5))
+    gate_w1 = torch.empty(2, 64, d)
+    for block in range(2):
+        torch.nn.init.kaiming_uniform_(gate_w1[block], a=math.sqrt(5))
     assert torch.equal(model.lm_head.weight, lm_head)
     assert torch.equal(model.value_embeds, value_embeds)
     assert torch.equal(model.qk_bank[:model.num_qk_matrices], qk[:model.num_qk_matrices])
     assert torch.equal(model.vo_bank[:model.num_vo_matrices], vo[:model.num_vo_matrices])
     assert torch.equal(model.mlp_bank[:, 0], mlp[:, 0])
     assert torch.equal(model.mudd_w1, w1)
+    assert torch.equal(model.mudd_gate_w1, gate_w1)
     assert torch.equal(model.bigram_signs, signs)
 
 
@@ -179,7 +224,7 @@ def test_same_seed_same_weights_and_cast_to_bf16():
         assert torch.equal(p, q), n
     a.cast_to_bf16()
     fp32 = {n for n, p in a.named_parameters() if p.dtype == torch.float32}
-    assert fp32 == {"post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lambdas", "scalars", "xsa_alphas"}
+    assert fp32 == {"post_lambdas", "resid_lambdas", "scalars", "mudd_gate_scale"}
     assert a.qk_bank.label == "qk" and a.qk_bank.reshape == (40, 32, 64)   # attrs survive
     assert a.vo_bank.label == "vo" and a.vo_bank.reshape == (20, 64, 64)
 
@@ -280,7 +325,7 @@ def layer_inputs(T=64, H=4, D=16, seed=0):
     r = lambda *s: torch.randn(*s, generator=g)
     lam = dict(attn_lambdas=torch.tensor([0.5, 1.0]))
     return dict(x=r(T, d), lam=lam, qkv_w=r(3 * d, d) / d ** 0.5,
-                attn_gate_w=r(H, 12), ve=r(T, d), ve_gate_w=r(H, 12))
+                ve=r(T, d), ve_gate_w=r(H, 12))
 
 
 def rotate_direct(vec, angle_pos, freq):
@@ -298,7 +343,7 @@ def test_paired_head_layout_matches_direct_per_head_construction():
     kw = layer_inputs(T, H, D)
     yarn = ts.Yarn(D, 64, paired=True)
     cos, sin = yarn.tables(T)
-    q, k, v, gate = ts.attention_inputs(**kw, cos=cos, sin=sin, num_heads=H, paired=True,
+    q, k, v = ts.attention_inputs(**kw, cos=cos, sin=sin, num_heads=H, paired=True,
                                         key_offset=False)
     # direct: per token t and head h
     h = ts.norm(kw["x"])
@@ -317,7 +362,6 @@ def test_paired_head_layout_matches_direct_per_head_construction():
                                        atol=2e-2, rtol=2e-2)
             expect_v = v_heads[t, head] + ve_gate[t, head] * kw["ve"][t].view(H, D)[head]
             torch.testing.assert_close(v[pos, lane], expect_v, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gate, torch.sigmoid(h[:, :12] @ kw["attn_gate_w"].T))
 
 
 def test_value_embedding_gate_reads_half_input_half_embedding_on_unpaired_layers():
@@ -332,15 +376,15 @@ def test_value_embedding_gate_reads_half_input_half_embedding_on_unpaired_layers
     v_plain = (h @ (0.5 * kw["qkv_w"]).T).view(T, 3, H, D)[:, 2]
     gate_in = torch.cat([h[:, :6], kw["ve"][:, :6]], dim=-1)
     expect_gate = 2 * torch.sigmoid(gate_in @ kw["ve_gate_w"].T)              # (T, H)
-    _, _, v, _ = ts.attention_inputs(**kw, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
-                                        paired=False, key_offset=False)
+    _, _, v = ts.attention_inputs(**kw, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+                                  paired=False, key_offset=False)
     torch.testing.assert_close(v, v_plain + expect_gate[..., None] * kw["ve"].view(T, H, D))
     # the embedding really enters the gate: changing only its first 6 channels moves v by more
     # than the direct (ungated) path does
     kw2 = dict(kw, ve=kw["ve"].clone())
     kw2["ve"][:, :6] += 1.0
-    _, _, v2, _ = ts.attention_inputs(**kw2, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
-                                         paired=False, key_offset=False)
+    _, _, v2 = ts.attention_inputs(**kw2, cos=yarn.cos[:T], sin=yarn.sin[:T], num_heads=H,
+                                   paired=False, key_offset=False)
     gate2 = 2 * torch.sigmoid(torch.cat([h[:, :6], kw2["ve"][:, :6]], -1) @ kw["ve_gate_w"].T)
     torch.testing.assert_close(v2, v_plain + gate2[..., None] * kw2["ve"].view(T, H, D))
     assert not torch.allclose(gate2, expect_gate)
@@ -352,8 +396,8 @@ def test_unpaired_rotary_and_key_offset():
     yarn = ts.Yarn(D, 64)
     cos, sin = yarn.tables(T)
     common = dict(cos=cos, sin=sin, num_heads=H, paired=False)
-    q, k, v, _ = ts.attention_inputs(**kw, **common, key_offset=False)
-    q2, k2, v2, _ = ts.attention_inputs(**kw, **common, key_offset=True)
+    q, k, v = ts.attention_inputs(**kw, **common, key_offset=False)
+    q2, k2, v2 = ts.attention_inputs(**kw, **common, key_offset=True)
     half = D // 2
     assert torch.equal(q, q2) and torch.equal(v, v2)
     assert torch.equal(k2[..., :half], k[..., :half])              # rotated half: untouched
@@ -382,12 +426,18 @@ def mudd_reference(model, x, block, n):
     return ((hidden @ model.mudd_w2[block, :n].T + model.mudd_b2[block, :n]) * 0.1).split(1, dim=-1)
 
 
+def gate_reference(model, x, block, n):
+    """Record #85's forward_mudd_gate written out: scale * (W2[:n] gelu(W1 x) + b2[:n])."""
+    hidden = F.gelu(x @ model.mudd_gate_w1[block].T)
+    return (hidden @ model.mudd_gate_w2[block, :n].T + model.mudd_gate_b2[block, :n]) * model.mudd_gate_scale
+
+
 def record_stream_reference(model, inputs, targets, cu, schedule):
-    """Records #81-#83's residual stream written out from their equations, layer by layer, reusing the
-    model's own attention and MLP pieces; returns the stream the head normalizes."""
+    """Record #85's residual stream written out from its equations, layer by layer, reusing the
+    model's own attention and MLP pieces; returns the stream the head normalizes. Gate offsets as
+    the record's unpack functions read them (6 heads in the record; H here)."""
     d, H = model.cfg.model_dim, model.cfg.num_heads
     resid, post = model.resid_lambdas, model.post_lambdas          # [layer, attention/MLP]
-    x0_lam, bigram_lam = model.x0_lambdas, model.bigram_lambdas
     per_layer, wide = model.named_scalars()
     plan = model.plan_attention(cu, inputs.numel(), schedule)
     T = inputs.numel()
@@ -400,16 +450,29 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
     b = model.cfg.bigram_dim
     xb = torch.zeros(T, d)
     xb[:, :b] = model.bigram_embed.weight[ts.bigram_hash(inputs, model.bigram_embed.weight.size(0))] * model.bigram_signs[sign_rows].float()
-    x = x0 + bigram_lam[0] * xb
-    x0 = x           # records #83/#84: the record's in-place add also lands in x0 (an alias of x)
+    # the pre gate from x0: XSA 1, 3, attention gate 3, (x0, bigram) of layers 0..3
+    pre = gate_reference(model, x0, 0, 3 * H + 8)
+    xsa = {1: pre[:, :H], 3: pre[:, H:2 * H]}
+    attn_gate = {3: pre[:, 2 * H:3 * H]}
+    x0_gate = {i: pre[:, 3 * H + 2 * j:3 * H + 2 * j + 1] for j, i in enumerate(range(4))}
+    bigram_gate = {i: pre[:, 3 * H + 2 * j + 1:3 * H + 2 * j + 2] for j, i in enumerate(range(4))}
+    x = x0 + bigram_gate[0] * xb                  # record #85: x0 itself keeps no bigram part
     cache0 = x
-    skip_gate = torch.sigmoid(wide["skip_lambda"]) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_gate.weight.T)
     layer3 = layer7 = layer9 = None
     for spec in model.layers:
         i = spec.index
         mu = None
+        if i == 4:                                  # the post gate, from the stream entering layer 4
+            post_g = gate_reference(model, x, 1, 7 * H + 11)
+            xsa |= {4: post_g[:, :H], 7: post_g[:, H:2 * H]}
+            attn_gate[10] = post_g[:, 2 * H:3 * H]
+            for j, layer in enumerate((4, 5, 7, 8, 9)):
+                x0_gate[layer] = post_g[:, 3 * H + 2 * j:3 * H + 2 * j + 1]
+                bigram_gate[layer] = post_g[:, 3 * H + 2 * j + 1:3 * H + 2 * j + 2]
+            skip = post_g[:, 3 * H + 10:3 * H + 11]
+            dc_w1, dc_w2 = post_g[:, 3 * H + 11:4 * H + 11], post_g[:, 4 * H + 11:5 * H + 11]
         if i == 6:                                  # no attention: the gated skip from layer 3
-            x = x + skip_gate * layer3
+            x = x + torch.sigmoid(wide["skip_lambda"]) * skip * layer3
         else:
             lam = {"attn_lambdas": per_layer["attn_lambdas"][i]}
             qkvo = layer_attention_weights(model, spec.attn_slot)
@@ -423,24 +486,29 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
                 x = (1 + mu[5]) * x + mu[3] * cache0 + mu[4] * layer7
                 ve_gate = torch.cat([mu[6], mu[7]], -1).repeat_interleave(H // 2, dim=-1).unsqueeze(-1)
                 aux_v = (ve_gate * ve[slot].view(T, H, -1) + v_mudd).view(T, -1)
-                q, k, v, gate = ts.attention_inputs(
-                    layer7, lam, qkvo[:3 * d], cos, sin, model.attn_gate_bank[spec.attn_slot], None, None,
+                q, k, v = ts.attention_inputs(
+                    layer7, lam, qkvo[:3 * d], cos, sin, None, None,
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window, v_extra=aux_v)
             else:
-                q, k, v, gate = ts.attention_inputs(
+                q, k, v = ts.attention_inputs(
                     x if layer7 is None else layer7, lam, qkvo[:3 * d], cos, sin,
-                    model.attn_gate_bank[spec.attn_slot], None if slot is None else ve[slot],
-                    None if slot is None else model.ve_gate_bank[slot],
+                    None if slot is None else ve[slot], None if slot is None else model.ve_gate_bank[slot],
                     num_heads=H, paired=spec.paired, key_offset=spec.long_window)
             y = model.attend(q, k, v, spec, plan)
-            if i in (1, 3, 4, 7, 8, 10):            # record #82: XSA, written out per head
+            if i == 10:                             # record #85: DC on layer 10, window 112
+                w1 = dc_w1 / dc_w1.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+                y = ts.dc_correction_reference(y, q, k, v, w1, dc_w2, plan.doc_ids,
+                                               model.yarn.attn_scale, 112)
+            if i in xsa:                            # record #82/#85: XSA, written out per head
                 v_dir = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-4)
-                y = y - torch.tanh(model.xsa_alphas[i])[None, :, None] * (y * v_dir).sum(-1, keepdim=True) * v_dir
-            out = ts.attention_output(y, gate, qkvo[3 * d:], lam)
+                y = y - torch.tanh(xsa[i])[:, :, None] * (y * v_dir).sum(-1, keepdim=True) * v_dir
+            if i in attn_gate:
+                y = y * attn_gate[i][:, :, None]
+            out = (lam["attn_lambdas"][1] * y.reshape(T, -1)) @ qkvo[3 * d:].T
             if mu is not None:
                 x = mu[8] * x + mu[9] * out + mu[10] * cache0 + mu[11] * xb
             else:
-                inject = x0 * x0_lam[i] + (0 if i == 0 else xb * bigram_lam[i])
+                inject = x0 * x0_gate[i] + (0 if i == 0 else xb * bigram_gate[i])
                 x = resid[i, 0] * x + post[i, 0] * out + inject
         out = ts.relu_square_mlp(ts.norm(x), model.mlp_bank[i, 0], model.mlp_bank[i, 1])
         x = (mu[12] * x + mu[13] * out) if mu is not None else (resid[i, 1] * x + post[i, 1] * out)
@@ -453,18 +521,19 @@ def record_stream_reference(model, inputs, targets, cu, schedule):
 
 
 def test_residual_stream_is_the_records_equations(monkeypatch):
-    """Records #77 and #81: one stream; attention layers 8-10 all read layer 7's output (the
+    """Records #77, #81 and #85: one stream; attention layers 8-10 all read layer 7's output (the
     cached activation) instead of the stream; layer 3's output skips into layer 6; every sublayer
     writes with its own residual and post lambdas, except layer 10, whose lambdas, value gate and
     extra value/stream terms MUDD computes per token; a second MUDD mixes earlier states into the
-    head's input. Every lambda and MUDD weight is perturbed away from its init."""
+    head's input; the MUDD gate gives XSA strengths, attention gates, x0/bigram injections, the
+    skip and the DC weights per token. Every lambda and MUDD weight is perturbed from its init."""
     model = make_model(seed=5).eval()
     inputs, targets, cu = batch(T=128, docs=(70, 58))
     with torch.no_grad():
-        for p in (model.resid_lambdas, model.post_lambdas, model.x0_lambdas, model.bigram_lambdas):
+        for p in (model.resid_lambdas, model.post_lambdas):
             p.add_(0.3 * torch.randn_like(p))
         model.mudd_w2.add_(0.1 * torch.randn_like(model.mudd_w2))
-        model.xsa_alphas.copy_(torch.randn_like(model.xsa_alphas))
+        model.mudd_gate_w2.add_(0.3 * torch.randn_like(model.mudd_gate_w2))
         model.bigram_embed.weight.normal_()
         expected = record_stream_reference(model, inputs, targets, cu, sched())
         with monkeypatch.context() as patch:      # the model's final stream instead of its loss
@@ -483,24 +552,26 @@ def test_residual_stream_is_the_records_equations(monkeypatch):
         assert p.grad[6, 0] == 0 and p.grad[10].abs().max() == 0
         assert p.grad[:6, 0].abs().min() > 0 and p.grad[7:10, 0].abs().min() > 0
         assert p.grad[:10, 1].abs().min() > 0
-    for p in (model.x0_lambdas, model.bigram_lambdas):
-        assert p.grad[6] == 0 and p.grad[10] == 0 and p.grad[7:10].abs().min() > 0
     assert model.ve_gate_bank.grad[4].abs().max() == 0 and (model.ve_gate_bank.grad[:4].abs().flatten(1).sum(1) > 0).all()
     assert model.mudd_w2.grad[0].abs().min() > 0 and model.mudd_w2.grad[1, :5].abs().min() > 0
     assert model.mudd_w2.grad[1, 5:].abs().max() == 0       # the head block uses 5 of its 14 rows
-    xsa_rows = model.xsa_alphas.grad.abs().sum(1)
-    assert (xsa_rows[[1, 3, 4, 7, 8, 10]] > 0).all() and (xsa_rows[[0, 2, 5, 6, 9]] == 0).all()
+    # every gate output is used: the pre block's rows beyond its 3H + 8 outputs are padding
+    H = model.cfg.num_heads
+    gate_rows = model.mudd_gate_w2.grad.abs().sum(-1)
+    assert (gate_rows[0, :3 * H + 8] > 0).all() and (gate_rows[0, 3 * H + 8:] == 0).all()
+    assert (gate_rows[1] > 0).all() and model.mudd_gate_scale.grad != 0
 
 
 @settings(max_examples=20, deadline=None)
 @given(alpha=st.floats(-3, 3), seed=st.integers(0, 2**16))
 def test_exclusive_self_attention_removes_tanh_alpha_of_the_own_value_direction(alpha, seed):
     """XSA (record #82): the output keeps its part orthogonal to the token's own value vector and
-    1 - tanh(alpha) of its part along it; alpha is per head."""
+    1 - tanh(alpha) of its part along it; alpha is per token and head (#85)."""
     g = torch.Generator().manual_seed(seed)
     T, H, D = 7, 3, 8
     y, v = torch.randn(T, H, D, generator=g, dtype=torch.float64), torch.randn(T, H, D, generator=g, dtype=torch.float64)
-    alphas = torch.tensor([alpha, 0.0, -alpha], dtype=torch.float64)
+    per_token = torch.linspace(0.5, 1.5, T, dtype=torch.float64)[:, None]
+    alphas = torch.tensor([alpha, 0.0, -alpha], dtype=torch.float64) * per_token       # (T, H)
     out = ts.exclusive_self_attention(y, v, alphas)
     unit = v / v.norm(dim=-1, keepdim=True)
     along = lambda t: (t * unit).sum(-1)
@@ -508,6 +579,51 @@ def test_exclusive_self_attention_removes_tanh_alpha_of_the_own_value_direction(
     torch.testing.assert_close(orth(out), orth(y))
     torch.testing.assert_close(along(out), along(y) * (1 - torch.tanh(alphas)))
     assert torch.equal(out[:, 1], y[:, 1])                  # alpha 0: unchanged
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 24), H=st.integers(1, 3), window=st.integers(1, 30),
+       cuts=st.sets(st.integers(1, 23), max_size=4), seed=st.integers(0, 2**16))
+def test_dc_correction_reference_is_the_records_formula(T, H, window, cuts, seed):
+    """Record #85's DC correction written out per query and head (float64): softmax of each head
+    over the query's last `window` keys of its own document, mixed over heads with w1, applied to
+    each head's values with weight w2, added to y."""
+    g = torch.Generator().manual_seed(seed)
+    D = 4
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    y, q, k, v, w1, w2 = r(T, H, D), r(T, H, D), r(T, H, D), r(T, H, D), r(T, H), r(T, H)
+    cu = torch.tensor([0] + sorted(c for c in cuts if c < T) + [T, T], dtype=torch.int32)
+    doc = ts.document_ids(cu, T)
+    scale = 0.7
+    got = ts.dc_correction_reference(y, q, k, v, w1, w2, doc, scale, window)
+    want = y.clone()
+    for t in range(T):
+        keys = [j for j in range(max(0, t - window + 1), t + 1) if doc[j] == doc[t]]
+        probs = [torch.softmax(torch.stack([scale * q[t, h] @ k[j, h] for j in keys]), 0) for h in range(H)]
+        mixed = sum(w1[t, h] * probs[h] for h in range(H))
+        for h in range(H):
+            want[t, h] += w2[t, h] * sum(mixed[n] * v[j, h] for n, j in enumerate(keys))
+    torch.testing.assert_close(got, want)
+
+
+def test_dc_weights_rms_norm_the_mixing_weights_over_heads():
+    w1, w2 = torch.tensor([[3.0, 4.0], [1.0, 1.0]]), torch.tensor([[0.5, -2.0], [0.0, 1.0]])
+    got1, got2 = ts.dc_weights(w1, w2)
+    torch.testing.assert_close(got1, w1 / (w1.square().mean(-1, keepdim=True) + 1e-6).sqrt())
+    assert got2 is w2
+
+
+def test_mudd_gate_at_init_gives_the_records_starting_values():
+    """The gate's output weights start at 0, so each output is its initial value for every token:
+    XSA off, attention gates 0.25, bigram 0.05, x0 0, skip 0.5, DC w1 1 and w2 0 (DC off)."""
+    model = make_model(seed=2, perturb=False)
+    x = torch.randn(5, model.cfg.model_dim)
+    for block, layout in enumerate(model.gate_layouts):
+        gates = ts.mudd_gate(x, model.mudd_gate_w1[block], model.mudd_gate_w2[block], model.mudd_gate_b2[block],
+                             model.mudd_gate_scale, layout)
+        assert list(gates) == list(layout)
+        for name, (width, init) in layout.items():
+            torch.testing.assert_close(gates[name], torch.full((5, width), float(init)))
 
 
 def test_mudd_at_init_is_the_old_backout():

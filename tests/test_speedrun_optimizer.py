@@ -19,7 +19,7 @@ def tiny_params(dtype_banks=torch.float32, seed=0, d=8, vocab=16):
     """Real labels and .reshape attributes, record-like layouts at toy sizes."""
     g = torch.Generator().manual_seed(seed)
     def p(*shape, dtype=torch.float32, label):
-        t = torch.nn.Parameter((torch.randn(*shape, generator=g) * 0.5).to(dtype))
+        t = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.5).to(dtype))
         t.label = label
         return t
     qk = p(8, 4, d, dtype=dtype_banks, label="qk")      # wide, like the record's (256, 768) blocks
@@ -30,11 +30,12 @@ def tiny_params(dtype_banks=torch.float32, seed=0, d=8, vocab=16):
     mlp.reshape = (4, 4 * d, d)
     params = [qk, vo, mlp,
               p(6, label="scalars"), p(2 * vocab, d, label="value_embed"), p(2 * vocab, d, label="bigram_embed"),
-              p(1, 12, label="smear_gate"), p(1, 12, label="skip_gate"), p(2, 2, 12, label="attn_gate_bank"),
-              p(2, 2, 12, label="ve_gate_bank"), p(11, label="x0_lambdas"), p(d, vocab, label="lm_head"),
-              p(11, 2, label="post_lambdas"), p(11, label="bigram_lambdas"), p(11, 2, label="resid_lambdas"),
+              p(1, 12, label="smear_gate"),
+              p(2, 2, 12, label="ve_gate_bank"), p(d, vocab, label="lm_head"),
+              p(11, 2, label="post_lambdas"), p(11, 2, label="resid_lambdas"),
               p(vocab, d, label="embed"), p(2, 4, d, label="mudd_w1"), p(2, 14, 4, label="mudd_w2"),
-              p(2, 14, label="mudd_b2"), p(11, 2, label="xsa_alphas")]
+              p(2, 14, label="mudd_b2"), p(2, 4, d, label="mudd_gate_w1"), p(2, 41, 4, label="mudd_gate_w2"),
+              p(2, 41, label="mudd_gate_b2"), p(label="mudd_gate_scale")]
     return [(q.label, q) for q in params]
 
 
@@ -269,13 +270,14 @@ def test_bad_labels_are_errors():
 RECORD_SHAPES = {   # the record's parameter shapes (world size 8 pads qk to 64, vo to 24; scalars are 24)
     "qk": ((64, 256, 768), (64, 256, 768)), "vo": ((24, 768, 768), (24, 768, 768)),
     "mlp": ((12, 2, 3072, 768), (24, 3072, 768)),
-    "scalars": ((24,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 15, 192), None),
-    "smear_gate": ((1, 12), None), "skip_gate": ((1, 12), None), "attn_gate_bank": ((10, 6, 12), None),
-    "ve_gate_bank": ((5, 6, 12), None), "x0_lambdas": ((11,), None), "post_lambdas": ((11, 2), None),
-    "bigram_lambdas": ((11,), None), "resid_lambdas": ((11, 2), None), "lm_head": ((768, 50304), None),
+    "scalars": ((24,), None), "value_embed": ((5 * 50304, 768), None), "bigram_embed": ((50304 * 15 // 2, 768), None),
+    "smear_gate": ((1, 12), None),
+    "ve_gate_bank": ((5, 6, 12), None), "post_lambdas": ((11, 2), None),
+    "resid_lambdas": ((11, 2), None), "lm_head": ((768, 50304), None),
     "embed": ((50304, 768), None),
     "mudd_w1": ((2, 64, 768), None), "mudd_w2": ((2, 14, 64), None), "mudd_b2": ((2, 14), None),
-    "xsa_alphas": ((11, 6), None),
+    "mudd_gate_w1": ((2, 64, 768), None), "mudd_gate_w2": ((2, 41, 64), None), "mudd_gate_b2": ((2, 41), None),
+    "mudd_gate_scale": ((), None),
 }
 
 
