@@ -1021,10 +1021,11 @@ def attention_output(y: Tensor, gate: Tensor | None, out_w: Tensor, lam: dict) -
 def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
     """Gated XSA (arXiv 2603.09078, record #82): each head's output (T, heads, head_dim) loses
     tanh(alpha) of its component along the token's own value vector, which attention would
-    otherwise largely copy back; alpha (T, heads) from the MUDD gate (#85), 0 at init: off."""
-    v_dir = F.normalize(v, dim=-1, eps=1e-4)
-    along = (y * v_dir).sum(-1, keepdim=True)
-    return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v_dir
+    otherwise largely copy back; alpha (T, heads) from the MUDD gate (#85), 0 at init: off.
+    Written (record #86) as y - tanh(alpha) (y.v / |v|^2) v: no normalized copy of v; the clamp
+    of |v|^2 at 1e-8 is normalize's clamp of |v| at 1e-4."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha).type_as(y).unsqueeze(-1) * along * v
 
 
 def dc_weights(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:

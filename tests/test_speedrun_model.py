@@ -579,6 +579,11 @@ def test_exclusive_self_attention_removes_tanh_alpha_of_the_own_value_direction(
     torch.testing.assert_close(orth(out), orth(y))
     torch.testing.assert_close(along(out), along(y) * (1 - torch.tanh(alphas)))
     assert torch.equal(out[:, 1], y[:, 1])                  # alpha 0: unchanged
+    # record #86's algebraic form is #82's normalize form, the eps included (|v| < 1e-4 clamps)
+    v[0, 0] *= 1e-7
+    normalized = F.normalize(v, dim=-1, eps=1e-4)
+    old_form = y - torch.tanh(alphas)[..., None] * (y * normalized).sum(-1, keepdim=True) * normalized
+    torch.testing.assert_close(ts.exclusive_self_attention(y, v, alphas), old_form)
 
 
 @settings(max_examples=25, deadline=None)
