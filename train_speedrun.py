@@ -79,7 +79,7 @@ class Hyperparameters:
     stage_seqs: tuple = option((8, 16, 24), "sequences per micro-batch in each stage", cli=False)
     batch_seq_len: int = option(2048, "tokens per sequence of a training micro-batch", cli=False)
     # schedule
-    num_scheduled_iterations: int = option(1285, "steps of the 3-stage schedule; stage boundaries scale with it")
+    num_scheduled_iterations: int = option(1270, "steps of the 3-stage schedule; stage boundaries scale with it")
     num_extension_iterations: int = option(15, "steps after the schedule at final lr and windows")
     muon_warmup_steps: int = option(300, "NorMuon momentum warmup, in steps (absolute: not scaled with the schedule)")
     muon_cooldown_steps: int = option(50, "NorMuon momentum cooldown at the end, in steps")
@@ -239,16 +239,21 @@ MUDD_GATE_INITS = dict(
 # duration: fraction of --num_scheduled_iterations; lr_mul: learning-rate multiplier; windows:
 # (short, long) attention windows in WINDOW_BLOCK-token blocks (layers in LONG_WINDOW_LAYERS get
 # the long one); mtp_start / mtp_end: multi-token-prediction weights (next token, +2, +3), linear
-# over the stage; max_seq_len: longest document piece in the stage's batches (short sequences
+# over the stage; prefix_start / prefix_end: weight of the prefix-token term (record #88: each
+# position also predicts the longest vocabulary token that is a proper prefix of its next token),
+# linear over the stage; max_seq_len: longest document piece in the stage's batches (short sequences
 # first, record #72; --train_max_seq_len caps it). A stage's batch is stage_seqs[i] x
 # batch_seq_len x 8 tokens (Hyperparameters fields; the extension keeps the last); its lr_mul
 # follows the batch (about (batch ratio)^0.5-0.6).
 STAGE_TABLE = [
     dict(duration=1 / 3, lr_mul=1.00, windows=(1, 3), mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0),
-         max_seq_len=896),
-    dict(duration=1 / 3, lr_mul=1.52, windows=(3, 7), mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0), max_seq_len=2048),
-    dict(duration=1 / 3, lr_mul=1.73, windows=(5, 11), mtp_start=(1.0,), mtp_end=(1.0,), max_seq_len=2048),
-    dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,), max_seq_len=2048),
+         prefix_start=0.25, prefix_end=0.25, max_seq_len=896),
+    dict(duration=1 / 3, lr_mul=1.52, windows=(3, 7), mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0),
+         prefix_start=0.25, prefix_end=0.0, max_seq_len=2048),
+    dict(duration=1 / 3, lr_mul=1.73, windows=(5, 11), mtp_start=(1.0,), mtp_end=(1.0,),
+         prefix_start=0.0, prefix_end=0.0, max_seq_len=2048),
+    dict(duration=None, lr_mul=1.00, windows=(6, 13), mtp_start=(1.0,), mtp_end=(1.0,),
+         prefix_start=0.0, prefix_end=0.0, max_seq_len=2048),
 ]
 FINAL_WINDOW_BLOCKS = 20          # long window of the final validation only (longer than training saw)
 COOLDOWN_FRAC = 0.60              # the last 60% of the scheduled steps blend lr_mul linearly into ...
@@ -419,12 +424,14 @@ def record_layer_layout(num_layers: int = 11) -> list[LayerSpec]:
 
 @dataclass
 class ForwardScheduleConfig:
-    """What the schedule changes between steps: MTP weights (tensor), windows (tokens), and the
-    longest training document piece (flash-attn's max_seqlen; None: ModelConfig's)."""
+    """What the schedule changes between steps: MTP weights (tensor), windows (tokens), the
+    longest training document piece (flash-attn's max_seqlen; None: ModelConfig's) and the
+    prefix-token weight ((1,) tensor; None: no prefix term)."""
     mtp_weights: Tensor
     ws_short: int
     ws_long: int
     max_seq_len: int | None = None
+    prefix_weight: Tensor | None = None
 
 
 # ---- rotary embedding -------------------------------------------------------------------------
@@ -595,6 +602,9 @@ def lm_head_logits(x: Tensor, lm_head_weight_t: Tensor) -> Tensor:
 #   sum_k w_k * (logsumexp(z_i) - z_i[target_{i+k}])   over k with i + k < T,
 # i.e. position i also predicts the tokens k steps further along the (flattened) target stream;
 # terms that would run past the end of the micro-batch are dropped. Document ends are not special.
+# Record #88 adds one more term in training: prefix_weight * (logsumexp(z_i) - z_i[prefix_i]),
+# prefix_i the longest vocabulary token that is a proper prefix of target_i (prefix_token_table;
+# none: -1, no term).
 SOFTCAP_SCALE = 23.0
 SOFTCAP_SHIFT = 5.0
 SOFTCAP_DIVISOR = 7.5
@@ -604,8 +614,10 @@ def softcap(logits: Tensor) -> Tensor:
     return SOFTCAP_SCALE * torch.sigmoid((logits + SOFTCAP_SHIFT) / SOFTCAP_DIVISOR)
 
 
-def mtp_losses_from_logits(logits: Tensor, targets: Tensor, mtp_weights: Tensor) -> Tensor:
-    """Per-row MTP-weighted softcapped cross-entropy (fp32), differentiable w.r.t. logits."""
+def mtp_losses_from_logits(logits: Tensor, targets: Tensor, mtp_weights: Tensor,
+                           prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None) -> Tensor:
+    """Per-row MTP-weighted softcapped cross-entropy (fp32), differentiable w.r.t. logits, plus
+    the prefix-token term where prefix_targets (rows,) is >= 0."""
     z = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     lse = torch.logsumexp(z, dim=-1)
     num_rows = z.size(0)
@@ -617,19 +629,24 @@ def mtp_losses_from_logits(logits: Tensor, targets: Tensor, mtp_weights: Tensor)
         z_target = z[:rows].gather(1, targets[k:].long().unsqueeze(1)).squeeze(1)
         term = mtp_weights[k].to(z.dtype) * (lse[:rows] - z_target)
         losses = losses + F.pad(term, (0, k))
+    if prefix_targets is not None:
+        has_prefix = prefix_targets >= 0
+        z_prefix = z.gather(1, prefix_targets.clamp_min(0).long().unsqueeze(1)).squeeze(1)
+        losses = losses + torch.where(has_prefix, prefix_weight.to(z.dtype) * (lse - z_prefix), 0.0)
     return losses
 
 
 def softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t, x_s, w_s, grad_s,
-                                  use_fp8) -> Tensor:
+                                  use_fp8, prefix_targets=None, prefix_weight=None) -> Tensor:
     logits = lm_head_logits_reference(x, lm_head_weight_t, x_s, w_s, grad_s, use_fp8)
-    return mtp_losses_from_logits(logits, targets, mtp_weights)
+    return mtp_losses_from_logits(logits, targets, mtp_weights, prefix_targets, prefix_weight)
 
 
 def softcapped_mtp_loss_sum(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_head_weight_t: Tensor,
-                            x_s: float, w_s: float, grad_s: float, use_fp8: bool) -> Tensor:
-    """The training loss: sum over positions of the MTP-weighted losses (fp32 scalar), for normed
-    hidden x (T, d) and lm_head W (d, vocab).
+                            x_s: float, w_s: float, grad_s: float, use_fp8: bool,
+                            prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None) -> Tensor:
+    """The training loss: sum over positions of the MTP-weighted losses and the prefix-token terms
+    (fp32 scalar), for normed hidden x (T, d) and lm_head W (d, vocab).
 
     mtp_weights (n_predict,) fp32; trailing zeros change nothing, so callers may pad it to a fixed
     length to keep one compiled graph across stages. On CUDA one Triton kernel computes the loss
@@ -637,9 +654,33 @@ def softcapped_mtp_loss_sum(x: Tensor, targets: Tensor, mtp_weights: Tensor, lm_
     """
     if _use_triton(x):
         return _FusedSoftcappedMTPLoss.apply(x, targets, mtp_weights, lm_head_weight_t,
-                                             x_s, w_s, grad_s, use_fp8)
+                                             x_s, w_s, grad_s, use_fp8, prefix_targets, prefix_weight)
     return softcapped_mtp_loss_reference(x, targets, mtp_weights, lm_head_weight_t,
-                                         x_s, w_s, grad_s, use_fp8).sum()
+                                         x_s, w_s, grad_s, use_fp8, prefix_targets, prefix_weight).sum()
+
+
+def prefix_token_table(ranks: dict, size: int) -> Tensor:
+    """(size,) int64: for each token id, the token whose bytes are the longest proper prefix of its
+    bytes that is itself a token; -1 where none (single bytes, special and padding ids). ranks:
+    bytes -> id, the BPE's mergeable ranks (record #88; only the vocabulary, never the corpus)."""
+    table = [-1] * size
+    for token_bytes, token in ranks.items():
+        for end in range(len(token_bytes) - 1, 0, -1):
+            prefix = ranks.get(token_bytes[:end])
+            if prefix is not None:
+                table[token] = prefix
+                break
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def gpt2_prefix_token_table(size: int) -> Tensor:
+    """prefix_token_table of GPT-2's BPE (through prepare_data.gpt2_encoding: tiktoken, or the
+    GPT2_TIKTOKEN_FILE ranks file offline); a missing vocabulary is a one-line error."""
+    try:
+        ranks = prepare_data.gpt2_encoding()._mergeable_ranks
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: the prefix-token loss (record #88) needs GPT-2's vocabulary: {exc}")
+    return prefix_token_table(ranks, size)
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -1112,12 +1153,14 @@ def mudd_gate(x: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, scale: Tensor, layo
 
 
 def output_loss(x: Tensor, lm_head_w: Tensor, targets: Tensor, mtp_weights: Tensor, x_s: float,
-                w_s: float, grad_s: float, use_fp8: bool, training: bool) -> Tensor:
+                w_s: float, grad_s: float, use_fp8: bool, training: bool,
+                prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None) -> Tensor:
     """Norm, and score with the softcapped head. Training: sum over positions of the
-    MTP-weighted losses. Eval: mean next-token loss."""
+    MTP-weighted losses and prefix-token terms. Eval: mean next-token loss."""
     x = norm(x)
     if training:
-        return softcapped_mtp_loss_sum(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8)
+        return softcapped_mtp_loss_sum(x, targets, mtp_weights, lm_head_w, x_s, w_s, grad_s, use_fp8,
+                                       prefix_targets, prefix_weight)
     logits = softcap(lm_head_logits(x, lm_head_w))
     return F.cross_entropy(logits.float(), targets.long(), reduction="mean")
 
@@ -1269,6 +1312,11 @@ class GPT(nn.Module):
         for name in ("mudd_w1", "mudd_w2", "mudd_b2", "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2",
                      "mudd_gate_scale"):
             getattr(self, name).label = name
+        # record #88: each token id's prefix token (prefix_token_table), -1 = none. Filled from the
+        # tokenizer by whoever builds the model (build_model); all -1 turns the prefix term off.
+        # Not saved in checkpoints: it is a function of the vocabulary.
+        self.register_buffer("prefix_table", torch.full((self.vocab_size,), -1, dtype=torch.int64),
+                             persistent=False)
 
     def compiled(self) -> "GPT":
         """This model with its forward compiled as cfg.compile_mode says (see compile_gpt).
@@ -1320,7 +1368,7 @@ class GPT(nn.Module):
             raise ValueError(f"input_seq must be one packed sequence (T,), got {tuple(input_seq.shape)}")
         plan = self.plan_attention(cu_seqlens, input_seq.size(0), sched)
         body = self._compiled_body or self.body
-        return body(input_seq, target_seq, plan, sched.mtp_weights, bigram_rows)
+        return body(input_seq, target_seq, plan, sched.mtp_weights, bigram_rows, sched.prefix_weight)
 
     def plan_attention(self, cu_seqlens: Tensor, length: int,
                        sched: ForwardScheduleConfig) -> AttentionPlan:
@@ -1361,7 +1409,8 @@ class GPT(nn.Module):
         return y.reshape(-1, heads, y.size(-1)).contiguous()
 
     def body(self, input_seq: Tensor, target_seq: Tensor, plan: AttentionPlan,
-             mtp_weights: Tensor, bigram_rows: Tensor | None = None) -> Tensor:
+             mtp_weights: Tensor, bigram_rows: Tensor | None = None,
+             prefix_weight: Tensor | None = None) -> Tensor:
         """The forward after attention planning (compile_gpt compiles this as one graph)."""
         H = self.cfg.num_heads
         layer_scalars, model_scalars = self.named_scalars()
@@ -1436,8 +1485,9 @@ class GPT(nn.Module):
         mudd = mudd_coefficients(x, self.mudd_w1[1], self.mudd_w2[1], self.mudd_b2[1], MUDD_HEAD_COEFFICIENTS)
         x = mudd_head_input(mudd, states, x, ve[0])
         head = self.lm_head
+        prefix_targets = self.prefix_table[target_seq] if self.training and prefix_weight is not None else None
         return output_loss(x, head.weight, target_seq, mtp_weights, head.x_s, head.w_s, head.grad_s,
-                           head.use_fp8, self.training)
+                           head.use_fp8, self.training, prefix_targets, prefix_weight)
 
 
 # ---- Triton kernels of the building blocks above (CUDA) ----------------------------------------
@@ -1643,17 +1693,18 @@ def _softcap_tl(logit, SCALE: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.con
 
 @triton.jit
 def _softcapped_ce_fwd_bwd_kernel(
-    logits_ptr, targets_ptr, weights_ptr, losses_ptr, grad_ptr,
+    logits_ptr, targets_ptr, weights_ptr, prefix_targets_ptr, prefix_weight_ptr, losses_ptr, grad_ptr,
     n_rows, n_cols, stride_row, stride_grad_row, grad_multiplier,
-    N_PREDICT: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    N_PREDICT: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PREFIX: tl.constexpr,
     SCALE: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
 ):
     """Loss and d(sum of losses)/d logits of whole rows, in one launch (record #79). A program
     takes rows pid, pid + P, ...: pass 1 sums the row's exponentials, pass 2 reads the row again
     (still in L2: only P rows are in flight) and writes
-        (W_row p - sum_k w_k onehot(target_{row+k})) * dz/dlogit * grad_multiplier,
-    W_row = sum of the weights of the row's terms, p = softmax(z). The logits are read from HBM
-    once and need not be kept for the backward."""
+        (W_row p - sum_k w_k onehot(target_{row+k}) - w_p onehot(prefix_row)) * dz/dlogit * grad_multiplier,
+    W_row = sum of the weights of the row's terms, p = softmax(z); the prefix term (record #88)
+    only with PREFIX and where the row has a prefix target. The logits are read from HBM once
+    and need not be kept for the backward."""
     ks = tl.arange(0, K_BLOCK)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)   # 49152 x 50304 elements overflow int32 offsets
@@ -1674,9 +1725,18 @@ def _softcapped_ce_fwd_bwd_kernel(
         weight = tl.where(used, weight, 0.0)
         target_logit = tl.load(row_ptr + target, mask=used, other=0.0).to(tl.float32)
         loss = tl.sum(weight * (lse - _softcap_tl(target_logit, SCALE, SHIFT, DIVISOR)), axis=0)
+        weight_sum = tl.sum(weight, axis=0)
+        prefix, prefix_weight = -1, 0.0
+        if PREFIX:   # one more term: the prefix token of the row's next token, if it has one
+            prefix = tl.load(prefix_targets_ptr + row).to(tl.int64)
+            prefix_weight = tl.load(prefix_weight_ptr).to(tl.float32)
+            prefix_used = (prefix >= 0) & (prefix < n_cols) & (prefix_weight > 0)
+            prefix_weight = tl.where(prefix_used, prefix_weight, 0.0)
+            prefix_logit = tl.load(row_ptr + prefix, mask=prefix_used, other=0.0).to(tl.float32)
+            loss += prefix_weight * (lse - _softcap_tl(prefix_logit, SCALE, SHIFT, DIVISOR))
+            weight_sum += prefix_weight
         tl.store(losses_ptr + row, loss)
 
-        weight_sum = tl.sum(weight, axis=0)
         # dz/dlogit = (SCALE / DIVISOR) sig (1 - sig); the constant joins the multiplier
         row_scale = tl.cast(grad_multiplier, tl.float32) * (SCALE / DIVISOR)
         grad_row_ptr = grad_ptr + row64 * stride_grad_row
@@ -1690,6 +1750,8 @@ def _softcapped_ce_fwd_bwd_kernel(
                 target_k = tl.sum(tl.where(ks == k, target, 0), axis=0)
                 weight_k = tl.sum(tl.where(ks == k, weight, 0.0), axis=0)
                 target_weight += tl.where(start + cols == target_k, weight_k, 0.0)
+            if PREFIX:
+                target_weight += tl.where(start + cols == prefix, prefix_weight, 0.0)
             grad = row_scale * (weight_sum * prob - target_weight) * (sig * (1.0 - sig))
             tl.store(grad_row_ptr + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -1711,9 +1773,10 @@ def _transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols, src_stride, dst_stride,
 
 def _softcapped_ce_fwd_bwd_triton(logits: Tensor, targets: Tensor, mtp_weights: Tensor,
                                   grad_multiplier: float, grad_dtype: torch.dtype, block: int = 4096,
-                                  num_warps: int = 8, programs_per_sm: int = 2):
+                                  num_warps: int = 8, programs_per_sm: int = 2,
+                                  prefix_targets: Tensor | None = None, prefix_weight: Tensor | None = None):
     """(losses fp32 (rows,), grad_multiplier * d sum(losses) / d logits as grad_dtype) for logits
-    (rows, vocab). programs_per_sm bounds the rows in flight so pass 2 finds them in L2: 2 x 8
+    (rows, vocab); with prefix_targets (rows,) and prefix_weight (1,) the prefix-token terms too. programs_per_sm bounds the rows in flight so pass 2 finds them in L2: 2 x 8
     warps per SM like the record's CUDA kernel (2 blocks of 256 threads, its row in shared
     memory); 132 SMs x 2 rows x 100 KB stay well inside a 50 MB L2. Not yet timed on a GPU:
     `benchmarks/speedrun_kernels.py` times these settings and others."""
@@ -1723,10 +1786,12 @@ def _softcapped_ce_fwd_bwd_triton(logits: Tensor, targets: Tensor, mtp_weights: 
     grad = logits.new_empty((n_rows, n_cols), dtype=grad_dtype)
     programs = max(1, min(n_rows, _num_programs(logits.device) * programs_per_sm))
     n_predict = mtp_weights.numel()
+    prefix = prefix_targets is not None
     _softcapped_ce_fwd_bwd_kernel[(programs,)](
-        logits, targets.long().contiguous(), mtp_weights.contiguous(), losses, grad,
-        n_rows, n_cols, logits.stride(0), grad.stride(0), float(grad_multiplier),
-        N_PREDICT=n_predict, K_BLOCK=max(2, triton.next_power_of_2(n_predict)), BLOCK=block,
+        logits, targets.long().contiguous(), mtp_weights.contiguous(),
+        prefix_targets.long().contiguous() if prefix else targets, prefix_weight.float() if prefix else mtp_weights,
+        losses, grad, n_rows, n_cols, logits.stride(0), grad.stride(0), float(grad_multiplier),
+        N_PREDICT=n_predict, K_BLOCK=max(2, triton.next_power_of_2(n_predict)), BLOCK=block, PREFIX=prefix,
         SCALE=SOFTCAP_SCALE, SHIFT=SOFTCAP_SHIFT, DIVISOR=SOFTCAP_DIVISOR, num_warps=num_warps,
     )
     return losses, grad
@@ -1758,7 +1823,8 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
     so the backward's incoming gradient is one number, applied through the two matmuls' scales."""
 
     @staticmethod
-    def forward(ctx, x, targets, mtp_weights, w_t, x_s, w_s, grad_s, use_fp8):
+    def forward(ctx, x, targets, mtp_weights, w_t, x_s, w_s, grad_s, use_fp8, prefix_targets=None,
+                prefix_weight=None):
         if use_fp8:
             logits, lhs, rhs = _fp8_lm_head_forward(x, w_t, x_s, w_s)   # and the e4m3 operands
             grad_multiplier, grad_dtype = 1.0 / grad_s, torch.float8_e5m2
@@ -1767,7 +1833,9 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
             lhs, rhs = x, w_t
             grad_multiplier, grad_dtype = 1.0, logits.dtype
         losses, grad_logits = _softcapped_ce_fwd_bwd_triton(logits, targets, mtp_weights,
-                                                            grad_multiplier, grad_dtype)
+                                                            grad_multiplier, grad_dtype,
+                                                            prefix_targets=prefix_targets,
+                                                            prefix_weight=prefix_weight)
         ctx.save_for_backward(grad_logits, lhs, rhs)
         ctx.scales = (x_s, w_s, grad_s, use_fp8)
         ctx.w_dtype = w_t.dtype
@@ -1792,7 +1860,7 @@ class _FusedSoftcappedMTPLoss(torch.autograd.Function):
         else:
             grad_x = (grad_logits @ w_saved.type_as(grad_logits).T) * grad_loss
             grad_w = (x_saved.T @ grad_logits) * grad_loss
-        return grad_x, None, None, grad_w.to(ctx.w_dtype), None, None, None, None
+        return grad_x, None, None, grad_w.to(ctx.w_dtype), None, None, None, None, None, None
 
 
 def _fp8_lm_head_forward(x, w_t, x_s, w_s):   # (_FusedSoftcappedMTPLoss)
@@ -2975,6 +3043,8 @@ class TrainingStage:
     mtp_end: tuple                   # ... and at its end (linear in between)
     duration: float | None = None    # fraction of the scheduled iterations; None = extension stage
     max_seq_len: int = 2048          # longest document piece in a training batch
+    prefix_start: float = 0.0        # prefix-token loss weight at the stage's first step ...
+    prefix_end: float = 0.0          # ... and at its end (record #88)
 
 
 def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24), max_seq_len: int = 2048) -> list:
@@ -2985,7 +3055,8 @@ def reference_stages(batch_seq_len: int = 2048, stage_seqs=(8, 16, 24), max_seq_
     tokens_per_seq_slot = batch_seq_len * MICRO_BATCHES_PER_STEP   # one more sequence per micro-batch
     return [TrainingStage(row["lr_mul"], stage_seqs[min(i, len(stage_seqs) - 1)] * tokens_per_seq_slot,
                           tuple(row["windows"]), tuple(row["mtp_start"]), tuple(row["mtp_end"]), row["duration"],
-                          min(row["max_seq_len"], max_seq_len))
+                          min(row["max_seq_len"], max_seq_len), row.get("prefix_start", 0.0),
+                          row.get("prefix_end", 0.0))
             for i, row in enumerate(STAGE_TABLE)]
 
 
@@ -3025,6 +3096,10 @@ class TrainingSchedule:
     def mtp_weights(self, step: int) -> list:
         stage, t = self.lookup(step)
         return [a + (b - a) * t for a, b in zip(stage.mtp_start, stage.mtp_end)]
+
+    def prefix_weight(self, step: int) -> float:
+        stage, t = self.lookup(step)
+        return stage.prefix_start + (stage.prefix_end - stage.prefix_start) * t
 
     def transition_steps(self) -> list:
         """First step of every stage after the first."""
@@ -3068,8 +3143,8 @@ def padded(values: list, width: int) -> list:
 
 
 class StageState:
-    """What the model sees of the schedule at the current step: windows, MTP weights, batch size
-    and longest document piece.
+    """What the model sees of the schedule at the current step: windows, MTP and prefix-token
+    weights, batch size and longest document piece.
 
     Owns the side effects of a stage change: YaRN rescaling of the rotary tables when the long
     window grows, and the loader's new batch size and sequence length.
@@ -3084,13 +3159,15 @@ class StageState:
         width = max(len(stage.mtp_start) for stage in schedule.stages)
         self._mtp = [torch.tensor(padded(schedule.mtp_weights(s), width), dtype=torch.float32, device=device)
                      for s in range(schedule.total_steps + 1)]
+        self._prefix = [torch.tensor([schedule.prefix_weight(s)], dtype=torch.float32, device=device)
+                        for s in range(schedule.total_steps + 1)]
         self.reset()
 
     def reset(self) -> None:
         first = self.schedule.stages[0]
         self.ws_short, self.ws_long = first.window_blocks
         self.batch_size, self.max_seq_len = first.batch_size, first.max_seq_len
-        self.mtp_weights = self._mtp[0]
+        self.mtp_weights, self.prefix_weight = self._mtp[0], self._prefix[0]
         self.model.yarn.reset()
         self.model.yarn_paired_head.reset()
 
@@ -3104,6 +3181,7 @@ class StageState:
         self.ws_short, self.ws_long = new_short, new_long
         self.batch_size, self.max_seq_len = stage.batch_size, stage.max_seq_len
         self.mtp_weights = self._mtp[min(step, len(self._mtp) - 1)]
+        self.prefix_weight = self._prefix[min(step, len(self._prefix) - 1)]
 
     def use_final_window(self) -> None:
         """Final validation only: a longer long-window, rotary tables left as trained."""
@@ -3113,7 +3191,7 @@ class StageState:
         return ForwardScheduleConfig(mtp_weights=self.mtp_weights,
                                      ws_short=self.ws_short * WINDOW_BLOCK,
                                      ws_long=self.ws_long * WINDOW_BLOCK,
-                                     max_seq_len=self.max_seq_len)
+                                     max_seq_len=self.max_seq_len, prefix_weight=self.prefix_weight)
 
 
 # =============================================================================
@@ -3317,6 +3395,7 @@ def ensure_smoke_data(args: Hyperparameters, env: DistEnv, log) -> None:
 def build_model(cfg, env: DistEnv) -> nn.Module:
     model = GPT(cfg).to(env.device)
     model.cast_to_bf16()          # banks, embeddings, gates in bf16 as the record trains them (CPU too)
+    model.prefix_table.copy_(gpt2_prefix_token_table(model.vocab_size))   # record #88
     if env.distributed:
         for tensor in [*model.parameters(), model.bigram_signs]:
             dist.broadcast(tensor.detach(), 0)    # identical start on every rank

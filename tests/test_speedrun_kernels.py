@@ -67,8 +67,9 @@ def test_symmetric_references():
 
 # ---- softcapped multi-token-prediction loss -----------------------------------------------------
 
-def _naive_mtp_losses(x, targets, mtp_weights, w_t):
-    """One row and one prediction offset at a time, straight from the definition."""
+def _naive_mtp_losses(x, targets, mtp_weights, w_t, prefix_targets=None, prefix_weight=0.0):
+    """One row and one prediction offset at a time, straight from the definition; plus record
+    #88's prefix-token term of each row whose prefix target is not -1."""
     z = 23.0 * torch.sigmoid((x @ w_t + 5.0) / 7.5)
     rows = []
     for i in range(z.size(0)):
@@ -76,21 +77,28 @@ def _naive_mtp_losses(x, targets, mtp_weights, w_t):
         for k, weight in enumerate(mtp_weights):
             if i + k < z.size(0):
                 total = total + weight * (torch.logsumexp(z[i], 0) - z[i, targets[i + k]])
+        if prefix_targets is not None and prefix_targets[i] >= 0:
+            total = total + prefix_weight * (torch.logsumexp(z[i], 0) - z[i, prefix_targets[i]])
         rows.append(total)
     return torch.stack(rows)
 
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(1, 9), dim=st.integers(1, 8), vocab=st.integers(2, 40),
-       weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4), seed=st.integers(0, 2**16))
-def test_mtp_loss_and_gradient_match_naive_definition(rows, dim, vocab, weights, seed):
+       weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       prefix_weight=st.one_of(st.none(), st.floats(0.0, 1.0)))
+def test_mtp_loss_and_gradient_match_naive_definition(rows, dim, vocab, weights, seed, prefix_weight):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, dim, generator=gen, dtype=torch.float64, requires_grad=True)
     w_t = (torch.randn(dim, vocab, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     mtp = torch.tensor(weights, dtype=torch.float64)
-    got = ts.softcapped_mtp_loss_reference(x, targets, mtp, w_t, 1.0, 1.0, 1.0, use_fp8=False)
-    want = _naive_mtp_losses(x, targets, mtp, w_t)
+    prefix = {}
+    if prefix_weight is not None:   # record #88: some rows without a prefix target (-1)
+        prefix = dict(prefix_targets=torch.randint(-1, vocab, (rows,), generator=gen),
+                      prefix_weight=torch.tensor([prefix_weight], dtype=torch.float64))
+    got = ts.softcapped_mtp_loss_reference(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False, **prefix)
+    want = _naive_mtp_losses(x, targets, mtp, w_t, prefix.get("prefix_targets"), prefix_weight or 0.0)
     torch.testing.assert_close(got, want)
     upstream = torch.randn(rows, generator=gen, dtype=torch.float64)
     got_grads = torch.autograd.grad(got, (x, w_t), upstream)
@@ -98,8 +106,41 @@ def test_mtp_loss_and_gradient_match_naive_definition(rows, dim, vocab, weights,
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
     # the training loss is their sum
-    total = ts.softcapped_mtp_loss_sum(x, targets, mtp, w_t, 1.0, 1.0, 1.0, use_fp8=False)
+    total = ts.softcapped_mtp_loss_sum(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False, **prefix)
     torch.testing.assert_close(total, want.sum())
+
+
+def test_prefix_token_table_of_gpt2_examples():
+    """Record #88 on GPT-2's own vocabulary (tests have it offline): ' hello' -> ' hell',
+    'ing' -> 'in'; single bytes and <|endoftext|> have none."""
+    import prepare_data
+    enc = prepare_data.gpt2_encoding()
+    table = ts.gpt2_prefix_token_table(50304)
+    assert table.shape == (50304,) and table.dtype == torch.int64
+    token = lambda text: enc.encode_single_token(text.encode())
+    assert table[token(" hello")] == token(" hell") and table[token("ing")] == token("in")
+    assert table[token("a")] == -1 and table[50256] == -1 and (table[50257:] == -1).all()
+
+
+def test_missing_gpt2_vocabulary_is_one_error_line(monkeypatch, tmp_path):
+    import prepare_data
+    monkeypatch.setenv("GPT2_TIKTOKEN_FILE", str(tmp_path / "nowhere.tiktoken"))
+    prepare_data.gpt2_encoding.cache_clear()        # (it keeps the encoding an earlier test loaded)
+    monkeypatch.setattr(prepare_data, "gpt2_encoding", prepare_data.gpt2_encoding.__wrapped__)
+    with pytest.raises(SystemExit, match=r"^error: the prefix-token loss \(record #88\) needs GPT-2's "
+                                         r"vocabulary: GPT2_TIKTOKEN_FILE=.*nowhere.tiktoken does not exist"):
+        ts.gpt2_prefix_token_table(50304)
+
+
+@settings(max_examples=30, deadline=None)
+@given(words=st.sets(st.binary(min_size=1, max_size=5), min_size=1, max_size=40))
+def test_prefix_token_table_is_the_longest_proper_prefix_in_the_vocabulary(words):
+    ranks = {word: i for i, word in enumerate(sorted(words))}
+    table = ts.prefix_token_table(ranks, len(ranks) + 3)
+    for word, token in ranks.items():
+        prefixes = [ranks[word[:end]] for end in range(1, len(word)) if word[:end] in ranks]
+        assert table[token] == (prefixes[-1] if prefixes else -1)
+    assert (table[len(ranks):] == -1).all()             # ids beyond the vocabulary (padding)
 
 
 def test_mtp_loss_zero_padded_weights_change_nothing():
@@ -312,6 +353,17 @@ def check_softcapped_ce_kernels(device, dtype, tol):
         losses, got = ts._softcapped_ce_fwd_bwd_triton(logits, targets, mtp, 2.0, dtype, block=256)
         assert _rel_err(got, 2.0 * want_grad) < tol
         assert torch.equal(ts._transpose_triton(got, tile=(16, 32)), got.T)
+        # record #88: the prefix-token term; rows without one (-1), one prefix on its row's own
+        # MTP target column (both weights land on one logit)
+        prefix = torch.randint(-1, vocab, (37,), generator=torch.Generator().manual_seed(1)).to(device)
+        prefix[3], prefix[9] = -1, targets[9]
+        prefix_weight = torch.tensor([0.25], device=device)
+        want = ts.mtp_losses_from_logits(exact_logits, targets, mtp, prefix, prefix_weight)
+        (want_grad,) = torch.autograd.grad(want.sum(), exact_logits)
+        losses, got = ts._softcapped_ce_fwd_bwd_triton(logits, targets, mtp, 2.0, dtype,
+                                                       prefix_targets=prefix, prefix_weight=prefix_weight)
+        assert _rel_err(losses, want) < tol
+        assert _rel_err(got, 2.0 * want_grad) < tol
 
 
 def check_fused_loss_autograd(device, dtype, tol):
@@ -321,10 +373,13 @@ def check_fused_loss_autograd(device, dtype, tol):
     mtp = torch.tensor([1.0, 0.5, 0.25], device=device)
     # the incoming gradient of the summed loss (the loop's 1/accum) reaches both matmuls
     upstream = torch.tensor(0.375, device=device)
-    got = ts._FusedSoftcappedMTPLoss.apply(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False)
+    prefix = torch.randint(-1, 1500, (40,), generator=torch.Generator().manual_seed(2)).to(device)
+    prefix_weight = torch.tensor([0.25], device=device)
+    got = ts._FusedSoftcappedMTPLoss.apply(x, targets, mtp, w_t, 1.0, 1.0, 1.0, False, prefix, prefix_weight)
     got_grads = torch.autograd.grad(got, (x, w_t), upstream)
     leaves = [t.detach().float().requires_grad_() for t in (x, w_t)]
-    want = ts.softcapped_mtp_loss_reference(leaves[0], targets, mtp, leaves[1], 1, 1, 1, False).sum()
+    want = ts.softcapped_mtp_loss_reference(leaves[0], targets, mtp, leaves[1], 1, 1, 1, False,
+                                            prefix, prefix_weight).sum()
     want_grads = torch.autograd.grad(want, leaves, upstream)
     assert got.dim() == 0 and _rel_err(got, want) < tol
     for g, w in zip(got_grads, want_grads):

@@ -305,6 +305,27 @@ def test_fp8_config_changes_training_forward_only(monkeypatch):
     assert len(calls) == 11                      # every layer's MLP
 
 
+def test_prefix_term_enters_the_training_loss_linearly_and_only_there():
+    """Record #88: the training loss gains prefix_weight x (the rows' prefix-token losses): linear
+    in the weight, nothing while the table is all -1 (as built; build_model fills it), and the
+    validation loss never has it."""
+    model = make_model(seed=6)
+    inputs, targets, cu = batch()
+    def loss(weight, train=True):
+        model.train(train)
+        config = ts.ForwardScheduleConfig(torch.tensor([1.0, 0.5]), 128, 384, prefix_weight=torch.tensor([weight]))
+        with torch.no_grad():
+            return model(inputs, targets, cu, config).double().item()
+    base = loss(0.0)
+    assert loss(0.25) == base                                  # the table is all -1: no prefix terms
+    vocab = model.prefix_table.numel()
+    model.prefix_table.copy_(torch.where(torch.arange(vocab) % 3 == 0, -1, torch.arange(vocab) // 2))
+    assert loss(0.0) == base
+    quarter, whole = loss(0.25) - base, loss(1.0) - base
+    assert quarter > 0 and quarter == pytest.approx(whole / 4, rel=1e-3)
+    assert loss(0.25, train=False) == loss(0.0, train=False)
+
+
 def test_bigram_hash_matches_int32_arithmetic():
     tokens = torch.tensor([50256, 3, 50000, 12345, 7, 50255, 0], dtype=torch.int32)
     size = 50304 * 5
