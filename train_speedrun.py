@@ -97,7 +97,7 @@ class Hyperparameters:
     run_id: str = option("", "name of the log file (default: a fresh uuid)", show_default=False)
     # hardware and compilation
     device: str = option("cuda", "cuda, or cpu (tiny runs and tests)", choices=("cuda", "cpu"))
-    gpu_type: str = option("auto", "card family (auto: from the device name); FP8 lm_head and MLP up-projection wherever the card "
+    gpu_type: str = option("auto", "card family (auto: from the device name); FP8 lm_head and MLP projections wherever the card "
                                    "supports FP8 (compute capability >= 8.9), never with a100", choices=GPU_TYPES)
     attn: str = option("auto", "attention backend", choices=ATTN_CHOICES)
     compile: bool = option(True, "torch.compile the model and optimizer math (default on for cuda, off for cpu)",
@@ -162,6 +162,11 @@ BIGRAM_SIGN_ROWS = 8192           # random +-1 rows: position t's bigram row is 
 LM_HEAD_X_SCALE = 100 / 448       # FP8 scales of the lm_head inputs, weight and (per micro-batch
 LM_HEAD_W_SCALE = 1.6 / 448       # accumulation) gradient, as in the record
 LM_HEAD_GRAD_SCALE = 0.75 / 448
+MLP_DOWN_ACT_HEADROOM = 1.80      # FP8 MLP down-projection (record #89), delayed scaling: a layer's
+MLP_DOWN_W_HEADROOM = 1.12        # post is quantized with (its largest value in the previous
+MLP_DOWN_BOOTSTRAP_STEPS = 16     # forward) x 1.80 / 448; W_proj with (its largest entry before
+                                  # the last optimizer step) x 1.12 / 448, except in the first 16
+                                  # steps, which use the current weights' largest entry / 448
 INIT_STD_FACTOR = 0.5             # bank init: uniform with std 0.5 / sqrt(model_dim)
 LM_HEAD_INIT_STD = 0.005
 VALUE_EMBED_INIT_STD = 0.01       # value embeddings start as small gaussians (zeros before #70)
@@ -334,7 +339,7 @@ class ModelConfig:
     max_seq_len: int = 262144            # rows of the rotary tables: the longest forward (val) input
     bigram_vocab_size: int = 50304 * 15 // 2  # hashed bigram embedding rows (x5 before #83, x15 in #83-#84)
     bigram_dim: int = 768                # their width: they enter the first bigram_dim channels (192 in #83-#84)
-    use_fp8: bool = False                # FP8 lm_head and MLP up-projection in training (the card must support it)
+    use_fp8: bool = False                # FP8 lm_head and MLP projections in training (the card must support it)
     attn_backend: str = "sdpa"           # one of ATTN_BACKENDS (see resolve_attention_backend)
     world_size: int = 1                  # pads `scalars` and the banks like the record
     train_max_seq_len: int = 2048        # longest document piece in training (flash-attn max_seqlen)
@@ -555,23 +560,52 @@ def mlp_up_fp8_operands(x: Tensor, w_fc: Tensor) -> tuple[Tensor, Tensor, Tensor
     return x_f8, w_f8, dequant
 
 
-def relu_square_mlp_fp8_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+def mlp_down_fp8_weight(w_proj: Tensor, w_scale: Tensor) -> Tensor:
+    """W_proj (hidden, d) / w_scale clipped to +-448, e4m3, column-major (as _scaled_mm wants its
+    second operand); quantized in every forward like W_fc (record #89)."""
+    w_t = (w_proj.detach().float() / w_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).T
+    return w_t.contiguous().T
+
+
+def mlp_down_fp8_operands(post: Tensor, w_proj: Tensor, act_scale: Tensor, w_scale: Tensor):
+    """FP8 operands of the MLP down-projection (record #89): post / act_scale (post >= 0, so only
+    the top is clipped, at 448) and mlp_down_fp8_weight, with scales decided before this forward
+    (delayed scaling: GPT.refresh_mlp_down_scales, GPT.body)."""
+    # times the reciprocal, as the kernel's epilogue (and the record's) computes it: same rounding
+    post_f8 = (post.detach().float() * (1.0 / act_scale)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    return post_f8, mlp_down_fp8_weight(w_proj, w_scale)
+
+
+def relu_square_mlp_fp8_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, down_scales=None):
     """The FP8 forward in plain PyTorch. Its gradient is the bf16 formula's taken at the FP8
-    pre-activation (straight through the quantization), as the fused backward computes it."""
+    values (straight through the quantizations), as the fused backward computes it. down_scales
+    (act_scale, w_scale), each (1,) fp32: the down-projection in FP8 too (record #89); then
+    returns (out, largest post (1,) fp32)."""
     x_f8, w_f8, dequant = mlp_up_fp8_operands(x, w_fc)
     exact = x @ w_fc.mT
     fp8 = ((x_f8.float() @ w_f8.float().mT) * dequant).to(exact.dtype)
     pre = exact + (fp8 - exact).detach()
-    return F.relu(pre).square() @ w_proj
+    post = F.relu(pre).square()
+    if down_scales is None:
+        return post @ w_proj
+    act_scale, w_scale = down_scales
+    post_f8, w_proj_f8 = mlp_down_fp8_operands(post, w_proj, act_scale, w_scale)
+    exact = post @ w_proj
+    fp8 = ((post_f8.float() @ w_proj_f8.float()) * (act_scale * w_scale)).to(exact.dtype)
+    return exact + (fp8 - exact).detach(), post.detach().float().amax().reshape(1)
 
 
-def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, use_fp8: bool = False) -> Tensor:
+def relu_square_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, use_fp8: bool = False, down_scales=None):
     """relu(x @ w_fc^T)^2 @ w_proj with autograd; fused Triton linear+ReLU^2 on CUDA. use_fp8:
-    the up-projection's forward product in FP8 (record #84; training on FP8 cards)."""
+    the up-projection's forward product in FP8 (record #84; training on FP8 cards); down_scales
+    (act_scale, w_scale) as well: the down-projection's too (record #89), and the result is
+    (out, the largest post (1,) fp32, for the next forward's act_scale)."""
     if _use_triton(x):
-        return _FusedReluSquareMLP.apply(x, w_fc, w_proj, use_fp8)
+        if down_scales is None:
+            return _FusedReluSquareMLP.apply(x, w_fc, w_proj, use_fp8)
+        return _FusedReluSquareMLP.apply(x, w_fc, w_proj, use_fp8, *down_scales)
     if use_fp8:
-        return relu_square_mlp_fp8_reference(x, w_fc, w_proj)
+        return relu_square_mlp_fp8_reference(x, w_fc, w_proj, down_scales)
     return relu_square_mlp_reference(x, w_fc, w_proj)
 
 
@@ -1075,8 +1109,8 @@ def dc_weights(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     return F.rms_norm(w1.float(), (w1.size(-1),), eps=1e-6).type_as(w1), w2
 
 
-def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor, use_fp8: bool = False) -> Tensor:
-    return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x), use_fp8)
+def mlp_output(x: Tensor, fc_w: Tensor, proj_w: Tensor, use_fp8: bool = False, down_scales=None):
+    return relu_square_mlp(norm(x), fc_w.type_as(x), proj_w.type_as(x), use_fp8, down_scales)
 
 
 def add_bigram(x: Tensor, x_bigram: Tensor, weight: Tensor) -> Tensor:
@@ -1312,6 +1346,11 @@ class GPT(nn.Module):
         for name in ("mudd_w1", "mudd_w2", "mudd_b2", "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2",
                      "mudd_gate_scale"):
             getattr(self, name).label = name
+        # record #89: delayed FP8 scales of the MLP down-projection, per MLP bank layer (saved in
+        # checkpoints: a resumed run continues with them). act: for each layer's post, from its
+        # previous forward; w: for W_proj in use, and the next one (refresh_mlp_down_scales)
+        for name in ("mlp_down_act_scales", "mlp_down_w_scales", "mlp_down_w_next_scales"):
+            self.register_buffer(name, torch.ones(L + 1))
         # record #88: each token id's prefix token (prefix_token_table), -1 = none. Filled from the
         # tokenizer by whoever builds the model (build_model); all -1 turns the prefix term off.
         # Not saved in checkpoints: it is a function of the vocabulary.
@@ -1350,6 +1389,16 @@ class GPT(nn.Module):
         lam = {name: values[i] for name, values in layer_scalars.items()}
         lam.update({name: getattr(self, name)[i] for name in LAYER_LAMBDA_PARAMS})
         return lam
+
+    @torch.no_grad()
+    def refresh_mlp_down_scales(self, bootstrap: bool) -> None:
+        """After init and after every optimizer step (record #89): W_proj's FP8 scale for the
+        coming forwards. bootstrap (the first MLP_DOWN_BOOTSTRAP_STEPS steps, init, after the
+        warm-up): the current weights' largest entry / 448; else the one noted at the previous
+        refresh. Either way the current largest entry x MLP_DOWN_W_HEADROOM / 448 is noted."""
+        amax = self.mlp_bank[:, 1].abs().amax(dim=(1, 2)).float().clamp_min(1e-12)
+        self.mlp_down_w_scales.copy_(amax / E4M3_MAX if bootstrap else self.mlp_down_w_next_scales)
+        self.mlp_down_w_next_scales.copy_(amax * (MLP_DOWN_W_HEADROOM / E4M3_MAX))
 
     def cast_to_bf16(self) -> "GPT":
         """The record's dtypes: embeddings, gates, linears, banks and MUDD bf16; lambdas and the
@@ -1432,7 +1481,7 @@ class GPT(nn.Module):
         gates = mudd_gate(x0, *(w[0] for w in gate_weights), self.mudd_gate_scale, self.gate_layouts[0])
         x = add_bigram(x0, x_bigram, gates["bigram_0"])   # layer 0's bigram part (not in x0 since #85)
         states = {"input": x}                # stream states later layers read (MUDD, skip, attention)
-        mlp_fp8 = self.cfg.use_fp8 and self.training   # FP8 up-projection forward (record #84)
+        mlp_fp8 = self.cfg.use_fp8 and self.training   # FP8 MLP forward (records #84, #89)
         for spec in self.layers:
             i = spec.index
             lam = self.layer_lambdas(i, layer_scalars)
@@ -1477,7 +1526,15 @@ class GPT(nn.Module):
                     x = add_bigram(x, x_bigram, mudd["bigram_inject"])
             resid, post = (lam["resid_lambdas"][1], lam["post_lambdas"][1]) if mudd is None else (
                 mudd["resid_mlp"], mudd["post_mlp"])
-            x = residual_write(x, mlp_output(x, fc_w[i], proj_w[i], mlp_fp8), resid, post)
+            if mlp_fp8:
+                down_scales = (self.mlp_down_act_scales[i:i + 1], self.mlp_down_w_scales[i:i + 1])
+                out, post_amax = mlp_output(x, fc_w[i], proj_w[i], True, down_scales)
+                # delayed scaling: the next forward quantizes this layer's post by this one's top
+                self.mlp_down_act_scales[i:i + 1].copy_(
+                    post_amax.clamp_min(1e-12) * (MLP_DOWN_ACT_HEADROOM / E4M3_MAX))
+            else:
+                out = mlp_output(x, fc_w[i], proj_w[i])
+            x = residual_write(x, out, resid, post)
             if i == SKIP_FROM_LAYER:
                 states["layer3"] = x
             if i == ATTN_INPUT_LAYER:
@@ -1499,9 +1556,10 @@ except ImportError:
 
 
 # ---- Triton: linear + ReLU^2 (MLP up-projection) -------------------------------------------------
-# Forward: post = relu(x W^T)^2, the only activation stored (record #87: pre is not written).
-# Backward: dpre = 2 (g W_proj^T) relu(pre), the same matmul with another epilogue, relu(pre) read
-# back as sqrt(post).
+# Forward: post = relu(x W^T)^2, the only activation stored (record #87: pre is not written);
+# with EMIT_FP8 also post / act_scale in e4m3 for the FP8 down-projection and each program's
+# largest post (record #89). Backward: dpre = 2 (g W_proj^T) relu(pre), the same matmul with
+# another epilogue, relu(pre) read back as sqrt(post).
 
 @triton.jit
 def _relu_square_epilogue(acc, post_in, FORWARD: tl.constexpr, dtype: tl.constexpr):
@@ -1515,11 +1573,17 @@ def _relu_square_epilogue(acc, post_in, FORWARD: tl.constexpr, dtype: tl.constex
 
 
 @triton.jit
+def _post_to_e4m3(post, act_scale):
+    """post / act_scale as e4m3, clipped at 448 (post >= 0), fp32 in between (record #89)."""
+    return tl.minimum(post.to(tl.float32) * (1.0 / act_scale), 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
 def _linear_relu_square_kernel(
-    a_ptr, b_ptr, out_ptr, post_ptr, dequant_ptr, M, N, K,
+    a_ptr, b_ptr, out_ptr, post_ptr, dequant_ptr, post_f8_ptr, act_scale_ptr, amax_ptr, M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FORWARD: tl.constexpr, FP8: tl.constexpr,
+    FORWARD: tl.constexpr, FP8: tl.constexpr, EMIT_FP8: tl.constexpr,
 ):
     """Portable (pointer-based) version; out and post (read in backward) share strides. a (M, K),
     b (N, K). FP8: a and b are e4m3 and the product is multiplied by *dequant_ptr before the
@@ -1550,27 +1614,39 @@ def _linear_relu_square_kernel(
         post_in = tl.load(post_ptr + offsets, mask=in_bounds, other=0.0)
     result = _relu_square_epilogue(acc, post_in, FORWARD, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, result, mask=in_bounds)
+    if EMIT_FP8:   # the tile's post for the FP8 down-projection, and its largest value
+        tl.store(post_f8_ptr + offsets, _post_to_e4m3(result, tl.load(act_scale_ptr)), mask=in_bounds)
+        tl.store(amax_ptr + pid, tl.max(tl.max(tl.where(in_bounds, result.to(tl.float32), 0.0), axis=1), axis=0))
 
 
 @triton.jit
-def _relu_square_store_tma(acc, out_desc, post_desc, row0, col0, FORWARD: tl.constexpr):
+def _relu_square_store_tma(acc, out_desc, post_desc, post_f8_desc, act_scale, amax, row0, col0,
+                           FORWARD: tl.constexpr, EMIT_FP8: tl.constexpr):
+    """Stores one half tile; returns the running largest post (EMIT_FP8; rows past M are zeros)."""
     post_in = acc  # placeholder, only read in backward
     if not FORWARD:
         post_in = post_desc.load([row0, col0])
-    out_desc.store([row0, col0], _relu_square_epilogue(acc, post_in, FORWARD, out_desc.dtype))
+    result = _relu_square_epilogue(acc, post_in, FORWARD, out_desc.dtype)
+    out_desc.store([row0, col0], result)
+    if EMIT_FP8:
+        post_f8_desc.store([row0, col0], _post_to_e4m3(result, act_scale))
+        amax = tl.maximum(amax, tl.max(tl.max(result.to(tl.float32), axis=1), axis=0))
+    return amax
 
 
 @triton.jit
 def _linear_relu_square_tma_kernel(
-    a_desc, b_desc, out_desc, post_desc, dequant_ptr, M, N, K,
+    a_desc, b_desc, out_desc, post_desc, dequant_ptr, post_f8_desc, act_scale_ptr, amax_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FORWARD: tl.constexpr, FP8: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FORWARD: tl.constexpr, FP8: tl.constexpr, EMIT_FP8: tl.constexpr,
 ):
     """Hopper version: TMA tensor descriptors, persistent programs striding over output tiles.
     The epilogue handles the tile as two column halves so fewer registers are live at once."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     HALF_N: tl.constexpr = BLOCK_N // 2
+    act_scale = tl.load(act_scale_ptr) if EMIT_FP8 else 1.0
+    amax = 0.0
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         row0 = (tile // tiles_n) * BLOCK_M
         col0 = (tile % tiles_n) * BLOCK_N
@@ -1582,8 +1658,12 @@ def _linear_relu_square_tma_kernel(
         if FP8:
             acc *= tl.load(dequant_ptr)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
-        _relu_square_store_tma(left, out_desc, post_desc, row0, col0, FORWARD)
-        _relu_square_store_tma(right, out_desc, post_desc, row0, col0 + HALF_N, FORWARD)
+        amax = _relu_square_store_tma(left, out_desc, post_desc, post_f8_desc, act_scale, amax,
+                                      row0, col0, FORWARD, EMIT_FP8)
+        amax = _relu_square_store_tma(right, out_desc, post_desc, post_f8_desc, act_scale, amax,
+                                      row0, col0 + HALF_N, FORWARD, EMIT_FP8)
+    if EMIT_FP8:
+        tl.store(amax_ptr + tl.program_id(0), amax)
 
 
 def _tma_usable(a: Tensor, b: Tensor) -> bool:
@@ -1605,21 +1685,26 @@ def _num_programs(device: torch.device) -> int:
 
 def _linear_relu_square_triton(a: Tensor, b: Tensor, post: Tensor | None = None,
                                use_tma: bool | None = None, dequant: Tensor | None = None,
-                               out_dtype: torch.dtype | None = None):
+                               out_dtype: torch.dtype | None = None, act_scale: Tensor | None = None):
     """Forward (post is None): returns post = relu(a @ b^T)^2. Backward (the forward's post given,
     a = upstream gradient, b = w_proj): returns dpre = 2 (a @ b^T) sqrt(post). With dequant (fp32
-    (1,)): a and b are e4m3, the product is scaled by it, and the output is out_dtype (record #84)."""
+    (1,)): a and b are e4m3, the product is scaled by it, and the output is out_dtype (record #84).
+    With act_scale (fp32 (1,), forward): returns (post, post / act_scale in e4m3 clipped at 448,
+    the largest post (1,) fp32) for the FP8 down-projection (record #89)."""
     a, b = a.contiguous(), b.contiguous()
     M, K = a.shape
     N = b.size(0)
     assert b.size(1) == K, f"inner dims differ: a {tuple(a.shape)}, b {tuple(b.shape)}"
     forward = post is None
     fp8 = dequant is not None
-    assert forward or not fp8, "FP8 is for the forward product only"
+    emit_fp8 = act_scale is not None
+    assert forward or not (fp8 or emit_fp8), "FP8 is for the forward products only"
     out = a.new_empty((M, N), dtype=out_dtype or a.dtype)
-    if use_tma is None:
-        use_tma = _tma_usable(a, b)
+    post_f8 = out.new_empty((M, N), dtype=torch.float8_e4m3fn) if emit_fp8 else out   # else unused
+    if use_tma is None:   # (TMA stores of e4m3 rows need N to be a multiple of 16)
+        use_tma = _tma_usable(a, b) and (not emit_fp8 or N % 16 == 0)
     dequant = dequant if fp8 else out   # a pointer the kernel never reads
+    act_scale = act_scale if emit_fp8 else out
     if use_tma:
         block_m, block_n, block_k = 128, 256, 128 if fp8 else 64   # 128 bytes of K either way
         a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
@@ -1629,22 +1714,27 @@ def _linear_relu_square_triton(a: Tensor, b: Tensor, post: Tensor | None = None,
         # itself could alias in the compiler's view, as upstream notes)
         post = post.contiguous() if post is not None else out.new_empty((block_m, block_n // 2))
         post_desc = TensorDescriptor.from_tensor(post, [block_m, block_n // 2])
+        post_f8_desc = TensorDescriptor.from_tensor(post_f8, [block_m, block_n // 2]) if emit_fp8 else post_desc
         programs = min(_num_programs(a.device), triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+        amax = out.new_empty(programs, dtype=torch.float32)
         _linear_relu_square_tma_kernel[(programs,)](
-            a_desc, b_desc, out_desc, post_desc, dequant, M, N, K,
+            a_desc, b_desc, out_desc, post_desc, dequant, post_f8_desc, act_scale, amax, M, N, K,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_PROGRAMS=programs, FORWARD=forward, FP8=fp8,
-            num_stages=4 if forward else 3, num_warps=8,
+            NUM_PROGRAMS=programs, FORWARD=forward, FP8=fp8, EMIT_FP8=emit_fp8,
+            num_stages=3 if emit_fp8 else 4 if forward else 3, num_warps=8,
         )
     else:
         block_m, block_n, block_k = 128, 128, 64
         grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+        amax = out.new_empty(grid[0], dtype=torch.float32)
         _linear_relu_square_kernel[grid](
-            a, b, out, out if forward else post.contiguous(), dequant, M, N, K,
+            a, b, out, out if forward else post.contiguous(), dequant, post_f8, act_scale, amax, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, FORWARD=forward, FP8=fp8,
-            num_stages=3, num_warps=8,
+            EMIT_FP8=emit_fp8, num_stages=3, num_warps=8,
         )
+    if emit_fp8:
+        return out, post_f8, amax.amax().reshape(1)
     return out
 
 
@@ -1654,25 +1744,34 @@ class _FusedReluSquareMLP(torch.autograd.Function):
     torch.library custom op here cost ~0.35 ms of CPU per call on the H100 host)."""
 
     @staticmethod
-    def forward(ctx, x, w_fc, w_proj, use_fp8=False):
+    def forward(ctx, x, w_fc, w_proj, use_fp8=False, act_scale=None, w_scale=None):
+        """act_scale, w_scale ((1,) fp32, with use_fp8): the down-projection in FP8 too (record
+        #89); returns (out, the largest post) then. The backward stays bf16 either way."""
         x2d = x.reshape(-1, x.size(-1))
-        if use_fp8:   # the forward product in FP8; the backward stays bf16 (record #84)
+        if use_fp8:   # the up-projection's forward product in FP8 (record #84)
             x_f8, w_f8, dequant = mlp_up_fp8_operands(x2d, w_fc)
-            post = _linear_relu_square_triton(x_f8, w_f8, dequant=dequant, out_dtype=x.dtype)
+            post = _linear_relu_square_triton(x_f8, w_f8, dequant=dequant, out_dtype=x.dtype, act_scale=act_scale)
         else:
             post = _linear_relu_square_triton(x2d, w_fc)
+        if act_scale is None:
+            ctx.save_for_backward(x2d, w_fc, w_proj, post)
+            return (post @ w_proj).view(x.shape)
+        post, post_f8, post_amax = post
+        out = torch._scaled_mm(post_f8, mlp_down_fp8_weight(w_proj, w_scale), scale_a=act_scale, scale_b=w_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
         ctx.save_for_backward(x2d, w_fc, w_proj, post)
-        return (post @ w_proj).view(x.shape)
+        ctx.mark_non_differentiable(post_amax)
+        return out.view(x.shape), post_amax
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_amax=None):
         x2d, w_fc, w_proj, post = ctx.saved_tensors
         grad2d = grad_out.reshape(-1, grad_out.size(-1))
         grad_w_proj = post.mT @ grad2d
         grad_pre = _linear_relu_square_triton(grad2d, w_proj, post=post)
         grad_w_fc = grad_pre.mT @ x2d
         grad_x = grad_pre @ w_fc
-        return grad_x.view(grad_out.shape), grad_w_fc, grad_w_proj, None
+        return grad_x.view(grad_out.shape), grad_w_fc, grad_w_proj, None, None, None
 
 
 # ---- Triton: fused softcapped cross-entropy with multi-token prediction ----------------------------
@@ -3399,6 +3498,8 @@ def build_model(cfg, env: DistEnv) -> nn.Module:
     if env.distributed:
         for tensor in [*model.parameters(), model.bigram_signs]:
             dist.broadcast(tensor.detach(), 0)    # identical start on every rank
+    if cfg.use_fp8:
+        model.refresh_mlp_down_scales(bootstrap=True)   # record #89
     return model
 
 
@@ -3468,12 +3569,16 @@ def compile_time_breakdown() -> str:
 
 
 def optimizer_step(optimizer: NorMuonAndAdam, schedule: TrainingSchedule, step: int,
-                   args: Hyperparameters) -> None:
+                   args: Hyperparameters, raw_model: nn.Module | None = None, warmup: bool = False) -> None:
+    """One optimizer step; with raw_model (FP8 runs) also W_proj's FP8 scale for the coming
+    forwards (record #89: current-weight scales in the warm-up and the first steps)."""
     momentum = muon_momentum(step, schedule.total_steps, args.muon_warmup_steps, args.muon_cooldown_steps)
     optimizer.set_schedule(schedule.lr_multiplier(step), momentum)
     optimizer.step(do_adam=is_adam_step(step))
     if step == schedule.split_step:
         optimizer.copy_lm_state_to_embed()
+    if raw_model is not None and raw_model.cfg.use_fp8:
+        raw_model.refresh_mlp_down_scales(bootstrap=warmup or step < MLP_DOWN_BOOTSTRAP_STEPS)
 
 
 def training_loader(args: Hyperparameters, env: DistEnv, batch_size: int, raw_model: nn.Module) -> BosAlignedLoader:
@@ -3817,7 +3922,7 @@ def train(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Trai
             stopped_by = stop.signal_name
             break
         loss = train_step(model, loader, stage, env, optimizer)
-        optimizer_step(optimizer, schedule, step, args)
+        optimizer_step(optimizer, schedule, step, args, raw_model)
         train_loss_sum = loss if train_loss_sum is None else train_loss_sum + loss
         train_loss_n += 1
         now_ms = training_ms + 1000 * (time.perf_counter() - t0)
@@ -3998,7 +4103,7 @@ def warm_up(model, raw_model: nn.Module, optimizer: NorMuonAndAdam, schedule: Tr
         stage.advance(step)
         helpers.wait("train", step)
         train_step(model, loader, stage, env, optimizer)
-        optimizer_step(optimizer, schedule, step, args)
+        optimizer_step(optimizer, schedule, step, args, raw_model, warmup=True)
         if step in eval_steps:     # after the step: stage 1 compiles here while a helper does eval
             helpers.wait("eval")
             evaluate(model, args, env, stage, val_steps=1)

@@ -37,7 +37,7 @@ def main(argv):
     def one_step(step):
         stage.advance(step)
         T.train_step(model, loader, stage, env, opt)
-        T.optimizer_step(opt, sched, step, args)
+        T.optimizer_step(opt, sched, step, args, run.raw_model)
 
     print(f"compile mode {cfg.compile_mode}, attention {cfg.attn_backend}, fp8 {cfg.use_fp8}")
     print(f"first 3 steps (compile): {timed(lambda: [one_step(s) for s in range(3)]) / 1e3:.1f} s, "
@@ -47,7 +47,7 @@ def main(argv):
         t_data = timed(lambda: [loader.next_batch(stage.batch_size, stage.max_seq_len)
                                 for _ in range(env.grad_accum_steps)])
         t_fb = timed(lambda: T.train_step(model, loader, stage, env, opt))
-        t_opt = timed(lambda: T.optimizer_step(opt, sched, step, args))
+        t_opt = timed(lambda: T.optimizer_step(opt, sched, step, args, run.raw_model))
         t_all = timed(lambda: one_step(step))
         print(f"step {step}: data x{env.grad_accum_steps} {t_data:.1f} ms | fwd+bwd x{env.grad_accum_steps} "
               f"{t_fb:.1f} ms | optimizer {t_opt:.1f} ms | whole step {t_all:.1f} ms")

@@ -298,11 +298,46 @@ def test_fp8_config_changes_training_forward_only(monkeypatch):
     assert losses[True, "train"] != losses[False, "train"]
     assert losses[True, "train"] == pytest.approx(losses[False, "train"], rel=0.02)
     calls = []
-    monkeypatch.setattr(ts, "relu_square_mlp_fp8_reference",
-                        lambda *a: calls.append(1) or ts.relu_square_mlp_reference(*a))
+    monkeypatch.setattr(ts, "relu_square_mlp_fp8_reference", lambda x, w_fc, w_proj, down_scales:
+                        calls.append(1) or (ts.relu_square_mlp_reference(x, w_fc, w_proj), torch.ones(1)))
     model.train()
     model(inputs, targets, cu, sched())
     assert len(calls) == 11                      # every layer's MLP
+
+
+def test_fp8_down_projection_scales_are_delayed(monkeypatch):
+    """Record #89: a training forward quantizes each layer's post with the scale its previous
+    forward left (1.0 at first), then leaves largest post x 1.8 / 448 for the next one; W_proj's
+    scale is the current largest entry / 448 while bootstrapping, else the one noted (x 1.12) at
+    the previous refresh."""
+    model = make_model(seed=4, use_fp8=True).train()
+    inputs, targets, cu = batch()
+    seen = []
+    real = ts.relu_square_mlp_fp8_reference
+    def spy(x, w_fc, w_proj, down_scales):
+        out, amax = real(x, w_fc, w_proj, down_scales)
+        seen.append((down_scales[0].clone(), down_scales[1].clone(), amax))
+        return out, amax
+    monkeypatch.setattr(ts, "relu_square_mlp_fp8_reference", spy)
+    model.refresh_mlp_down_scales(bootstrap=True)
+    w_amax = model.mlp_bank[:, 1].abs().amax(dim=(1, 2)).float()
+    torch.testing.assert_close(model.mlp_down_w_scales, w_amax / 448)
+    torch.testing.assert_close(model.mlp_down_w_next_scales, w_amax * 1.12 / 448)
+    model(inputs, targets, cu, sched())
+    first = seen[:11]
+    assert all(act.item() == 1.0 for act, _, _ in first)
+    for i, (_, w_scale, amax) in enumerate(first):
+        assert w_scale.item() == pytest.approx(w_amax[i].item() / 448)
+        assert model.mlp_down_act_scales[i].item() == pytest.approx(amax.item() * 1.8 / 448)
+    model(inputs, targets, cu, sched())           # the next forward uses what the first left
+    for i, (act, _, _) in enumerate(seen[11:]):
+        assert act.item() == pytest.approx(first[i][2].item() * 1.8 / 448)
+    noted = model.mlp_down_w_next_scales.clone()
+    with torch.no_grad():
+        model.mlp_bank[:, 1] *= 2
+    model.refresh_mlp_down_scales(bootstrap=False)  # delayed: the previous refresh's note
+    torch.testing.assert_close(model.mlp_down_w_scales, noted)
+    torch.testing.assert_close(model.mlp_down_w_next_scales, 2 * w_amax * 1.12 / 448)
 
 
 def test_prefix_term_enters_the_training_loss_linearly_and_only_there():
