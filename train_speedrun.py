@@ -1396,9 +1396,11 @@ class GPT(nn.Module):
         coming forwards. bootstrap (the first MLP_DOWN_BOOTSTRAP_STEPS steps, init, after the
         warm-up): the current weights' largest entry / 448; else the one noted at the previous
         refresh. Either way the current largest entry x MLP_DOWN_W_HEADROOM / 448 is noted."""
-        amax = self.mlp_bank[:, 1].abs().amax(dim=(1, 2)).float().clamp_min(1e-12)
-        self.mlp_down_w_scales.copy_(amax / E4M3_MAX if bootstrap else self.mlp_down_w_next_scales)
-        self.mlp_down_w_next_scales.copy_(amax * (MLP_DOWN_W_HEADROOM / E4M3_MAX))
+        amax = self.mlp_bank[:, 1].abs().amax(dim=(1, 2))
+        # the bootstrap scale in the bank's dtype (bf16), as the record computes it; the noted one in fp32
+        current = (amax.clamp_min(1e-12) / E4M3_MAX).float()
+        self.mlp_down_w_scales.copy_(current if bootstrap else self.mlp_down_w_next_scales)
+        self.mlp_down_w_next_scales.copy_(amax.float().clamp_min(1e-12) * (MLP_DOWN_W_HEADROOM / E4M3_MAX))
 
     def cast_to_bf16(self) -> "GPT":
         """The record's dtypes: embeddings, gates, linears, banks and MUDD bf16; lambdas and the
@@ -1645,8 +1647,10 @@ def _linear_relu_square_tma_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     HALF_N: tl.constexpr = BLOCK_N // 2
-    act_scale = tl.load(act_scale_ptr) if EMIT_FP8 else 1.0
-    amax = 0.0
+    act_scale = 1.0
+    if EMIT_FP8:
+        act_scale = tl.load(act_scale_ptr)
+    amax = 0.0   # the largest post this program stores (EMIT_FP8)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         row0 = (tile // tiles_n) * BLOCK_M
         col0 = (tile % tiles_n) * BLOCK_N

@@ -1,15 +1,22 @@
 """Train upstream modded-nanogpt's own code and our train_speedrun.py side by side on CPU.
 
-  python3 benchmarks/cpu_vs_upstream.py --upstream ref/upstream84/train_gpt.py [--ours-rev REV]
+  python3 benchmarks/cpu_vs_upstream.py --upstream ref/upstream85/train_gpt.py [--ours-rev REV]
       [--steps 12 --ext 2] [--warmup both|none] [--sync-grads] [--fp8] [--micro 1] [--tokens 1024]
       [--seed 0] [--upstream-edit OLD NEW ...]
 
-Handles upstream records #79-#84 with ours at the same record (upstream #82 = 8ee5feda with
---ours-rev 74ce5b6; #84 = a333be08 with the working tree); a pairing where only one side has #83's
-bigram sign table or --fp8 where one side lacks #84's FP8 MLP stops with one error line.
+Handles upstream records #79-#89 with ours at the same record (upstream #82 = 8ee5feda with
+--ours-rev 74ce5b6; #84 = a333be08 with --ours-rev c3bdc17; #85 = 748d4ef1 with --ours-rev 3ce9dc0;
+#88 = ab8cf2d6 with --ours-rev c8f7074; #89 = 75d6867a with --ours-rev bfb2e69); a pairing where
+only one side has #83's bigram sign table or #88's prefix-token table, or --fp8 where one side
+lacks #84's FP8 MLP (or #89's FP8 down-projection), stops with one error line, as does a parameter
+name (or shape) only one side has. From record #88 on both sides need GPT-2's vocabulary (tiktoken,
+or offline GPT2_TIKTOKEN_FILE=/path/to/gpt2.tiktoken, read through ours' prepare_data.gpt2_encoding).
 
-Both sides build the record's 11-layer model at a tiny width (d=64, 4 heads of 16, vocab 1000,
-bigram_dim 16 from #83 on), get the same random weights (copied by parameter name; #83's random
+Both sides build the record's 11-layer model at a tiny width (heads of 16, vocab 1000, bigram table
+5120 rows): d=64 with 4 heads, or with the head count upstream's GPT asserts (#85's MUDD gate
+layout: 6 heads, d=96); bigram_dim (#83 on) the record's share of the width (#83-#84: 192 of 768,
+so 16; #85: 768 of 768, the whole width). They get the same random weights (copied by parameter
+name, NAME_MAP for renamed ones: #85's MUDD gate scale is upstream's _mudd_gate_scale; #83's random
 sign-table buffer is copied from upstream into ours too), then train on the same synthetic batches
 with their own optimizer, schedule, warm-up and reset (--warmup none skips the warm-ups). Every
 step prints the loss of each side, the worst relative difference of the gradients (before the
@@ -24,16 +31,42 @@ and only its definitions are executed (classes, functions, the polar express coe
 stage table and training schedule); data loading, Hyperparameters, the FP8 custom ops and the
 main script are left out. What they would provide is injected: args (schedule, bigram table),
 world size 1 with 8 micro-batches per step (grad_scale 1/8), a CPU device, and FlashAttention 3
-from benchmarks/fa3_standin/ (the same stand-in vs_upstream.py uses). triton_kernels.py is never
-imported (since record #79 it compiles a CUDA kernel at import); each name upstream imports from
-it is replaced by the plain PyTorch reference of the same math in train_speedrun.py, so both
-sides run identical kernels (the lm_head loss without FP8 on both sides). Record #84's FP8 MLP
-up-projection is off on both sides (upstream DISABLE_FP8=1, ours use_fp8=False) unless --fp8: then
-upstream's own quantize_mlp_fp8() (after init, each optimizer step and the warm-up reset, as its
-main) and per-layer activation quantization feed a stand-in that multiplies its FP8 operands in
-fp32, times the dequant factor, rounded to bf16, with a straight-through gradient (ours: its
-relu_square_mlp_fp8_reference); the float64 check then runs without FP8. A few text edits make
-upstream's code run eagerly on CPU; they are printed as a unified diff before anything runs.
+from benchmarks/fa3_standin/ (the same stand-in vs_upstream.py uses). triton_kernels.py and (#85)
+dc_triton_kernels.py are never imported (CUDA at import); each name upstream imports from them is
+replaced by the plain PyTorch reference of the same math in train_speedrun.py, so both sides run
+identical kernels (the lm_head loss without FP8 on both sides). #85's DC correction
+(dc_attention_postonly_nodd_correction_add_base_triton: y + per-token mixed local attention over
+keys t-111..t of the same document) runs ours' dc_correction_reference with document ids from
+upstream's padded cu_seqlens and the softmax scale rounded to fp32 (the Triton kernel's float
+argument; ours passes an fp32 tensor). Record #84's FP8 MLP up-projection is off on both sides
+(upstream DISABLE_FP8=1, ours use_fp8=False) unless --fp8: then upstream's own quantize_mlp_fp8()
+(after init, each optimizer step and the warm-up reset, as its main) and per-layer activation
+quantization feed a stand-in that multiplies its FP8 operands in fp32, times the dequant factor,
+rounded to bf16, with a straight-through gradient (ours: its relu_square_mlp_fp8_reference); the
+float64 check then runs without FP8. Record #89 adds the down-projection in FP8 with delayed
+scaling: upstream's quantize_mlp_fp8(bootstrap_down=...) runs as its main calls it (bootstrap at
+init, in the warm-up, after the reset and at steps < N of its `bootstrap_down=(step < N)`, 16),
+with plain-PyTorch stand-ins for quantize_transpose_mlp_down_weights (W_proj / next scale,
+clipped to +-448, e4m3, transposed; used scale = next scale; next = largest |entry| x 1.12 / 448)
+and reduce_mlp_activation_scales (max over the per-program largest post x headroom / 448), and
+the MLP stand-in's epilogue (post_f8 = min(post x (1 / act_scale), 448) in e4m3, its largest post
+into the layer's row of the partial-amax buffer, _scaled_mm as an fp32 product of the e4m3 values
+x act_scale x W2_scale rounded to bf16, straight-through gradient); ours runs its own
+relu_square_mlp_fp8_reference with its delayed scales and its optimizer_step(..., raw_model,
+warmup=...) refreshing them (build_model's bootstrap refresh is done once the tool's weights are
+in). Under --fp8 the three scale buffers (upstream _mlp_down_act_scales / _mlp_down_proj_scales /
+_mlp_down_proj_next_scales, ours mlp_down_act_scales / mlp_down_w_scales / mlp_down_w_next_scales)
+are compared with the parameters after every step.
+Record #88's prefix-token loss: upstream's FusedSoftcappedCrossEntropy.apply takes (prefix_targets,
+prefix_weight) after the MTP weights; the stand-in passes them to ours' softcapped_mtp_loss_reference.
+Upstream's main fills the model's prefix_table after its warm-up (so its warm-up trains without the
+term) and ours' build_model before it; the tool fills neither way: both builders (upstream's
+build_prefix_table, ours' gpt2_prefix_token_table) run at the record's 50304 ids and are compared
+(a static finding if they differ), and the tiny model's table, GPT-2's for ids < 1000 with every
+prefix id >= 1000 (and the padding ids' rows) set to -1, is copied into both models before the
+warm-up (which is discarded by the reset either way). The stage table's prefix weights are part of
+the schedule check. A few text edits make upstream's code run eagerly on CPU; they are printed as
+a unified diff before anything runs.
 
 Our side: train_speedrun.py imported as is (the working tree's, or with --ours-rev REV the one
 committed at REV), eager (compile_mode none), attention backend "fa3" served by the same stand-in
@@ -44,6 +77,7 @@ Telling bugs from rounding:
     copies of both models holding bf16 values. Summation and gradient-accumulation order then move
     results by ~1e-15, so a difference above 1e-9 there is different math; bf16 differences that
     vanish there are rounding order (e.g. autograd summing a tensor's gradients in another order).
+    Its line names the largest difference it saw (or "all bit-identical").
   * --sync-grads: ours' optimizer steps on upstream's gradients, so the parameters test the
     optimizer, the schedule, the embed/lm_head split and the warm-up/reset alone, bit for bit.
   * --upstream-edit OLD NEW (repeatable): a what-if text edit of upstream (shown in the diff), e.g.
@@ -86,25 +120,34 @@ REPO = Path(__file__).resolve().parents[1]
 OURS_SCRIPT = REPO / "train_speedrun.py"
 STANDIN_FILE = Path(__file__).resolve().parent / "fa3_standin" / "kernels.py"
 
-# the tiny model: the record's layout, narrow enough for a few minutes on 2 CPU cores
-MODEL_DIM, NUM_HEADS, HEAD_DIM, VOCAB, NUM_LAYERS = 64, 4, 16, 1000, 11
+# the tiny model: the record's layout, narrow enough for a few minutes on 2 CPU cores. Heads of
+# HEAD_DIM channels, DEFAULT_HEADS of them unless upstream's GPT asserts its head count (record
+# #85's MUDD gate layout is written for 6 heads); the width is heads * HEAD_DIM (see TinyModel).
+HEAD_DIM, VOCAB, NUM_LAYERS = 16, 1000, 11
+DEFAULT_HEADS = 4
+RECORD_MODEL_DIM = 768         # the record's width: the bigram table's width is scaled from it
 BIGRAM_ROWS = 5 * 1024
-BIGRAM_DIM = 16                # record #83 on: bigram embeddings enter the first BIGRAM_DIM channels
 SIGN_TABLE = ("bigram_sign_table", "bigram_signs")   # #83's random +-1 buffer: upstream's, ours' name
 GRAD_ACCUM = 8                 # world size 1: 8 // world_size micro-batches make the record's step
 GRAD_SCALE = 1 / GRAD_ACCUM    # each micro-batch's loss is scaled by this before backward (both sides)
 TRAIN_MAX_SEQ_LEN = 2048       # flash-attn max_seqlen (the stand-in does not read it)
 
-# ours' parameter name -> upstream's, where they differ (none at record #82)
-NAME_MAP: dict = {}
+# ours' parameter name -> upstream's, where they differ (none up to record #84)
+NAME_MAP: dict = {"mudd_gate_scale": "_mudd_gate_scale"}      # record #85's MUDD gate scale
 
 # Noise added to upstream's initial value of each parameter (one draw, copied into both models):
 # every weight non-zero (zero-initialized projections and gates too) so every path carries signal.
+# Upstream names (#79-#84: attn_gate_bank, skip_gate, xsa_alphas; #85: the MUDD gate, whose
+# output weights start at 0 and whose biases are stored divided by its scale 0.1: noise 0.5 on W2
+# gives every gate output (DC's w2 too) a per-token spread of ~0.3, noise 1.0 on the biases moves
+# each output's mean by ~0.1; the scale itself (0.1, it multiplies every output) gets 0.02: 0.158
+# at seed 0).
 NOISE = {"value_embeds": 0.3, "bigram_embed.weight": 0.3, "lm_head.weight": 0.1,
          "attn_gate_bank": 0.5, "ve_gate_bank": 0.5, "smear_gate.weight": 0.5,
-         "skip_gate.weight": 0.5, "xsa_alphas": 0.5, "mudd_w2": 0.5, "mudd_b2": 1.0}
-MATRIX_NOISE = 0.5 * MODEL_DIM ** -0.5   # other parameters of 2+ dims (the banks, mudd_w1)
-VECTOR_NOISE = 0.2                       # other 1-D parameters (scalars, lambdas)
+         "skip_gate.weight": 0.5, "xsa_alphas": 0.5, "mudd_w2": 0.5, "mudd_b2": 1.0,
+         "mudd_gate_w2": 0.5, "mudd_gate_b2": 1.0, "_mudd_gate_scale": 0.02}
+MATRIX_NOISE = 0.5             # times width^-0.5: other parameters of 2+ dims (banks, mudd_w1, mudd_gate_w1)
+VECTOR_NOISE = 0.2             # other 1-D (and 0-D) parameters (scalars, lambdas)
 
 # Edits to upstream's source: (why, old text, new text, required). Each makes upstream's own code
 # run eagerly on CPU with what compiled CUDA code computes; a required one that is missing stops
@@ -127,6 +170,10 @@ UPSTREAM_EDITS = [
      "out = torch.empty_like(x, pin_memory=True)", "out = torch.empty_like(x)", True),
     ("annotation typo (8ee5feda): evaluated at class creation before Python 3.14",
      "sa_lambdas: torch.Tensora", "sa_lambdas: torch.Tensor", False),
+    ("FP8 MLP down-projection (#89): no CUDA device to ask for its SM count; it only sizes the "
+     "per-program amax buffer, which the CPU stand-in reduces whole",
+     "num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count",
+     "num_sms = 132", False),
 ]
 
 # upstream definitions left out: FP8 custom ops (CUDA), logging, data loading, Hyperparameters
@@ -138,8 +185,13 @@ REQUIRED = ("GPT", "ForwardScheduleConfig", "NorMuonAndAdam", "TrainingManager",
             "TRAINING_STAGES", "training_schedule", "get_muon_momentum", "get_bigram_hash",
             "TRAIN_MAX_NUM_DOCS", "next_multiple_of_n")
 FORWARD_ARGS = ["self", "input_seq", "target_seq", "seqlens", "bigram_input_seq", "schedule_cfg"]
-HANDLED = ("records #79-#84 (per-row fused loss with grad_scale, qk/vo banks, MUDD, XSA, #83's bigram sign "
-           "table, #84's FP8 MLP up-projection)")
+HANDLED = ("records #79-#89 (per-row fused loss with grad_scale, qk/vo banks, MUDD, XSA, #83's bigram sign "
+           "table, #84's FP8 MLP up-projection, #85's MUDD gate and DC correction, #88's prefix-token loss, "
+           "#89's FP8 MLP down-projection)")
+PREFIX_TABLE = "prefix_table"  # record #88: token id -> its prefix token (-1: none), a buffer on both sides
+GPT2_IDS = 50304               # the record's padded vocabulary: both sides' GPT-2 prefix tables are compared at it
+# upstream's kernel modules (CUDA at import): every name imported from them gets a CPU stand-in
+KERNEL_MODULES = ("triton_kernels", "dc_triton_kernels")
 
 
 class ToolError(Exception):
@@ -208,24 +260,87 @@ def module_assign(tree: ast.Module, name: str):
     return None
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    """The width both sides build: num_heads heads of HEAD_DIM channels, and (record #83 on) the
+    bigram embeddings' width, the record's fraction of the record's width (#83-#84: 192 of 768,
+    so 16 of 64; #85: 768 of 768, the whole stream)."""
+    num_heads: int
+    bigram_dim: int
+
+    @property
+    def model_dim(self) -> int:
+        return self.num_heads * HEAD_DIM
+
+
+def tiny_model(tree: ast.Module) -> TinyModel:
+    """DEFAULT_HEADS heads unless upstream asserts `self.num_heads == N` (record #85's MUDD gate
+    layout: 6); bigram_dim from upstream's Hyperparameters default (192 where it has none)."""
+    asserted = {n.test.comparators[0].value for n in ast.walk(tree)
+                if isinstance(n, ast.Assert) and isinstance(n.test, ast.Compare)
+                and ast.unparse(n.test.left) == "self.num_heads" and len(n.test.ops) == 1
+                and isinstance(n.test.ops[0], ast.Eq) and isinstance(n.test.comparators[0], ast.Constant)}
+    if len(asserted) > 1:
+        raise ToolError(f"upstream asserts different head counts {sorted(asserted)}; this tool handles {HANDLED}")
+    heads = asserted.pop() if asserted else DEFAULT_HEADS
+    hits = [n.value.value for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)
+            and getattr(n.target, "id", None) == "bigram_dim" and isinstance(n.value, ast.Constant)]
+    record_bigram_dim = hits[0] if len(hits) == 1 else 192
+    return TinyModel(heads, max(1, heads * HEAD_DIM * record_bigram_dim // RECORD_MODEL_DIM))
+
+
 def kernel_imports(tree: ast.Module) -> list:
-    return [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "triton_kernels"
+    return [a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module in KERNEL_MODULES
             for a in node.names]
 
 
+def dc_correction_standin(O):
+    """Record #85's dc_attention_postonly_nodd_correction_add_base_triton (dc_triton_kernels.py)
+    on ours' dc_correction_reference: base_out (T, H, D) or (1, T, H, D) plus, per query t, the
+    heads' softmaxes over keys t-window+1..t of its own document (`valid`: 0 <= t - key < window,
+    doc_start <= key < doc_end from the padded cu_seqlens) mixed with w1, times w2 per head, times
+    v; q, k, v (1, T, H, D) as upstream passes them (after rotary, key offset and value extras).
+    The kernel takes `scaling` as an fp32 kernel argument: the same fp32 value here (and in ours)."""
+    def dc_standin(base_out, q, k, v, dc_weights, softmax_lse, scaling, window=None, seq_lens=None,
+                   block_m=16, block_n=32):
+        B, T, H, D = q.shape
+        assert B == 1 and (softmax_lse is None or softmax_lse.numel() == 0), "stand-in: B == 1, no softmax_lse"
+        window = 112 if window is None else int(window)
+        if seq_lens is None:
+            seq_lens = torch.tensor([0, T], dtype=torch.int32)
+        elif seq_lens.numel() == 1:
+            seq_lens = torch.tensor([0, int(seq_lens[0])], dtype=torch.int32)
+        w1, w2 = dc_weights
+        scale = torch.tensor(float(scaling), dtype=torch.float32)
+        base = base_out if base_out.dim() == 3 else base_out[0]
+        out = O.dc_correction_reference(base, q[0], k[0], v[0], w1[0], w2[0], O.document_ids(seq_lens, T),
+                                        scale, window)
+        return out if base_out.dim() == 3 else out[None]
+    return dc_standin
+
+
 def kernel_standins(O) -> dict:
-    """Plain PyTorch for every name upstream imports from triton_kernels, from OUR references."""
+    """Plain PyTorch for every name upstream imports from its kernel modules, from OUR references."""
     class SoftcappedCrossEntropy:
         @staticmethod
-        def apply(x, targets, mtp_weights, w, x_s, w_s, grad_s, grad_scale):
+        def apply(*args):
             # per-row losses, like upstream's kernel. Its backward ignores the incoming gradient and
             # scales by grad_scale itself; the caller's loss.sum() * grad_scale gives autograd of
             # these rows the same factor. No FP8: ours runs the same reference with use_fp8=False.
-            return O.softcapped_mtp_loss_reference(x, targets, mtp_weights, w, x_s, w_s, grad_s, False)
+            # #79-#87: (x, targets, mtp, w, x_s, w_s, grad_s, grad_scale); #88 on: (x, targets, mtp,
+            # prefix_targets, prefix_weight, w, ...): the kernel's prefix term is ours' (targets -1
+            # or >= its vocabulary dropped; the tool's table has neither past the tiny vocabulary)
+            if len(args) == 8:
+                x, targets, mtp_weights, w, x_s, w_s, grad_s, _ = args
+                return O.softcapped_mtp_loss_reference(x, targets, mtp_weights, w, x_s, w_s, grad_s, False)
+            x, targets, mtp_weights, prefix_targets, prefix_weight, w, x_s, w_s, grad_s, _ = args
+            return O.softcapped_mtp_loss_reference(x, targets, mtp_weights, w, x_s, w_s, grad_s, False,
+                                                   prefix_targets, prefix_weight)
 
     class LinearReLUSquare:
         @staticmethod
-        def apply(x, W1, W2, W1_f8=None, dequant_scale=None, x_f8=None):
+        def apply(x, W1, W2, W1_f8=None, dequant_scale=None, x_f8=None, W2_f8=None, W2_scale=None,
+                  activation_scale=None, partial_amax=None):
             if W1_f8 is None:
                 return O.relu_square_mlp_reference(x, W1, W2)
             # record #84 (--fp8): the product of the FP8 operands upstream's own code quantized,
@@ -234,9 +349,23 @@ def kernel_standins(O) -> dict:
             exact = x @ W1.mT
             f8 = ((x_f8.float() @ W1_f8.float().mT) * dequant_scale).to(exact.dtype)
             pre = exact + (f8 - exact).detach()
-            return F.relu(pre).square() @ W2
+            post = F.relu(pre).square()
+            if W2_f8 is None:
+                return post @ W2
+            # record #89: the epilogue's post_f8 = min(post * (1 / activation_scale), 448) in e4m3
+            # (fp32 reciprocal, as the kernel), its per-program largest post (all in slot 0 here;
+            # reduce_mlp_activation_scales takes the row's max), and _scaled_mm(post_f8, W2_f8,
+            # scale_a=activation_scale, scale_b=W2_scale) in fp32 rounded to bf16; the gradient is
+            # the bf16 formula's (straight through: its backward reads post and W2, not the FP8 copies)
+            post_f8 = (post.detach().float() * (1.0 / activation_scale)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+            exact = post @ W2
+            f8 = ((post_f8.float() @ W2_f8.float()) * (activation_scale * W2_scale)).to(exact.dtype)
+            with torch.no_grad():
+                partial_amax.zero_()
+                partial_amax[0] = post.detach().float().amax()
+            return exact + (f8 - exact).detach()
 
-    return dict(
+    standins = dict(
         FusedSoftcappedCrossEntropy=SoftcappedCrossEntropy,
         FusedLinearReLUSquareFunction=LinearReLUSquare,
         XXT=O.xxt_reference,
@@ -245,22 +374,68 @@ def kernel_standins(O) -> dict:
         transpose_add=lambda src, dst: O.transpose_add_(dst, src),      # upstream: (src, dst)
         transpose_copy=lambda src, dst: O.transpose_copy_(dst, src),
     )
+    if hasattr(O, "dc_correction_reference"):      # ours at record #85 on
+        standins["dc_attention_postonly_nodd_correction_add_base_triton"] = dc_correction_standin(O)
+    standins["reduce_mlp_activation_scales"] = reduce_mlp_activation_scales_standin
+    standins["quantize_transpose_mlp_down_weights"] = quantize_transpose_mlp_down_weights_standin
+    return standins
 
 
-def upstream_globals(O, standin, kernels: dict, sched: int, ext: int, tokens: int) -> dict:
+E4M3_MAX = 448.0
+
+
+@torch.no_grad()
+def reduce_mlp_activation_scales_standin(partial_amax, scales, headroom=1.25):
+    """Record #89's reduce_mlp_activation_scales (triton_kernels.py): per row (layer) of the
+    per-program largest values, max(largest, 1e-12) * (headroom / 448) in fp32 into scales."""
+    scales[:partial_amax.size(0)].copy_(partial_amax.amax(dim=1).clamp_min(1e-12) * (headroom / E4M3_MAX))
+
+
+@torch.no_grad()
+def quantize_transpose_mlp_down_weights_standin(weights, output_storage, next_scales, used_scales, partial_amax,
+                                                headroom=1.12):
+    """Record #89's quantize_transpose_mlp_down_weights: each layer's W_proj (hidden, d) in fp32 /
+    next_scales[layer], clipped to +-448, e4m3, stored transposed (d, hidden); used_scales gets the
+    scale it used, then next_scales = (its largest |entry|, 1e-12 at least) x headroom / 448."""
+    values = weights.float()
+    quantized = (values / next_scales.view(-1, 1, 1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    output_storage.copy_(quantized.transpose(1, 2))
+    used_scales.copy_(next_scales)
+    partial_amax.zero_()
+    partial_amax[:, 0] = values.abs().amax(dim=(1, 2))
+    reduce_mlp_activation_scales_standin(partial_amax, next_scales, headroom=headroom)
+
+
+def upstream_globals(O, standin, kernels: dict, tiny: TinyModel, sched: int, ext: int, tokens: int) -> dict:
     """What upstream's definitions read from its module globals (main script, imports)."""
     args = types.SimpleNamespace(num_scheduled_iterations=sched, num_extension_iterations=ext,
                                  bigram_vocab_size=BIGRAM_ROWS, val_batch_size=tokens * GRAD_ACCUM,
-                                 bigram_dim=BIGRAM_DIM, bigram_sign_table_rows=getattr(O, "BIGRAM_SIGN_ROWS", 8192),
+                                 bigram_dim=tiny.bigram_dim, bigram_sign_table_rows=getattr(O, "BIGRAM_SIGN_ROWS", 8192),
                                  train_max_seq_len=TRAIN_MAX_SEQ_LEN)
     ns = dict(torch=torch, nn=nn, F=F, Tensor=Tensor, dist=dist, math=math, copy=copy, np=np, os=os,
               threading=threading, Path=Path, dataclass=dataclass, accumulate=accumulate, pairwise=pairwise,
               device=torch.device("cpu"), rank=0, world_size=1, master_process=True,
               grad_accum_steps=GRAD_ACCUM, grad_scale=GRAD_SCALE, args=args,
-              flash_attn_interface=standin.flash_attn_interface)
+              flash_attn_interface=standin.flash_attn_interface, tiktoken=TiktokenStandin(O))
     ns.update(kernels)
     ns["ReLUSqrdMLP"] = kernels["FusedLinearReLUSquareFunction"].apply   # upstream: a module alias
     return ns
+
+
+class TiktokenStandin:
+    """Record #88's `tiktoken` global (read by build_prefix_table): get_encoding("gpt2") is ours'
+    prepare_data.gpt2_encoding() (tiktoken, or offline the ranks file GPT2_TIKTOKEN_FILE names).
+    Upstream's module-level tiktoken.get_encoding("gpt2") preload is not run (definitions only)."""
+
+    def __init__(self, O):
+        self.O = O
+
+    def get_encoding(self, name: str):
+        assert name == "gpt2", name
+        try:
+            return self.O.prepare_data.gpt2_encoding()
+        except (RuntimeError, FileNotFoundError, ImportError) as e:
+            raise ToolError(f"record #88's prefix-token table needs GPT-2's vocabulary: {e}".replace("\n", " ")) from None
 
 
 def check_upstream_layout(U, tree: ast.Module) -> None:
@@ -273,13 +448,15 @@ def check_upstream_layout(U, tree: ast.Module) -> None:
                         f"this tool handles {HANDLED}")
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
              and n.func.attr == "apply" and getattr(n.func.value, "id", "") == "FusedSoftcappedCrossEntropy"]
-    if len(calls) != 1 or len(calls[0].args) != 8:
+    if len(calls) != 1 or len(calls[0].args) not in (8, 10):
         raise ToolError("upstream's FusedSoftcappedCrossEntropy.apply call is not the 8-argument one of record "
-                        f"#79 on (x, targets, mtp, w, x_s, w_s, grad_s, grad_scale); this tool handles {HANDLED}")
+                        "#79 on (x, targets, mtp, w, x_s, w_s, grad_s, grad_scale) nor #88's 10-argument one "
+                        f"(prefix_targets, prefix_weight after mtp); this tool handles {HANDLED}")
 
 
 def load_upstream(path: Path, O, standin, sched: int, ext: int, tokens: int, what_if: list = ()):
-    """Returns (module namespace, parsed tree, the diff of the edits, edit descriptions)."""
+    """Returns (module namespace, parsed tree, the tiny model's width, the diff of the edits,
+    edit descriptions)."""
     original = path.read_text()
     text, applied = edit_upstream(original, list(what_if))
     try:
@@ -289,14 +466,18 @@ def load_upstream(path: Path, O, standin, sched: int, ext: int, tokens: int, wha
     kernels = kernel_standins(O)
     unknown = [n for n in kernel_imports(tree) if n not in kernels]
     if unknown:
-        raise ToolError(f"upstream imports {', '.join(unknown)} from triton_kernels: no CPU stand-in "
-                        f"for it here; this tool handles {HANDLED}")
+        hint = (" (ours has no dc_correction_reference: it predates record #85; pair upstream #85 with ours "
+                "at #85, e.g. --ours-rev 3ce9dc0)" if not hasattr(O, "dc_correction_reference")
+                and "dc_attention_postonly_nodd_correction_add_base_triton" in unknown else "")
+        raise ToolError(f"upstream imports {', '.join(unknown)} from {'/'.join(KERNEL_MODULES)}: no CPU "
+                        f"stand-in for it here (from ours' references){hint}; this tool handles {HANDLED}")
+    tiny = tiny_model(tree)
     U = types.ModuleType("upstream_train_gpt")
-    U.__dict__.update(upstream_globals(O, standin, kernels, sched, ext, tokens))
+    U.__dict__.update(upstream_globals(O, standin, kernels, tiny, sched, ext, tokens))
     sys.modules[U.__name__] = U
     exec(compile(definitions_only(tree), str(path), "exec"), U.__dict__)
     check_upstream_layout(U, tree)
-    return U, tree, unified_diff(original, text), applied
+    return U, tree, tiny, unified_diff(original, text), applied
 
 
 def ours_source(rev: str | None) -> Path:
@@ -354,9 +535,9 @@ def upstream_bf16_params(tree: ast.Module) -> list:
     return names
 
 
-def build_upstream(U, tree, tokens: int) -> nn.Module:
-    model = U.GPT(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM,
-                  model_dim=MODEL_DIM, max_seq_len=tokens)
+def build_upstream(U, tree, tiny: TinyModel, tokens: int) -> nn.Module:
+    model = U.GPT(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=tiny.num_heads, head_dim=HEAD_DIM,
+                  model_dim=tiny.model_dim, max_seq_len=tokens)
     for m in model.modules():
         if isinstance(m, (nn.Embedding, nn.Linear)):
             m.weight.data = m.weight.data.bfloat16()
@@ -367,12 +548,12 @@ def build_upstream(U, tree, tokens: int) -> nn.Module:
     return model
 
 
-def build_ours(O, tokens: int, fp8: bool) -> nn.Module:
+def build_ours(O, tiny: TinyModel, tokens: int, fp8: bool) -> nn.Module:
     fields = {f.name for f in dataclasses.fields(O.ModelConfig)}
-    extra = dict(bigram_dim=BIGRAM_DIM) if "bigram_dim" in fields else {}     # record #83 on
+    extra = dict(bigram_dim=tiny.bigram_dim) if "bigram_dim" in fields else {}     # record #83 on
     try:
-        cfg = O.ModelConfig(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM,
-                            model_dim=MODEL_DIM, max_seq_len=tokens, bigram_vocab_size=BIGRAM_ROWS,
+        cfg = O.ModelConfig(vocab_size=VOCAB, num_layers=NUM_LAYERS, num_heads=tiny.num_heads, head_dim=HEAD_DIM,
+                            model_dim=tiny.model_dim, max_seq_len=tokens, bigram_vocab_size=BIGRAM_ROWS,
                             use_fp8=fp8, attn_backend="fa3", world_size=1,
                             train_max_seq_len=TRAIN_MAX_SEQ_LEN, val_max_len=tokens, compile_mode="none", **extra)
     except (TypeError, ValueError) as e:
@@ -390,18 +571,95 @@ def fp8_mode(U, O, fp8: bool) -> str:
     if fp8 and not (up_has and ours_has):
         raise ToolError(f"--fp8 needs record #84's FP8 MLP up-projection on both sides; it is missing in "
                         f"{' and '.join(n for n, has in (('upstream', up_has), ('ours', ours_has)) if not has)}")
+    up_down, ours_down = upstream_has_fp8_down(U), hasattr(O.GPT, "refresh_mlp_down_scales")
+    if fp8 and up_down != ours_down:
+        raise ToolError(f"--fp8: record #89's FP8 MLP down-projection is only on the {'upstream' if up_down else 'ours'} "
+                        "side (pair upstream #89 with ours at #89, e.g. --ours-rev bfb2e69, or leave --fp8 out)")
     if fp8:
         os.environ.pop("DISABLE_FP8", None)
-        return "FP8 MLP up-projection ON on both sides (plain-PyTorch FP8 operands, straight-through gradient)"
+        return ("FP8 MLP up-projection" + (" and down-projection (delayed scaling)" if up_down else "")
+                + " ON on both sides (plain-PyTorch FP8 operands, straight-through gradient)")
     os.environ["DISABLE_FP8"] = "1"
     return "no FP8 on either side" + (" (upstream: DISABLE_FP8=1)" if up_has else "")
 
 
-def refresh_fp8(model: nn.Module) -> None:
+def upstream_has_fp8_down(U) -> bool:
+    """Record #89: quantize_mlp_fp8(bootstrap_down=...) also quantizes the down-projection."""
+    return hasattr(U.GPT, "quantize_mlp_fp8") and "bootstrap_down" in inspect.signature(U.GPT.quantize_mlp_fp8).parameters
+
+
+def upstream_bootstrap_steps(tree: ast.Module) -> int:
+    """N of upstream main's `model.quantize_mlp_fp8(bootstrap_down=(step < N))` in its training loop
+    (record #89: 16); 0 where it has none."""
+    hits = {kw.value.comparators[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr == "quantize_mlp_fp8"
+            for kw in n.keywords if kw.arg == "bootstrap_down" and isinstance(kw.value, ast.Compare)
+            and ast.unparse(kw.value.left) == "step" and isinstance(kw.value.ops[0], ast.Lt)
+            and isinstance(kw.value.comparators[0], ast.Constant)}
+    if len(hits) > 1:
+        raise ToolError(f"upstream's main bootstraps the FP8 down-projection scales at steps < {sorted(hits)}; "
+                        f"this tool handles {HANDLED}")
+    return hits.pop() if hits else 0
+
+
+def refresh_fp8(model: nn.Module, bootstrap: bool) -> None:
     """Upstream main's model.quantize_mlp_fp8() (record #84): after init, each optimizer step and
-    the warm-up reset."""
+    the warm-up reset; from record #89 with bootstrap_down (init, warm-up, reset and the first
+    steps: W_proj's scale from its current largest entry; later the one noted a step earlier)."""
     if hasattr(model, "quantize_mlp_fp8"):
-        model.quantize_mlp_fp8()
+        if "bootstrap_down" in inspect.signature(model.quantize_mlp_fp8).parameters:
+            model.quantize_mlp_fp8(bootstrap_down=bootstrap)
+        else:
+            model.quantize_mlp_fp8()
+
+
+# record #89's delayed FP8 scales of the MLP down-projection: upstream's buffer, ours' (per layer)
+FP8_SCALE_BUFFERS = (("_mlp_down_act_scales", "mlp_down_act_scales"),
+                     ("_mlp_down_proj_scales", "mlp_down_w_scales"),
+                     ("_mlp_down_proj_next_scales", "mlp_down_w_next_scales"))
+
+
+def fp8_scale_pairs(up: nn.Module, ours: nn.Module) -> list:
+    """[(name, upstream buffer, ours' buffer)] of FP8_SCALE_BUFFERS present on both sides (compared
+    with the parameters after every step under --fp8)."""
+    a, b = dict(up.named_buffers()), dict(ours.named_buffers())
+    return [(f"buffer {u}", a[u], b[o]) for u, o in FP8_SCALE_BUFFERS if u in a and o in b]
+
+
+@torch.no_grad()
+def share_prefix_table(U, O, up: nn.Module, ours: nn.Module) -> tuple:
+    """Record #88's prefix-token table (a buffer over the padded vocabulary, filled by each side's
+    main from GPT-2's BPE; upstream's GPT leaves it -1, ours' too outside build_model). Both
+    builders run at the record's 50304 ids (compared: a static finding if they differ); the tiny
+    model gets upstream's table's first rows with every entry >= VOCAB, and the rows of the padding
+    ids, set to -1 (no prefix term there), copied into both. Returns (message, findings)."""
+    a, b = (dict(m.named_buffers()).get(PREFIX_TABLE) for m in (up, ours))
+    if a is None and b is None:
+        return "", []
+    if a is None or b is None or not hasattr(U, "build_prefix_table") or not hasattr(O, "gpt2_prefix_token_table"):
+        raise ToolError(f"record #88's prefix-token table is only on the {'ours' if a is None else 'upstream'} side: "
+                        "unsupported combination (pair upstream #88 with ours at #88, e.g. --ours-rev c8f7074, "
+                        "#89 with --ours-rev bfb2e69)")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ToolError(f"prefix table: upstream {tuple(a.shape)} {a.dtype}, ours {tuple(b.shape)} {b.dtype}")
+    full_up = U.build_prefix_table(GPT2_IDS)
+    try:
+        full_ours = O.gpt2_prefix_token_table(GPT2_IDS)
+    except SystemExit as e:
+        raise ToolError(str(e).removeprefix("error: ")) from None
+    findings = []
+    if not torch.equal(full_up, full_ours):
+        ids = (full_up != full_ours).nonzero().flatten().tolist()
+        findings.append(f"prefix table (GPT-2, {GPT2_IDS} ids): {len(ids)} entries differ, first ids {ids[:8]}")
+    table = full_up[:a.numel()].clone()
+    table[table >= VOCAB] = -1
+    table[VOCAB:] = -1
+    a.copy_(table)
+    b.copy_(table)
+    used = int((table[:VOCAB] >= 0).sum())
+    return (f"; prefix table: GPT-2's ({GPT2_IDS} ids, upstream's and ours' builders "
+            f"{'equal' if not findings else 'DIFFER'}) cut to ids < {VOCAB} ({used} of {VOCAB} have a prefix), "
+            "copied into both"), findings
 
 
 @torch.no_grad()
@@ -439,14 +697,14 @@ def dtype_findings(pairs: list) -> list:
 
 
 @torch.no_grad()
-def randomize(pairs: list, seed: int) -> None:
+def randomize(pairs: list, seed: int, model_dim: int) -> None:
     """One draw per parameter around upstream's initial value, copied into both; embed = lm_head^T
     (tied at the start on both sides)."""
     g = torch.Generator().manual_seed(seed)
     for name, a, b in pairs:
         if name == "embed.weight":
             continue
-        scale = NOISE.get(name, MATRIX_NOISE if a.dim() >= 2 else VECTOR_NOISE)
+        scale = NOISE.get(name, MATRIX_NOISE * model_dim ** -0.5 if a.dim() >= 2 else VECTOR_NOISE)
         value = a.float() + scale * torch.randn(a.shape, generator=g)
         a.copy_(value)
         b.copy_(value)
@@ -525,6 +783,9 @@ def schedule_findings(U, O, tree, sched: int, ext: int) -> list:
                       ("momentum", U.get_muon_momentum(s), ours_momentum),
                       # upstream keeps fp32 tensors: compare ours' floats as fp32
                       ("mtp", ts.mtp_weights[s].tolist(), torch.tensor(os_.mtp_weights(s)).tolist()),
+                      # record #88's prefix-token weight (fp32 (1,) tensors upstream)
+                      ("prefix", ts.prefix_weights[s].tolist() if hasattr(ts, "prefix_weights") else None,
+                       torch.tensor([os_.prefix_weight(s)]).tolist() if hasattr(os_, "prefix_weight") else None),
                       ("adam", s % 2 == 1, O.is_adam_step(s))]
             found += [f"schedule {sched}+{ext} step {s}: {what} upstream {x}, ours {y}"
                       for what, x, y in values if x != y]
@@ -578,7 +839,8 @@ class UpstreamSide:
     def __init__(self, U, tree, model):
         self.U, self.tree, self.model = U, tree, model
         self.tm = U.TrainingManager(model)
-        refresh_fp8(model)
+        self.bootstrap_steps = upstream_bootstrap_steps(tree)     # record #89: 16
+        refresh_fp8(model, bootstrap=True)
 
     def forward_backward(self, step: int, batches: list) -> list:
         self.tm.advance_schedule(step)
@@ -589,9 +851,9 @@ class UpstreamSide:
             losses.append(loss.detach())
         return losses
 
-    def optimizer_step(self, step: int) -> None:
+    def optimizer_step(self, step: int, warmup: bool = False) -> None:
         self.tm.step_optimizers(step)
-        refresh_fp8(self.model)
+        refresh_fp8(self.model, bootstrap=warmup or step < self.bootstrap_steps)
 
     def warmup_steps(self) -> list:
         """Upstream main's own `warmup_steps = sorted(...)` expression."""
@@ -608,11 +870,11 @@ class UpstreamSide:
         steps = self.warmup_steps()
         for step in steps:
             self.forward_backward(step, batches_for(step))
-            self.optimizer_step(step)
+            self.optimizer_step(step, warmup=True)
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(initial["model"])
         self.tm.reset(initial["optimizer"])
-        refresh_fp8(self.model)
+        refresh_fp8(self.model, bootstrap=True)
         return steps
 
     def windows(self) -> tuple:
@@ -627,6 +889,11 @@ class OursSide:
         self.schedule, self.args = ours_schedule(O, sched, ext)
         self.opt = O.NorMuonAndAdam(model.named_parameters(), world_size=1, rank=0, compile=False)
         self.stage = O.StageState(self.schedule, model, torch.device("cpu"))
+        # record #89 (FP8 runs): ours' optimizer_step refreshes W_proj's FP8 scale given raw_model;
+        # build_model's first refresh (bootstrap), here after the tool's weights are in
+        self.takes_model = "raw_model" in inspect.signature(O.optimizer_step).parameters
+        if model.cfg.use_fp8 and hasattr(model, "refresh_mlp_down_scales"):
+            model.refresh_mlp_down_scales(bootstrap=True)
 
     def forward_backward(self, step: int, batches: list) -> list:
         self.stage.advance(step)
@@ -637,8 +904,11 @@ class OursSide:
             losses.append(loss.detach())
         return losses
 
-    def optimizer_step(self, step: int) -> None:
-        self.O.optimizer_step(self.opt, self.schedule, step, self.args)
+    def optimizer_step(self, step: int, warmup: bool = False) -> None:
+        if self.takes_model:      # as ours' main and warm_up call it
+            self.O.optimizer_step(self.opt, self.schedule, step, self.args, self.model, warmup=warmup)
+        else:
+            self.O.optimizer_step(self.opt, self.schedule, step, self.args)
 
     def warm_up(self, batches_for) -> list:
         """As ours' warm_up(): the steps warmup_plan picks for a compiled run, then the reset."""
@@ -647,7 +917,7 @@ class OursSide:
         steps, _, _ = self.O.warmup_plan(self.args, self.schedule)
         for step in steps:
             self.forward_backward(step, batches_for(step))
-            self.optimizer_step(step)
+            self.optimizer_step(step, warmup=True)
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(initial_model)
         self.opt.load_state_dict(initial_opt)
@@ -665,6 +935,8 @@ class OursSide:
 
 def differing_rows(x: Tensor, y: Tensor, limit: int = 8) -> str:
     """Indices along dim 0 where x and y differ (a bank's matrices, a lambda's layers)."""
+    if x.dim() == 0:            # a 0-dim parameter (#85's MUDD gate scale)
+        return "scalar"
     diff = (x != y) if x.dim() < 2 else (x != y).flatten(1).any(1)
     rows = diff.nonzero().flatten().tolist()
     shown = ",".join(map(str, rows[:limit])) + (",..." if len(rows) > limit else "")
@@ -708,7 +980,8 @@ def float64_check(up_side, ours_side, pairs: list, batch: Batch) -> list:
     """Step 0's forward and backward on float64 copies of both models whose weights hold bf16
     values. Upstream's explicit .bfloat16() casts (its lambdas) are then exact, and the order in
     which a sum or a gradient accumulation runs moves results by ~1e-15: what still differs by more
-    than FLOAT64_AGREE is different math. Returns [(relative difference, what)], worst first."""
+    than FLOAT64_AGREE is different math. Returns [(relative difference, what, rows)] of the loss
+    and every gradient that is not bit-identical, worst first."""
     up64, ours64 = copy.deepcopy(up_side.model), copy.deepcopy(ours_side.model)
     for model in (up64, ours64):
         for p in model.parameters():
@@ -739,18 +1012,23 @@ def float64_check(up_side, ours_side, pairs: list, batch: Batch) -> list:
     ours_named = {NAME_MAP.get(n, n): p for n, p in ours64.named_parameters()}
     grads64 = [(n, up_named[n], ours_named[n]) for n, _, _ in pairs]
     found += [(rel, f"grad {name}", rows) for rel, name, rows in tensor_differences(grads64, grads=True)]
-    return sorted([f for f in found if f[0] > FLOAT64_AGREE], key=lambda t: -t[0])
+    return sorted([f for f in found if f[0] > 0], key=lambda t: -t[0])
 
 
-def report_float64(found: list) -> None:
+def report_float64(all_found: list) -> list:
+    """Prints the check's line(s); returns the differences above FLOAT64_AGREE."""
     head = ("float64 check (step 0; both models in float64 holding bf16 values, so rounding order cannot "
             "matter):")
+    found = [f for f in all_found if f[0] > FLOAT64_AGREE]
     if not found:
-        print(f"{head} loss and every gradient agree within {FLOAT64_AGREE:.0e} -> the same math")
-        return
+        largest = (f"largest {all_found[0][0]:.1e} in {all_found[0][1]}" if all_found
+                   else "all bit-identical")
+        print(f"{head} loss and every gradient agree within {FLOAT64_AGREE:.0e} ({largest}) -> the same math")
+        return found
     print(f"{head} MATH DIFFERS in {len(found)} quantities")
     for rel, what, rows in found[:12]:
         print(f"    {what}: rel {rel:.2e}{', ' + rows if rows else ''}")
+    return found
 
 
 # =============================================================================
@@ -769,8 +1047,8 @@ def parse_args(argv):
                    help="copy upstream's gradients into ours before every optimizer step: checks the optimizer, "
                    "schedule and warm-up/reset bit for bit even when the gradients differ by rounding")
     p.add_argument("--fp8", action="store_true",
-                   help="record #84's FP8 MLP up-projection forward on both sides (plain-PyTorch FP8 stand-ins); "
-                   "default: off on both (upstream DISABLE_FP8=1, ours use_fp8=False)")
+                   help="record #84's FP8 MLP up-projection forward (and #89's down-projection) on both sides "
+                   "(plain-PyTorch FP8 stand-ins); default: off on both (upstream DISABLE_FP8=1, ours use_fp8=False)")
     p.add_argument("--steps", type=int, default=12, help="scheduled steps (the stages scale with it)")
     p.add_argument("--ext", type=int, default=2, help="extension steps after the schedule")
     p.add_argument("--warmup", choices=("both", "none"), default="both",
@@ -792,8 +1070,8 @@ def init_process_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def report_static(U, O, tree, pairs, up_side, ours_side, args) -> list:
-    findings = dtype_findings(pairs)
+def report_static(U, O, tree, pairs, up_side, ours_side, args, extra: list = ()) -> list:
+    findings = dtype_findings(pairs) + list(extra)
     findings += optimizer_findings(up_side.tm, ours_side.opt, pairs)
     findings += schedule_findings(U, O, tree, args.steps, args.ext)
     (us, ue), (os_, oe) = record_length(tree, O)
@@ -821,7 +1099,7 @@ def copy_grads(pairs: list) -> None:
 KINDS = ("bigram hash", "loss", "gradients", "parameters")
 
 
-def train_and_compare(U, O, up_side, ours_side, pairs, args) -> tuple:
+def train_and_compare(U, O, up_side, ours_side, pairs, args, buffers: list = ()) -> tuple:
     """Trains both sides; returns (steps, {kind: (step, [(rel, name, rows)])} of each kind's first
     difference). Gradients are compared before the optimizer step, parameters after it."""
     def batches_for(seed_base):
@@ -832,7 +1110,7 @@ def train_and_compare(U, O, up_side, ours_side, pairs, args) -> tuple:
         up_steps = up_side.warm_up(batches_for(1_000_000))
         ours_steps = ours_side.warm_up(batches_for(1_000_000))
         print(f"warm-up then reset: upstream replayed steps {up_steps}, ours {ours_steps}")
-        after = tensor_differences(pairs, grads=False)
+        after = tensor_differences(pairs + list(buffers), grads=False)
         print(f"after the reset: parameters {worst(after)}")
         if after:
             first["parameters"] = ("after the warm-up reset", after)
@@ -848,7 +1126,7 @@ def train_and_compare(U, O, up_side, ours_side, pairs, args) -> tuple:
             copy_grads(pairs)
         up_side.optimizer_step(step)
         ours_side.optimizer_step(step)
-        params = tensor_differences(pairs, grads=False)
+        params = tensor_differences(pairs + list(buffers), grads=False)
         losses = [(abs(a.item() - b.item()) / abs(a.item()), "loss", "")
                   for a, b in zip(lu, lo) if not torch.equal(a, b)]
         found = dict(zip(KINDS, (hashes, losses, grads, params)))
@@ -897,28 +1175,32 @@ def run(argv) -> int:
     init_process_group()
     standin = load_module_from(STANDIN_FILE, "fa3_standin_kernels")
     O = load_ours(ours_source(args.ours_rev), standin)
-    U, tree, diff, applied = load_upstream(path, O, standin, args.steps, args.ext, args.tokens,
-                                          args.upstream_edit)
+    U, tree, tiny, diff, applied = load_upstream(path, O, standin, args.steps, args.ext, args.tokens,
+                                                args.upstream_edit)
     what_if = f", {len(args.upstream_edit)} of them --upstream-edit what-ifs" if args.upstream_edit else ""
     print(f"upstream: {path} ({len(applied)} edits{what_if}, below); ours: {ours_revision(args.ours_rev)}")
     print(diff, end="")
     fp8 = fp8_mode(U, O, args.fp8)
     torch.manual_seed(args.seed)
-    up_model = build_upstream(U, tree, args.tokens)
-    ours_model = build_ours(O, args.tokens, args.fp8)
+    up_model = build_upstream(U, tree, tiny, args.tokens)
+    ours_model = build_ours(O, tiny, args.tokens, args.fp8)
     shared = share_sign_table(up_model, ours_model)
     pairs = pair_parameters(up_model, ours_model)
-    randomize(pairs, args.seed)
-    print("upstream's triton_kernels names -> ours' plain PyTorch: " + ", ".join(kernel_imports(tree))
+    randomize(pairs, args.seed, tiny.model_dim)
+    prefix, prefix_findings = share_prefix_table(U, O, up_model, ours_model)
+    shared += prefix
+    buffers = fp8_scale_pairs(up_model, ours_model) if args.fp8 else []
+    print(f"tiny model: {NUM_LAYERS} layers, d={tiny.model_dim}, {tiny.num_heads} heads x {HEAD_DIM}, vocab {VOCAB}, "
+          f"bigram table {BIGRAM_ROWS} x {tiny.bigram_dim}")
+    print("upstream's kernel names -> ours' plain PyTorch: " + ", ".join(kernel_imports(tree))
           + f" ({fp8}); FlashAttention 3 -> benchmarks/fa3_standin (both sides){shared}"
           + ("; --sync-grads: ours' optimizer steps on upstream's gradients" if args.sync_grads else ""))
     up_side = UpstreamSide(U, tree, up_model)
     ours_side = OursSide(O, ours_model, args.steps, args.ext)
-    static = report_static(U, O, tree, pairs, up_side, ours_side, args)
-    math_diffs = float64_check(up_side, ours_side, pairs, make_batch(U, O, 7, args.tokens))
-    report_float64(math_diffs)
+    static = report_static(U, O, tree, pairs, up_side, ours_side, args, prefix_findings)
+    math_diffs = report_float64(float64_check(up_side, ours_side, pairs, make_batch(U, O, 7, args.tokens)))
 
-    steps, first = train_and_compare(U, O, up_side, ours_side, pairs, args)
+    steps, first = train_and_compare(U, O, up_side, ours_side, pairs, args, buffers)
     print(f"({time.perf_counter() - started:.0f} s)")
     print(verdict(steps, first, static, math_diffs, args.sync_grads))
     return 0 if not first and not static else 1

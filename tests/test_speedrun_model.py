@@ -338,6 +338,12 @@ def test_fp8_down_projection_scales_are_delayed(monkeypatch):
     model.refresh_mlp_down_scales(bootstrap=False)  # delayed: the previous refresh's note
     torch.testing.assert_close(model.mlp_down_w_scales, noted)
     torch.testing.assert_close(model.mlp_down_w_next_scales, 2 * w_amax * 1.12 / 448)
+    # with the record's bf16 bank the bootstrap scale is rounded to bf16, as upstream computes it
+    # (found by benchmarks/cpu_vs_upstream.py --fp8 against #89)
+    model.cast_to_bf16().refresh_mlp_down_scales(bootstrap=True)
+    bf16_amax = model.mlp_bank[:, 1].abs().amax(dim=(1, 2))
+    assert torch.equal(model.mlp_down_w_scales, (bf16_amax / 448).float())
+    assert not torch.equal(model.mlp_down_w_scales, bf16_amax.float() / 448)
 
 
 def test_prefix_term_enters_the_training_loss_linearly_and_only_there():
