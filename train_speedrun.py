@@ -2031,6 +2031,21 @@ def _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in, 
 
 
 @triton.jit
+def _dc_mixed_probs(q_ptr, k_ptr, w1_ptr, lse_ptr, scale, queries, keys, query_in, key_in, visible,
+                    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    FORWARD: tl.constexpr):
+    """A = sum_h w1_h P_h over the block's queries and keys, fp32 (FORWARD: storing each head's
+    log-sum-exp; backward: from the stored ones, see _dc_head_probs)."""
+    mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for head in range(H):
+        probs, _q, _k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
+                                       key_in, visible, H, D, FORWARD)
+        w1 = tl.load(w1_ptr + queries * H + head, mask=query_in, other=0.0).to(tl.float32)
+        mix += w1[:, None] * probs
+    return mix
+
+
+@triton.jit
 def _dc_correction_fwd_kernel(
     y_ptr, q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, doc_ptr, scale_ptr, out_ptr, lse_ptr, T,
     H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
@@ -2041,12 +2056,8 @@ def _dc_correction_fwd_kernel(
     queries, keys, query_in, key_in, visible = _dc_block_layout(doc_ptr, T, WINDOW, BLOCK_M, BLOCK_K)
     scale = tl.load(scale_ptr)   # a tensor: a new value between stages recompiles nothing
     weight_offsets = queries * H
-    mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for head in range(H):
-        probs, _q, _k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
-                                       key_in, visible, H, D, FORWARD=True)
-        w1 = tl.load(w1_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
-        mix += w1[:, None] * probs
+    mix = _dc_mixed_probs(q_ptr, k_ptr, w1_ptr, lse_ptr, scale, queries, keys, query_in, key_in, visible,
+                          H, D, BLOCK_M, BLOCK_K, FORWARD=True)
     for head in range(H):
         w2 = tl.load(w2_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + _head_offsets(keys, head, H, D), mask=key_in[:, None], other=0.0)
@@ -2072,12 +2083,8 @@ def _dc_correction_bwd_kernel(
     queries, keys, query_in, key_in, visible = _dc_block_layout(doc_ptr, T, WINDOW, BLOCK_M, BLOCK_K)
     scale = tl.load(scale_ptr)
     weight_offsets = queries * H
-    mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for head in range(H):
-        probs, _q, _k = _dc_head_probs(q_ptr, k_ptr, lse_ptr, scale, head, queries, keys, query_in,
-                                       key_in, visible, H, D, FORWARD=False)
-        w1 = tl.load(w1_ptr + weight_offsets + head, mask=query_in, other=0.0).to(tl.float32)
-        mix += w1[:, None] * probs
+    mix = _dc_mixed_probs(q_ptr, k_ptr, w1_ptr, lse_ptr, scale, queries, keys, query_in, key_in, visible,
+                          H, D, BLOCK_M, BLOCK_K, FORWARD=False)
 
     d_mix = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for head in range(H):
